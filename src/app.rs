@@ -1,0 +1,234 @@
+//! Start-up and shutdown: config → identity → listeners → wait for a signal → drain.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{split_host_port, Config, IdentityConfig, ListenerConfig};
+use crate::identity::{dev_ca, IdentitySource, IdentityState};
+use crate::proxy::{InboundListener, OutboundListener, Timeouts};
+use crate::spiffe::parse_trust_domain;
+use crate::tls::{self, SpiffeIdMatcher};
+
+/// `svidcar check`: parse, validate, and load the identity once.
+pub fn check(path: &Path) -> anyhow::Result<()> {
+    let (config, identity) = Config::load(path)?;
+    let (_, update) = IdentitySource::load(&identity).context("identity")?;
+    let id = update
+        .svids
+        .first()
+        .map(|s| s.spiffe_id.to_string())
+        .unwrap_or_default();
+    println!(
+        "config OK: identity {id}, {} inbound, {} outbound listener(s)",
+        config.inbound.len(),
+        config.outbound.len()
+    );
+    Ok(())
+}
+
+/// `svidcar dev-ca`: write a fresh CA so several dev sidecars can share a trust domain.
+pub fn dev_ca(td: &str, cert: &Path, key: &Path, lifetime: Duration) -> anyhow::Result<()> {
+    let td = parse_trust_domain(td).context("--trust-domain")?;
+    let ca = dev_ca::DevCa::generate(&td, lifetime)?;
+    let (cert_pem, key_pem) = ca.to_pem();
+    dev_ca::write_atomic(cert, cert_pem.as_bytes(), 0o644)?;
+    dev_ca::write_atomic(key, key_pem.as_bytes(), 0o600)?;
+    println!(
+        "dev CA for {td} written to {} and {}",
+        cert.display(),
+        key.display()
+    );
+    Ok(())
+}
+
+/// `svidcar run`.
+pub fn run(path: &Path) -> anyhow::Result<()> {
+    let (config, identity) = Config::load(path)?;
+    init_logging(config.log.level.as_deref());
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    rt.enable_all();
+    if let Some(n) = config.worker_threads {
+        rt.worker_threads(n);
+    }
+    let rt = rt.build().context("cannot start the runtime")?;
+    rt.block_on(serve(config, identity))
+}
+
+fn init_logging(level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level.unwrap_or("info")))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
+    let state = Arc::new(IdentityState::new());
+    let (source, update) = IdentitySource::load(&identity).context("identity")?;
+    state.publish(update);
+    let own_td = state
+        .load()
+        .default_svid()
+        .map(|s| s.spiffe_id.trust_domain().clone())
+        .ok_or_else(|| anyhow!("identity: no SVID loaded"))?;
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(source.run(state.clone(), shutdown.clone())));
+    tasks.push(tokio::spawn(log_identity_changes(state.clone())));
+
+    if let Some(admin) = &config.admin {
+        let l = crate::admin::bind(admin.listen).await?;
+        tracing::info!(addr = %admin.listen, "admin listening");
+        tasks.push(tokio::spawn(crate::admin::serve(
+            l,
+            state.clone(),
+            shutdown.clone(),
+        )));
+    }
+
+    for (i, l) in config.inbound.iter().enumerate() {
+        let at = format!("inbound[{i}]");
+        let matcher = matcher(l, &l.allow, &own_td, &at, "allow")?;
+        let server = tls::server_config(state.clone(), matcher, config.min_tls(l), &l.alpn)?;
+        let inbound = InboundListener {
+            name: l.name.as_str().into(),
+            forward: l.forward.clone().unwrap_or_default(),
+            acceptor: server.into(),
+            timeouts: timeouts(l),
+            max_connections: l.max_connections,
+            state: state.clone(),
+        };
+        let socket = bind(l, &at).await?;
+        tracing::info!(listener = %l.name, listen = %l.listen, forward = %inbound.forward, "inbound listening");
+        tasks.push(tokio::spawn(inbound.run(
+            socket,
+            shutdown.clone(),
+            tracker.clone(),
+        )));
+    }
+    for (i, l) in config.outbound.iter().enumerate() {
+        let at = format!("outbound[{i}]");
+        let matcher = matcher(l, &l.expect, &own_td, &at, "expect")?;
+        let client = tls::client_config(state.clone(), matcher, config.min_tls(l), &l.alpn)?;
+        let connect = l.connect.clone().unwrap_or_default();
+        let host = match &l.sni {
+            Some(s) => s.clone(),
+            None => {
+                split_host_port(&connect)
+                    .map_err(|p| anyhow!("{at}.connect: {p}"))?
+                    .0
+            }
+        };
+        let server_name = ServerName::try_from(host.clone())
+            .map_err(|_| anyhow!("{at}.sni: {host:?} is not a valid server name"))?;
+        let outbound = OutboundListener {
+            name: l.name.as_str().into(),
+            connect,
+            server_name,
+            connector: client.into(),
+            timeouts: timeouts(l),
+            max_connections: l.max_connections,
+            state: state.clone(),
+        };
+        let socket = bind(l, &at).await?;
+        tracing::info!(listener = %l.name, listen = %l.listen, connect = %outbound.connect, "outbound listening");
+        tasks.push(tokio::spawn(outbound.run(
+            socket,
+            shutdown.clone(),
+            tracker.clone(),
+        )));
+    }
+
+    let id = state
+        .load()
+        .default_svid()
+        .map(|s| s.spiffe_id.to_string())
+        .unwrap_or_default();
+    tracing::info!(spiffe_id = %id, "svidcar ready");
+
+    wait_for_signal().await;
+    tracing::info!(drain = ?config.drain_timeout, "shutting down: no new connections, draining");
+    shutdown.cancel();
+    tracker.close();
+    if tokio::time::timeout(config.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tracker.len(),
+            "drain timeout: closing remaining connections"
+        );
+    }
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
+/// One info line per new snapshot: which SVID is now presented.
+async fn log_identity_changes(state: Arc<IdentityState>) {
+    let mut rx = state.subscribe();
+    while rx.changed().await.is_ok() {
+        let snap = rx.borrow_and_update().clone();
+        if let Some(svid) = snap.default_svid() {
+            tracing::info!(
+                version = snap.version,
+                spiffe_id = %svid.spiffe_id,
+                serial = %svid.serial,
+                not_after = %humantime::format_rfc3339_seconds(svid.not_after),
+                bundles = snap.bundles.len(),
+                "identity updated"
+            );
+        }
+    }
+}
+
+fn matcher(
+    l: &ListenerConfig,
+    list: &[crate::config::MatcherConfig],
+    own_td: &crate::spiffe::TrustDomain,
+    at: &str,
+    key: &str,
+) -> anyhow::Result<SpiffeIdMatcher> {
+    let any = l.allow_any_in_trust_domain.then(|| own_td.clone());
+    SpiffeIdMatcher::build(list, any).map_err(|(i, p)| anyhow!("{at}.{key}[{i}]: {p}"))
+}
+
+fn timeouts(l: &ListenerConfig) -> Timeouts {
+    Timeouts {
+        connect: l.connect_timeout,
+        handshake: l.handshake_timeout,
+        idle: l.idle_timeout,
+    }
+}
+
+async fn bind(l: &ListenerConfig, at: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(l.listen)
+        .await
+        .map_err(|e| anyhow!("{at}.listen: cannot bind {}: {e}", l.listen))
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}

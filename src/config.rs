@@ -1,0 +1,605 @@
+//! The one typed configuration, read from YAML and validated with errors that name
+//! the key and the problem (`inbound[0].listen: invalid socket address syntax`).
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::spiffe::{parse_spiffe_id, parse_trust_domain, SpiffeId, TrustDomain};
+
+/// A configuration problem: where it is and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Runtime worker threads; default: the cores available. `1` pins the proxy to
+    /// one core, as Envoy's `--concurrency 1`.
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
+    pub identity: IdentityConfigRaw,
+    #[serde(default)]
+    pub inbound: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub outbound: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// How long live connections may finish after SIGTERM before they are closed.
+    #[serde(default = "default_drain", deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `svidcar=debug`); `RUST_LOG` overrides it.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Lowest TLS version accepted or offered: `"1.3"` (default) or `"1.2"`.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[default]
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+/// The `identity` key as written: exactly one of its sources must be set.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfigRaw {
+    #[serde(default)]
+    pub dev: Option<DevConfigRaw>,
+    #[serde(default)]
+    pub files: Option<FilesConfig>,
+    #[serde(default)]
+    pub workload_api: Option<serde_norway::Value>,
+}
+
+#[derive(Debug, Clone)]
+pub enum IdentityConfig {
+    Dev(DevConfig),
+    Files(FilesConfig),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevConfigRaw {
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    pub spiffe_id: String,
+    #[serde(default = "default_svid_ttl", deserialize_with = "duration")]
+    pub svid_ttl: Duration,
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub ca_key: Option<PathBuf>,
+    #[serde(default)]
+    pub bundle_out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DevConfig {
+    pub trust_domain: TrustDomain,
+    pub spiffe_id: SpiffeId,
+    pub svid_ttl: Duration,
+    /// Both or neither: the CA to load.
+    pub ca: Option<(PathBuf, PathBuf)>,
+    pub bundle_out: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct FilesConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The bundle of our own trust domain.
+    #[serde(default)]
+    pub bundle: Option<PathBuf>,
+    /// Further bundles keyed by trust domain name (federation).
+    #[serde(default)]
+    pub bundles: BTreeMap<String, PathBuf>,
+}
+
+/// One listener, inbound or outbound. Inbound uses `forward` and `allow`; outbound
+/// uses `connect`, `expect` and `sni`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub forward: Option<String>,
+    #[serde(default)]
+    pub connect: Option<String>,
+    #[serde(default)]
+    pub allow: Vec<MatcherConfig>,
+    #[serde(default)]
+    pub expect: Vec<MatcherConfig>,
+    /// Accept any SPIFFE ID of our own trust domain (when the list is empty).
+    #[serde(default)]
+    pub allow_any_in_trust_domain: bool,
+    /// Server name sent by an outbound listener; default: the host of `connect`.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// ALPN protocols to offer (outbound) or accept (inbound).
+    #[serde(default)]
+    pub alpn: Vec<String>,
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Overrides the top-level `tls.min_version` for this listener.
+    #[serde(default)]
+    pub tls_min_version: Option<TlsVersion>,
+}
+
+/// An Envoy `StringMatcher` applied to the peer's SPIFFE ID, or `trust_domain`.
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MatcherConfig {
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub contains: Option<String>,
+    #[serde(default)]
+    pub safe_regex: Option<SafeRegex>,
+    #[serde(default)]
+    pub ignore_case: bool,
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SafeRegex {
+    pub regex: String,
+}
+
+fn default_drain() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_svid_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+
+/// Human-readable durations: `500ms`, `12s`, `5m`, `1h`.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    let parsed = humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid duration {s:?}: {e} (write it like 500ms, 12s, 5m or 1h)"
+        ))
+    })?;
+    if parsed.is_zero() {
+        return Err(serde::de::Error::custom(
+            "duration must be greater than zero",
+        ));
+    }
+    Ok(parsed)
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<(Self, IdentityConfig), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and validates YAML text.
+    pub fn parse(text: &str) -> Result<(Self, IdentityConfig), ConfigError> {
+        let de = serde_norway::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let key = if path == "." {
+                "config".to_string()
+            } else {
+                path
+            };
+            ConfigError::new(key, e.into_inner().to_string())
+        })?;
+        let identity = config.validate()?;
+        Ok((config, identity))
+    }
+
+    fn validate(&self) -> Result<IdentityConfig, ConfigError> {
+        if self.worker_threads == Some(0) {
+            return Err(ConfigError::new("worker_threads", "must be at least 1"));
+        }
+        if let Some(level) = &self.log.level {
+            tracing_subscriber::EnvFilter::try_new(level)
+                .map_err(|e| ConfigError::new("log.level", e.to_string()))?;
+        }
+        let identity = self.identity.validate()?;
+        if self.inbound.is_empty() && self.outbound.is_empty() {
+            return Err(ConfigError::new(
+                "config",
+                "no listeners: add at least one `inbound` or `outbound` entry",
+            ));
+        }
+        let own_td = identity.trust_domain();
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        if let Some(admin) = &self.admin {
+            addrs.insert(admin.listen);
+        }
+        for (kind, list) in [("inbound", &self.inbound), ("outbound", &self.outbound)] {
+            for (i, l) in list.iter().enumerate() {
+                let at = format!("{kind}[{i}]");
+                if l.name.is_empty() {
+                    return Err(ConfigError::new(format!("{at}.name"), "must not be empty"));
+                }
+                if !names.insert(l.name.clone()) {
+                    return Err(ConfigError::new(
+                        format!("{at}.name"),
+                        format!("listener name {:?} is used twice", l.name),
+                    ));
+                }
+                if !addrs.insert(l.listen) {
+                    return Err(ConfigError::new(
+                        format!("{at}.listen"),
+                        format!("address {} is used by another listener", l.listen),
+                    ));
+                }
+                if l.max_connections == 0 {
+                    return Err(ConfigError::new(
+                        format!("{at}.max_connections"),
+                        "must be at least 1",
+                    ));
+                }
+                l.validate(kind == "inbound", &at, own_td.as_ref())?;
+            }
+        }
+        Ok(identity)
+    }
+
+    /// The TLS floor of one listener.
+    pub fn min_tls(&self, l: &ListenerConfig) -> TlsVersion {
+        l.tls_min_version.unwrap_or(self.tls.min_version)
+    }
+}
+
+impl IdentityConfigRaw {
+    fn validate(&self) -> Result<IdentityConfig, ConfigError> {
+        let set: Vec<&str> = [
+            self.dev.as_ref().map(|_| "dev"),
+            self.files.as_ref().map(|_| "files"),
+            self.workload_api.as_ref().map(|_| "workload_api"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if set.len() != 1 {
+            return Err(ConfigError::new(
+                "identity",
+                format!(
+                    "exactly one of dev, files, workload_api must be set (found {})",
+                    if set.is_empty() {
+                        "none".to_string()
+                    } else {
+                        set.join(", ")
+                    }
+                ),
+            ));
+        }
+        if self.workload_api.is_some() {
+            return Err(ConfigError::new(
+                "identity.workload_api",
+                "the Workload API source is not available in this build yet; use dev or files",
+            ));
+        }
+        if let Some(files) = &self.files {
+            for td in files.bundles.keys() {
+                parse_trust_domain(td).map_err(|e| {
+                    ConfigError::new(format!("identity.files.bundles.{td}"), e.to_string())
+                })?;
+            }
+            return Ok(IdentityConfig::Files(files.clone()));
+        }
+        let dev = self
+            .dev
+            .as_ref()
+            .ok_or_else(|| ConfigError::new("identity", "no source"))?;
+        let spiffe_id = parse_spiffe_id(&dev.spiffe_id)
+            .map_err(|e| ConfigError::new("identity.dev.spiffe_id", e.to_string()))?;
+        let trust_domain = match &dev.trust_domain {
+            Some(td) => {
+                let td = parse_trust_domain(td)
+                    .map_err(|e| ConfigError::new("identity.dev.trust_domain", e.to_string()))?;
+                if !spiffe_id.is_member_of(&td) {
+                    return Err(ConfigError::new(
+                        "identity.dev.spiffe_id",
+                        format!("{spiffe_id} is not in trust domain {td}"),
+                    ));
+                }
+                td
+            }
+            None => spiffe_id.trust_domain().clone(),
+        };
+        let ca = match (&dev.ca_cert, &dev.ca_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "identity.dev.ca_key",
+                    "ca_cert is set, ca_key is missing",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "identity.dev.ca_cert",
+                    "ca_key is set, ca_cert is missing",
+                ))
+            }
+        };
+        if dev.svid_ttl < Duration::from_secs(2) {
+            return Err(ConfigError::new(
+                "identity.dev.svid_ttl",
+                "must be at least 2s",
+            ));
+        }
+        Ok(IdentityConfig::Dev(DevConfig {
+            trust_domain,
+            spiffe_id,
+            svid_ttl: dev.svid_ttl,
+            ca,
+            bundle_out: dev.bundle_out.clone(),
+        }))
+    }
+}
+
+impl IdentityConfig {
+    /// Our trust domain when the config already tells it (dev); files tell it only
+    /// once the certificate is read.
+    pub fn trust_domain(&self) -> Option<TrustDomain> {
+        match self {
+            Self::Dev(d) => Some(d.trust_domain.clone()),
+            Self::Files(_) => None,
+        }
+    }
+}
+
+impl ListenerConfig {
+    fn validate(
+        &self,
+        inbound: bool,
+        at: &str,
+        own_td: Option<&TrustDomain>,
+    ) -> Result<(), ConfigError> {
+        let (target_key, target, list_key, list, wrong) = if inbound {
+            (
+                "forward",
+                &self.forward,
+                "allow",
+                &self.allow,
+                [
+                    ("connect", self.connect.is_some()),
+                    ("expect", !self.expect.is_empty()),
+                    ("sni", self.sni.is_some()),
+                ],
+            )
+        } else {
+            (
+                "connect",
+                &self.connect,
+                "expect",
+                &self.expect,
+                [
+                    ("forward", self.forward.is_some()),
+                    ("allow", !self.allow.is_empty()),
+                    ("sni", false),
+                ],
+            )
+        };
+        for (key, present) in wrong {
+            if present {
+                return Err(ConfigError::new(
+                    format!("{at}.{key}"),
+                    format!(
+                        "not used by {} listeners (use {target_key}/{list_key})",
+                        if inbound { "inbound" } else { "outbound" }
+                    ),
+                ));
+            }
+        }
+        let target = target
+            .as_deref()
+            .ok_or_else(|| ConfigError::new(format!("{at}.{target_key}"), "missing (host:port)"))?;
+        split_host_port(target).map_err(|p| ConfigError::new(format!("{at}.{target_key}"), p))?;
+        if list.is_empty() && !self.allow_any_in_trust_domain {
+            return Err(ConfigError::new(
+                format!("{at}.{list_key}"),
+                "empty: it would refuse every peer; list SPIFFE IDs or set allow_any_in_trust_domain: true",
+            ));
+        }
+        crate::tls::SpiffeIdMatcher::build(
+            list,
+            self.allow_any_in_trust_domain
+                .then_some(own_td)
+                .flatten()
+                .cloned(),
+        )
+        .map_err(|(i, p)| ConfigError::new(format!("{at}.{list_key}[{i}]"), p))?;
+        for (i, p) in self.alpn.iter().enumerate() {
+            if p.is_empty() || p.len() > 255 {
+                return Err(ConfigError::new(
+                    format!("{at}.alpn[{i}]"),
+                    "must be 1 to 255 bytes",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits `host:port` (`[v6]:port` too) and checks both parts.
+pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not host:port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{s:?}: port {port:?} is not a number from 1 to 65535"))?;
+    if port == 0 {
+        return Err(format!("{s:?}: port must not be 0"));
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{s:?}: host is empty"));
+    }
+    Ok((host.to_string(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+identity:
+  dev: {trust_domain: example.org, spiffe_id: "spiffe://example.org/ns/default/sa/web", svid_ttl: 1h}
+inbound:
+  - name: web
+    listen: 0.0.0.0:8443
+    forward: 127.0.0.1:8080
+    allow:
+      - exact: spiffe://example.org/ns/default/sa/frontend
+      - prefix: spiffe://example.org/ns/prod/
+      - trust_domain: partner.example
+outbound:
+  - name: backend
+    listen: 127.0.0.1:9001
+    connect: backend.default.svc:8443
+    expect:
+      - exact: spiffe://example.org/ns/default/sa/backend
+"#;
+
+    fn err(yaml: &str) -> String {
+        Config::parse(yaml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_the_documented_shape() {
+        let (c, id) = Config::parse(GOOD).unwrap();
+        assert_eq!(c.inbound[0].allow.len(), 3);
+        assert_eq!(
+            c.outbound[0].connect.as_deref(),
+            Some("backend.default.svc:8443")
+        );
+        assert!(matches!(id, IdentityConfig::Dev(_)));
+        assert_eq!(c.inbound[0].idle_timeout, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = err(&GOOD.replace("0.0.0.0:8443", "nowhere"));
+        assert!(e.starts_with("inbound[0].listen:"), "{e}");
+        let e = err(&GOOD.replace("svid_ttl: 1h", "svid_ttl: 1 fortnight"));
+        assert!(
+            e.starts_with("identity.dev.svid_ttl:") && e.contains("invalid duration"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("prefix:", "prefx:"));
+        assert!(
+            e.contains("inbound[0].allow[1]") && e.contains("prefx"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("name: backend", "name: web"));
+        assert!(
+            e.starts_with("outbound[0].name:") && e.contains("twice"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("backend.default.svc:8443", "backend"));
+        assert!(e.starts_with("outbound[0].connect:"), "{e}");
+        let e = err(&GOOD.replace("ns/default/sa/web", "ns/../web"));
+        assert!(e.starts_with("identity.dev.spiffe_id:"), "{e}");
+    }
+
+    #[test]
+    fn identity_needs_exactly_one_source() {
+        let e = err(&GOOD.replace("identity:\n", "identity:\n  files: {cert: a, key: b}\n"));
+        assert!(e.contains("exactly one") && e.contains("dev, files"), "{e}");
+    }
+
+    #[test]
+    fn empty_allowlist_is_refused_unless_explicit() {
+        let yaml = GOOD
+            .replace(
+                "    allow:\n      - exact: spiffe://example.org/ns/default/sa/frontend\n      - prefix: spiffe://example.org/ns/prod/\n      - trust_domain: partner.example\n",
+                "",
+            );
+        assert!(err(&yaml).starts_with("inbound[0].allow:"));
+        let ok = yaml.replace(
+            "forward: 127.0.0.1:8080",
+            "forward: 127.0.0.1:8080\n    allow_any_in_trust_domain: true",
+        );
+        Config::parse(&ok).unwrap();
+    }
+
+    #[test]
+    fn host_port() {
+        assert_eq!(split_host_port("a.b:80").unwrap(), ("a.b".into(), 80));
+        assert_eq!(split_host_port("[::1]:80").unwrap(), ("::1".into(), 80));
+        assert!(split_host_port("a.b").is_err());
+        assert!(split_host_port("a.b:0").is_err());
+        assert!(split_host_port(":80").is_err());
+    }
+}

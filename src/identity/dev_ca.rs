@@ -1,0 +1,233 @@
+//! The `dev` identity source: an in-process CA for one trust domain that mints an
+//! ECDSA P-256 SVID and re-mints it at half-life. For laptops, demos and tests; the
+//! same CA can be loaded by several processes so they share a trust domain.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio_util::sync::CancellationToken;
+
+use super::{pem, Bundle, IdentityError, IdentityState, IdentityUpdate, Svid};
+use crate::config::DevConfig;
+use crate::spiffe::{SpiffeId, TrustDomain};
+
+/// Clock skew allowance: certificates are valid from a little before they are minted.
+const BACKDATE: Duration = Duration::from_secs(30);
+
+/// A CA that can sign SVIDs for one trust domain.
+pub struct DevCa {
+    trust_domain: TrustDomain,
+    issuer: Issuer<'static, KeyPair>,
+    cert: CertificateDer<'static>,
+}
+
+impl DevCa {
+    /// Creates a fresh self-signed CA valid for `lifetime`.
+    pub fn generate(trust_domain: &TrustDomain, lifetime: Duration) -> Result<Self, IdentityError> {
+        let key = KeyPair::generate().map_err(dev_err)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "svidcar dev CA");
+        dn.push(DnType::CommonName, trust_domain.as_str());
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.subject_alt_names = vec![SanType::URI(
+            trust_domain.id_string().try_into().map_err(dev_err)?,
+        )];
+        let now = SystemTime::now();
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + lifetime).into();
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key).map_err(dev_err)?;
+        Ok(Self {
+            trust_domain: trust_domain.clone(),
+            cert: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads a CA from PEM files (certificate, PKCS#8 key).
+    pub fn load(
+        trust_domain: &TrustDomain,
+        cert: &Path,
+        key: &Path,
+    ) -> Result<Self, IdentityError> {
+        let cert_der = pem::load_certs(cert)?.swap_remove(0);
+        if !crate::x509::is_ca(&cert_der) {
+            return Err(IdentityError::File {
+                path: cert.display().to_string(),
+                problem: "not a CA certificate (basicConstraints cA is not true)".into(),
+            });
+        }
+        let key_text = String::from_utf8(pem::read(key)?).map_err(|_| IdentityError::File {
+            path: key.display().to_string(),
+            problem: "not PEM text".into(),
+        })?;
+        let key_pair = KeyPair::from_pem(&key_text).map_err(|_| IdentityError::File {
+            path: key.display().to_string(),
+            problem: "not a usable PKCS#8 private key".into(),
+        })?;
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key_pair).map_err(dev_err)?;
+        let ca = Self {
+            trust_domain: trust_domain.clone(),
+            issuer,
+            cert: cert_der,
+        };
+        // Prove the key belongs to the certificate before anyone trusts what it signs.
+        let probe = ca.mint(
+            &SpiffeId::from_segments(trust_domain.clone(), &["probe"]).map_err(dev_err)?,
+            Duration::from_secs(60),
+        )?;
+        let anchor = Bundle::new(trust_domain.clone(), vec![ca.cert.clone()])?;
+        let ee = webpki::EndEntityCert::try_from(&probe.chain[0]).map_err(dev_err)?;
+        ee.verify_for_usage(
+            crate::tls::crypto_provider()
+                .signature_verification_algorithms
+                .all,
+            &anchor.anchors,
+            &[],
+            crate::tls::unix_now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|_| IdentityError::File {
+            path: key.display().to_string(),
+            problem: format!("key does not match the CA certificate {}", cert.display()),
+        })?;
+        Ok(ca)
+    }
+
+    /// The CA certificate and key as PEM, to share the CA with another process.
+    pub fn to_pem(&self) -> (String, String) {
+        (
+            pem::encode_certs(std::slice::from_ref(&self.cert)),
+            self.issuer.key().serialize_pem(),
+        )
+    }
+
+    pub fn bundle(&self) -> Result<Bundle, IdentityError> {
+        Bundle::new(self.trust_domain.clone(), vec![self.cert.clone()])
+    }
+
+    /// Mints an X509-SVID for `id`, valid for `ttl`.
+    pub fn mint(&self, id: &SpiffeId, ttl: Duration) -> Result<Svid, IdentityError> {
+        let key = KeyPair::generate().map_err(dev_err)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "svidcar");
+        params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(dev_err)?)];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+            KeyUsagePurpose::KeyAgreement,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let now = SystemTime::now();
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + ttl).into();
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).map_err(dev_err)?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Svid::new(vec![cert.der().clone()], key_der)
+    }
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[0] &= 0x7f; // positive INTEGER
+    bytes[0] |= 0x01; // and never shortened by leading zeros
+    SerialNumber::from_slice(&bytes)
+}
+
+fn dev_err(e: impl std::fmt::Display) -> IdentityError {
+    IdentityError::DevCa(e.to_string())
+}
+
+/// Writes `contents` atomically (temp file + rename), so a reader never sees half a file.
+pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file_err = |e: std::io::Error| IdentityError::File {
+        path: path.display().to_string(),
+        problem: format!("cannot write: {e}"),
+    };
+    let tmp: PathBuf = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(file_err)?;
+    f.write_all(contents).map_err(file_err)?;
+    f.sync_all().map_err(file_err)?;
+    std::fs::rename(&tmp, path).map_err(file_err)
+}
+
+/// The running `dev` source.
+pub struct DevSource {
+    ca: DevCa,
+    spiffe_id: SpiffeId,
+    ttl: Duration,
+}
+
+impl DevSource {
+    pub fn load(config: &DevConfig) -> Result<(Self, IdentityUpdate), IdentityError> {
+        let ca = match &config.ca {
+            Some((cert, key)) => DevCa::load(&config.trust_domain, cert, key)?,
+            None => DevCa::generate(&config.trust_domain, Duration::from_secs(365 * 24 * 3600))?,
+        };
+        if let Some(out) = &config.bundle_out {
+            write_atomic(out, ca.to_pem().0.as_bytes(), 0o644)?;
+        }
+        let source = Self {
+            ca,
+            spiffe_id: config.spiffe_id.clone(),
+            ttl: config.svid_ttl,
+        };
+        let update = source.update()?;
+        Ok((source, update))
+    }
+
+    fn update(&self) -> Result<IdentityUpdate, IdentityError> {
+        Ok(IdentityUpdate {
+            svids: vec![Arc::new(self.ca.mint(&self.spiffe_id, self.ttl)?)],
+            bundles: vec![Arc::new(self.ca.bundle()?)],
+        })
+    }
+
+    /// Re-mints at half-life until cancelled.
+    pub async fn run(self, state: Arc<IdentityState>, shutdown: CancellationToken) {
+        let half_life = self.ttl / 2;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(half_life) => {}
+            }
+            match self.update() {
+                Ok(update) => {
+                    state.publish(update);
+                }
+                Err(e) => tracing::error!(error = %e, "dev CA could not mint a new SVID"),
+            }
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The `files` identity source: PEM files on disk (spiffe-helper, cert-manager's
+//! csi-driver-spiffe, anything that writes PEM), reloaded when they change.
+//!
+//! Writers replace files by atomic rename or by swapping a symlinked directory
+//! (Kubernetes volumes), so we watch the parent directories, not the files: a watch
+//! on a file dies with the inode that a rename replaced.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{pem, Bundle, IdentityError, IdentityState, IdentityUpdate, Svid};
+use crate::config::FilesConfig;
+use crate::spiffe::parse_trust_domain;
+
+/// Writers often put the certificate and the key down as two steps; wait this long
+/// after the last change before reading, so we read the pair, not half of it.
+const SETTLE: Duration = Duration::from_millis(150);
+
+pub struct FilesSource {
+    config: FilesConfig,
+}
+
+impl FilesSource {
+    pub fn load(config: &FilesConfig) -> Result<(Self, IdentityUpdate), IdentityError> {
+        let update = read(config)?;
+        Ok((
+            Self {
+                config: config.clone(),
+            },
+            update,
+        ))
+    }
+
+    /// Reloads on every change in the watched directories until cancelled. A change
+    /// that does not load (half-written, mismatched key) keeps the current identity.
+    pub async fn run(self, state: Arc<IdentityState>, shutdown: CancellationToken) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if ev.is_ok() {
+                let _ = tx.send(());
+            }
+        });
+        let mut watcher = match watcher {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot watch identity files; they will not be reloaded");
+                return;
+            }
+        };
+        for dir in watched_dirs(&self.config) {
+            if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot watch directory; changes there will not be reloaded");
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                got = rx.recv() => if got.is_none() { return },
+            }
+            // Settle: collapse a burst of events into one read.
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(SETTLE) => break,
+                    got = rx.recv() => if got.is_none() { return },
+                }
+            }
+            let config = self.config.clone();
+            match tokio::task::spawn_blocking(move || read(&config)).await {
+                Ok(Ok(update)) => {
+                    state.publish(update);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "identity files changed but do not load; keeping the current identity")
+                }
+                Err(e) => tracing::error!(error = %e, "identity file reload task failed"),
+            }
+        }
+    }
+}
+
+fn watched_dirs(config: &FilesConfig) -> BTreeSet<PathBuf> {
+    let mut files = vec![&config.cert, &config.key];
+    files.extend(config.bundle.iter());
+    files.extend(config.bundles.values());
+    files
+        .into_iter()
+        .map(|f| match f.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        })
+        .collect()
+}
+
+/// Reads and validates all files into one update.
+fn read(config: &FilesConfig) -> Result<IdentityUpdate, IdentityError> {
+    let chain = pem::load_certs(&config.cert)?;
+    let key = pem::load_key(&config.key)?;
+    let svid = Svid::new(chain, key).map_err(|e| IdentityError::File {
+        path: config.cert.display().to_string(),
+        problem: e.to_string(),
+    })?;
+    let own_td = svid.spiffe_id.trust_domain().clone();
+    let mut bundles = Vec::new();
+    if let Some(path) = &config.bundle {
+        bundles.push(Arc::new(bundle_file(own_td.as_str(), path)?));
+    }
+    for (td, path) in &config.bundles {
+        if config.bundle.is_some() && td == own_td.as_str() {
+            continue;
+        }
+        bundles.push(Arc::new(bundle_file(td, path)?));
+    }
+    if !bundles.iter().any(|b| b.trust_domain == own_td) {
+        return Err(IdentityError::File {
+            path: config.cert.display().to_string(),
+            problem: format!(
+                "no bundle for the SVID's own trust domain {own_td}: set identity.files.bundle"
+            ),
+        });
+    }
+    Ok(IdentityUpdate {
+        svids: vec![Arc::new(svid)],
+        bundles,
+    })
+}
+
+fn bundle_file(td: &str, path: &std::path::Path) -> Result<Bundle, IdentityError> {
+    let td = parse_trust_domain(td).map_err(|e| IdentityError::File {
+        path: path.display().to_string(),
+        problem: e.to_string(),
+    })?;
+    Bundle::new(td, pem::load_certs(path)?).map_err(|e| IdentityError::File {
+        path: path.display().to_string(),
+        problem: e.to_string(),
+    })
+}

@@ -1,0 +1,55 @@
+//! Reading certificates and keys from PEM files, with errors that name the file.
+
+use std::path::Path;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::IdentityError;
+
+fn file_err(path: &Path, problem: impl Into<String>) -> IdentityError {
+    IdentityError::File {
+        path: path.display().to_string(),
+        problem: problem.into(),
+    }
+}
+
+/// Reads a file whole, naming it in the error.
+pub fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
+    std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))
+}
+
+/// All certificates in a PEM file; at least one.
+pub fn certs(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let certs = CertificateDer::pem_slice_iter(bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(path, format!("not valid PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(file_err(path, "no CERTIFICATE block found"));
+    }
+    Ok(certs)
+}
+
+/// The one private key in a PEM file (PKCS#8, SEC1 or PKCS#1). The error never
+/// carries key bytes.
+pub fn key(path: &Path, bytes: &[u8]) -> Result<PrivateKeyDer<'static>, IdentityError> {
+    PrivateKeyDer::from_pem_slice(bytes)
+        .map_err(|_| file_err(path, "no usable PRIVATE KEY block found"))
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    certs(path, &read(path)?)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, IdentityError> {
+    key(path, &read(path)?)
+}
+
+/// PEM text of certificates, for writing bundles out.
+pub fn encode_certs(certs: &[CertificateDer<'_>]) -> String {
+    certs
+        .iter()
+        .map(|c| ::pem::encode(&::pem::Pem::new("CERTIFICATE", c.as_ref().to_vec())))
+        .collect::<Vec<_>>()
+        .join("")
+}

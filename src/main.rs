@@ -1,0 +1,80 @@
+//! svidcar: a per-pod sidecar that gives a workload a SPIFFE identity on the wire.
+//!
+//! `run` proxies with mTLS, `check` validates a config, `dev-ca` makes a CA that
+//! several `dev` sidecars can share.
+
+mod admin;
+mod app;
+mod config;
+mod identity;
+mod metrics;
+mod proxy;
+mod spiffe;
+mod tls;
+mod x509;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "svidcar", version, about = "SPIFFE mTLS sidecar proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        #[arg(long, short, env = "SVIDCAR_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config (and load its identity) without running; exits non-zero on a problem.
+    Check {
+        #[arg(long, short, env = "SVIDCAR_CONFIG")]
+        config: PathBuf,
+    },
+    /// Create a dev CA (certificate + PKCS#8 key) for `identity.dev.ca_cert`/`ca_key`.
+    DevCa {
+        #[arg(long)]
+        trust_domain: String,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        /// How long the CA is valid, e.g. 8760h.
+        #[arg(long, default_value = "8760h", value_parser = humantime::parse_duration)]
+        lifetime: Duration,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run { config } => app::run(&config),
+        Command::Check { config } => app::check(&config),
+        Command::DevCa {
+            trust_domain,
+            cert,
+            key,
+            lifetime,
+        } => app::dev_ca(&trust_domain, &cert, &key, lifetime),
+        Command::Version => {
+            println!("svidcar {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! Prometheus metrics, one registry for the process. Labels carry listener names and
+//! reasons, never certificate or key material.
+
+use std::sync::OnceLock;
+use std::time::UNIX_EPOCH;
+
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::identity::Snapshot;
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: IntCounterVec,
+    pub active: IntGaugeVec,
+    pub handshake_failures: IntCounterVec,
+    pub connection_errors: IntCounterVec,
+    pub bytes: IntCounterVec,
+    pub identity_version: IntGauge,
+    pub svid_expiry: IntGauge,
+    pub identity_updates: IntCounter,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let r = Registry::new();
+        let active = IntGaugeVec::new(
+            Opts::new("svidcar_connections_active", "Connections open now"),
+            &["listener"],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(active.clone()))
+            .expect("metric registered once");
+        let identity_version = IntGauge::new(
+            "svidcar_identity_version",
+            "Version of the identity snapshot in use",
+        )
+        .expect("static metric definition");
+        let svid_expiry = IntGauge::new(
+            "svidcar_svid_expiry_timestamp_seconds",
+            "notAfter of the default SVID, unix seconds",
+        )
+        .expect("static metric definition");
+        let identity_updates = IntCounter::new(
+            "svidcar_identity_updates_total",
+            "Identity snapshots published (rotations and bundle changes)",
+        )
+        .expect("static metric definition");
+        for m in [&identity_version, &svid_expiry] {
+            r.register(Box::new(m.clone()))
+                .expect("metric registered once");
+        }
+        r.register(Box::new(identity_updates.clone()))
+            .expect("metric registered once");
+        Self {
+            connections: counter_vec(
+                &r,
+                "svidcar_connections_total",
+                "Connections accepted",
+                &["listener", "direction"],
+            ),
+            handshake_failures: counter_vec(
+                &r,
+                "svidcar_handshake_failures_total",
+                "TLS handshakes refused or failed, by reason",
+                &["listener", "reason"],
+            ),
+            connection_errors: counter_vec(
+                &r,
+                "svidcar_connection_errors_total",
+                "Connections closed for a reason other than TLS (limit, upstream, idle)",
+                &["listener", "reason"],
+            ),
+            bytes: counter_vec(
+                &r,
+                "svidcar_bytes_total",
+                "Bytes proxied; rx from the downstream, tx to it",
+                &["listener", "direction"],
+            ),
+            active,
+            identity_version,
+            svid_expiry,
+            identity_updates,
+            registry: r,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+pub fn get() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+pub fn record_snapshot(s: &Snapshot) {
+    let m = get();
+    m.identity_version.set(s.version as i64);
+    m.identity_updates.inc();
+    if let Some(svid) = s.default_svid() {
+        let t = svid
+            .not_after
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        m.svid_expiry.set(t);
+    }
+}

@@ -1,0 +1,97 @@
+//! SPIFFE ID and trust domain parsing.
+//!
+//! The `spiffe` crate checks the grammar of the SPIFFE ID spec. It is lenient about
+//! case (it lower-cases the scheme and trust domain), so we add one rule on top: an ID
+//! must already be in canonical form. A peer presenting `spiffe://Example.org/x` is
+//! refused rather than silently treated as `spiffe://example.org/x`.
+
+pub use spiffe::{SpiffeId, TrustDomain};
+
+/// Why a string is not an acceptable SPIFFE ID or trust domain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("invalid SPIFFE ID {input:?}: {reason}")]
+    Grammar { input: String, reason: String },
+    #[error("SPIFFE ID {input:?} is not in canonical form (expected {canonical:?})")]
+    NotCanonical { input: String, canonical: String },
+}
+
+/// Parses a SPIFFE ID that must be exactly in canonical form.
+pub fn parse_spiffe_id(input: &str) -> Result<SpiffeId, IdError> {
+    let id = SpiffeId::new(input).map_err(|e| IdError::Grammar {
+        input: input.to_string(),
+        reason: e.to_string(),
+    })?;
+    let canonical = id.to_string();
+    if canonical != input {
+        return Err(IdError::NotCanonical {
+            input: input.to_string(),
+            canonical,
+        });
+    }
+    Ok(id)
+}
+
+/// Parses a trust domain given as a bare name (`example.org`) or as its ID
+/// (`spiffe://example.org`); in both forms it must be lower-case already.
+pub fn parse_trust_domain(input: &str) -> Result<TrustDomain, IdError> {
+    let td = TrustDomain::new(input).map_err(|e| IdError::Grammar {
+        input: input.to_string(),
+        reason: e.to_string(),
+    })?;
+    let name_ok = td.as_str() == input || td.id_string() == input;
+    if !name_ok {
+        return Err(IdError::NotCanonical {
+            input: input.to_string(),
+            canonical: td.as_str().to_string(),
+        });
+    }
+    Ok(td)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_canonical_ids() {
+        let id = parse_spiffe_id("spiffe://example.org/ns/default/sa/web").unwrap();
+        assert_eq!(id.trust_domain_name(), "example.org");
+        assert_eq!(id.path(), "/ns/default/sa/web");
+        assert!(parse_spiffe_id("spiffe://example.org").is_ok());
+    }
+
+    #[test]
+    fn refuses_non_canonical_ids() {
+        for bad in [
+            "spiffe://Example.org/web",
+            "SPIFFE://example.org/web",
+            "spiffe://example.org/a/../b",
+            "spiffe://example.org/a/./b",
+            "spiffe://example.org/a//b",
+            "spiffe://example.org/a/",
+            "spiffe://example.org/a%2Fb",
+            "spiffe://example.org:443/web",
+            "spiffe://user@example.org/web",
+            "https://example.org/web",
+            "spiffe:///web",
+            "",
+        ] {
+            assert!(parse_spiffe_id(bad).is_err(), "{bad} must be refused");
+        }
+    }
+
+    #[test]
+    fn trust_domain_forms() {
+        assert_eq!(
+            parse_trust_domain("example.org").unwrap().as_str(),
+            "example.org"
+        );
+        assert_eq!(
+            parse_trust_domain("spiffe://example.org").unwrap().as_str(),
+            "example.org"
+        );
+        assert!(parse_trust_domain("Example.org").is_err());
+        assert!(parse_trust_domain("example.org:80").is_err());
+    }
+}

@@ -1,0 +1,142 @@
+//! rustls glue: SPIFFE verifiers, hot-swapping certificate resolvers, allowlists, and
+//! the one place that says why a handshake was refused.
+//!
+//! Configs are built once per listener; what changes on rotation (our SVID, the
+//! bundles) is read from [`IdentityState`] inside the resolver and verifier.
+
+mod matcher;
+mod resolver;
+mod verifier;
+
+pub use matcher::SpiffeIdMatcher;
+pub use resolver::SvidResolver;
+pub use verifier::{peer_id, unix_now, SpiffeClientVerifier, SpiffeServerVerifier, SpiffeVerifier};
+
+use std::io;
+use std::sync::{Arc, OnceLock};
+
+use rustls::crypto::CryptoProvider;
+use rustls::{CertificateError, ClientConfig, ServerConfig};
+
+use crate::config::TlsVersion;
+use crate::identity::IdentityState;
+
+/// Why a connection was refused. `label()` is the metric label; `Display` is the log text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("no client certificate presented")]
+    NoClientCertificate,
+    #[error("peer certificate is not an X509-SVID: {0}")]
+    NotAnSvid(crate::x509::SvidError),
+    #[error("unknown trust domain {0}: no bundle held for it")]
+    UnknownTrustDomain(String),
+    #[error("chain invalid: {0}")]
+    ChainInvalid(String),
+    #[error("peer certificate expired ({0})")]
+    Expired(String),
+    #[error("peer certificate not yet valid ({0})")]
+    NotYetValid(String),
+    #[error("SPIFFE ID {0} not allowed")]
+    NotAllowed(String),
+    #[error("identity expired: our SVID has expired and no new one has arrived")]
+    IdentityExpired,
+    #[error("peer refused the handshake: alert {0}")]
+    PeerAlert(String),
+    #[error("TLS protocol error: {0}")]
+    Protocol(String),
+    #[error("handshake timed out")]
+    Timeout,
+}
+
+impl Rejection {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NoClientCertificate => "no_client_certificate",
+            Self::NotAnSvid(_) => "not_an_svid",
+            Self::UnknownTrustDomain(_) => "unknown_trust_domain",
+            Self::ChainInvalid(_) => "chain_invalid",
+            Self::Expired(_) => "expired",
+            Self::NotYetValid(_) => "not_yet_valid",
+            Self::NotAllowed(_) => "spiffe_id_not_allowed",
+            Self::IdentityExpired => "identity_expired",
+            Self::PeerAlert(_) => "peer_alert",
+            Self::Protocol(_) => "protocol_error",
+            Self::Timeout => "timeout",
+        }
+    }
+
+    /// Recovers the reason from the error a tokio-rustls handshake returned.
+    pub fn from_handshake_error(err: &io::Error) -> Self {
+        let Some(tls) = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+        else {
+            return Self::Protocol(err.to_string());
+        };
+        match tls {
+            rustls::Error::NoCertificatesPresented => Self::NoClientCertificate,
+            rustls::Error::InvalidCertificate(CertificateError::Other(o)) => {
+                o.0.downcast_ref::<Rejection>()
+                    .cloned()
+                    .unwrap_or_else(|| Self::ChainInvalid(o.to_string()))
+            }
+            rustls::Error::InvalidCertificate(
+                CertificateError::Expired | CertificateError::ExpiredContext { .. },
+            ) => Self::Expired("peer".into()),
+            rustls::Error::InvalidCertificate(other) => Self::ChainInvalid(format!("{other:?}")),
+            rustls::Error::AlertReceived(alert) => Self::PeerAlert(format!("{alert:?}")),
+            other => Self::Protocol(other.to_string()),
+        }
+    }
+}
+
+/// The process-wide crypto provider (ring).
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    static ALL: &[&rustls::SupportedProtocolVersion] =
+        &[&rustls::version::TLS13, &rustls::version::TLS12];
+    static TLS13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    match min {
+        TlsVersion::V1_2 => ALL,
+        TlsVersion::V1_3 => TLS13,
+    }
+}
+
+/// Server config for an inbound listener: mTLS required, SPIFFE allowlist applied.
+pub fn server_config(
+    state: Arc<IdentityState>,
+    allow: SpiffeIdMatcher,
+    min: TlsVersion,
+    alpn: &[String],
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let verifier = SpiffeClientVerifier(SpiffeVerifier::new(state.clone(), allow));
+    let mut config = ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(versions(min))?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(Arc::new(SvidResolver::new(state)));
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// Client config for an outbound listener: presents our SVID, checks the server's ID.
+pub fn client_config(
+    state: Arc<IdentityState>,
+    expect: SpiffeIdMatcher,
+    min: TlsVersion,
+    alpn: &[String],
+) -> Result<Arc<ClientConfig>, rustls::Error> {
+    let verifier = SpiffeServerVerifier(SpiffeVerifier::new(state.clone(), expect));
+    let mut config = ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(versions(min))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(SvidResolver::new(state)));
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Ok(Arc::new(config))
+}

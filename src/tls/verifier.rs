@@ -1,0 +1,235 @@
+//! SPIFFE peer verification for rustls, both directions.
+//!
+//! The peer's leaf must be an X509-SVID; its chain is validated against the bundle of
+//! the trust domain named in its own SPIFFE ID (never another domain's roots), with no
+//! DNS name check; then the SPIFFE ID must pass the listener's allowlist. The bundle is
+//! read from the current snapshot at every handshake, so a rotated CA applies at once.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use super::{Rejection, SpiffeIdMatcher};
+use crate::identity::IdentityState;
+use crate::spiffe::SpiffeId;
+use crate::x509::LeafInfo;
+
+/// Validates a peer's X509-SVID and checks its SPIFFE ID. One per listener.
+#[derive(Debug)]
+pub struct SpiffeVerifier {
+    state: Arc<IdentityState>,
+    matcher: SpiffeIdMatcher,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeVerifier {
+    pub fn new(state: Arc<IdentityState>, matcher: SpiffeIdMatcher) -> Self {
+        Self {
+            state,
+            matcher,
+            algs: super::crypto_provider().signature_verification_algorithms,
+        }
+    }
+
+    /// Everything but the handshake signature: SVID shape, chain, allowlist.
+    pub fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<SpiffeId, Rejection> {
+        let leaf = LeafInfo::parse(end_entity).map_err(Rejection::NotAnSvid)?;
+        let snapshot = self.state.load();
+        let bundle = snapshot
+            .bundle(leaf.spiffe_id.trust_domain())
+            .ok_or_else(|| {
+                Rejection::UnknownTrustDomain(leaf.spiffe_id.trust_domain().to_string())
+            })?;
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| Rejection::ChainInvalid(e.to_string()))?;
+        cert.verify_for_usage(
+            self.algs.all,
+            &bundle.anchors,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| match e {
+            webpki::Error::CertExpired { .. } => Rejection::Expired(leaf.spiffe_id.to_string()),
+            webpki::Error::CertNotValidYet { .. } => {
+                Rejection::NotYetValid(leaf.spiffe_id.to_string())
+            }
+            webpki::Error::UnknownIssuer => Rejection::ChainInvalid(format!(
+                "{} is not signed by a CA of trust domain {}",
+                leaf.spiffe_id,
+                leaf.spiffe_id.trust_domain()
+            )),
+            other => Rejection::ChainInvalid(format!("{}: {other}", leaf.spiffe_id)),
+        })?;
+        if !self.matcher.matches(&leaf.spiffe_id) {
+            return Err(Rejection::NotAllowed(leaf.spiffe_id.to_string()));
+        }
+        Ok(leaf.spiffe_id)
+    }
+
+    fn verify_rustls(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<(), rustls::Error> {
+        self.verify(end_entity, intermediates, now, usage)
+            .map(|_| ())
+            .map_err(Rejection::into_rustls)
+    }
+
+    fn tls12(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.algs)
+    }
+
+    fn tls13(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.algs)
+    }
+}
+
+impl Rejection {
+    /// Carries the rejection through rustls so the accept loop can log it; expiry uses
+    /// rustls' own variant so the peer gets the `certificate_expired` alert.
+    fn into_rustls(self) -> rustls::Error {
+        let ce = match self {
+            Rejection::Expired(_) => CertificateError::Expired,
+            other => CertificateError::Other(OtherError(Arc::new(other))),
+        };
+        rustls::Error::InvalidCertificate(ce)
+    }
+}
+
+/// The inbound side: client certificates are mandatory.
+#[derive(Debug)]
+pub struct SpiffeClientVerifier(pub SpiffeVerifier);
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .verify_rustls(
+                end_entity,
+                intermediates,
+                now,
+                webpki::KeyUsage::client_auth(),
+            )
+            .map(|_| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.tls12(m, c, d)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.tls13(m, c, d)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.algs.supported_schemes()
+    }
+}
+
+/// The outbound side: the server's SPIFFE ID is checked; its DNS name is not.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier(pub SpiffeVerifier);
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.0
+            .verify_rustls(
+                end_entity,
+                intermediates,
+                now,
+                webpki::KeyUsage::server_auth(),
+            )
+            .map(|_| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.tls12(m, c, d)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.tls13(m, c, d)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.algs.supported_schemes()
+    }
+}
+
+/// The peer's SPIFFE ID from an established connection's certificates (for logs).
+pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
+    let leaf = certs?.first()?;
+    LeafInfo::parse(leaf).ok().map(|l| l.spiffe_id.to_string())
+}
+
+/// `now` for code paths outside rustls (tests).
+pub fn unix_now() -> UnixTime {
+    UnixTime::since_unix_epoch(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default(),
+    )
+}
