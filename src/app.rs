@@ -53,7 +53,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     let (config, identity) = Config::load(path)?;
     init_logging(config.log.level.as_deref());
     let mut rt = tokio::runtime::Builder::new_multi_thread();
-    rt.enable_all();
+    rt.enable_all().thread_name("svidcar-worker");
     if let Some(n) = config.worker_threads {
         rt.worker_threads(n);
     }

@@ -41,8 +41,9 @@ impl FilesSource {
     /// that does not load (half-written, mismatched key) keeps the current identity.
     pub async fn run(self, state: Arc<IdentityState>, shutdown: CancellationToken) {
         let (tx, mut rx) = mpsc::unbounded_channel();
+        let names = watched_names(&self.config);
         let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if ev.is_ok() {
+            if ev.is_ok_and(|e| is_change_to(&e, &names)) {
                 let _ = tx.send(());
             }
         });
@@ -82,6 +83,32 @@ impl FilesSource {
             }
         }
     }
+}
+
+/// File names that matter in the watched directories: ours, and Kubernetes' `..data`
+/// style entries whose swap replaces all files at once.
+fn watched_names(config: &FilesConfig) -> Vec<std::ffi::OsString> {
+    let mut files = vec![&config.cert, &config.key];
+    files.extend(config.bundle.iter());
+    files.extend(config.bundles.values());
+    files
+        .iter()
+        .filter_map(|f| f.file_name().map(|n| n.to_os_string()))
+        .collect()
+}
+
+/// A change of content or name to one of `names`. Our own reads (access, atime) and
+/// other files in the same directory (a log, say) do not count.
+fn is_change_to(e: &notify::Event, names: &[std::ffi::OsString]) -> bool {
+    use notify::event::{EventKind as K, ModifyKind as M};
+    let kind = matches!(
+        e.kind,
+        K::Create(_) | K::Remove(_) | K::Modify(M::Data(_) | M::Name(_) | M::Any)
+    );
+    kind && e.paths.iter().any(|p| {
+        p.file_name()
+            .is_some_and(|n| names.iter().any(|w| w == n) || n.to_string_lossy().starts_with(".."))
+    })
 }
 
 fn watched_dirs(config: &FilesConfig) -> BTreeSet<PathBuf> {

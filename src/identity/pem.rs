@@ -19,11 +19,27 @@ pub fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
     std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))
 }
 
+/// Says what is wrong with PEM text in words, never echoing its contents.
+fn pem_problem(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { end_marker } => {
+            format!(
+                "a block has no \"-----END {}-----\" line",
+                String::from_utf8_lossy(end_marker)
+            )
+        }
+        E::IllegalSectionStart { .. } => "a BEGIN line is malformed".into(),
+        E::Base64Decode(_) => "a block is not valid base64".into(),
+        other => other.to_string(),
+    }
+}
+
 /// All certificates in a PEM file; at least one.
 pub fn certs(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
     let certs = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_err(path, format!("not valid PEM: {e}")))?;
+        .map_err(|e| file_err(path, format!("not valid PEM: {}", pem_problem(&e))))?;
     if certs.is_empty() {
         return Err(file_err(path, "no CERTIFICATE block found"));
     }

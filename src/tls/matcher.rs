@@ -86,8 +86,15 @@ impl Rule {
             return Ok(Rule::Contains(fold(x), ic));
         }
         if let Some(r) = &e.safe_regex {
-            let re = Regex::new(&format!("^(?:{})$", r.regex))
-                .map_err(|err| format!("safe_regex.regex: {err}"))?;
+            let re = Regex::new(&format!("^(?:{})$", r.regex)).map_err(|err| {
+                // regex errors draw a caret over several lines; keep the last one.
+                let text = err.to_string();
+                let why = text.lines().last().unwrap_or_default().trim().to_string();
+                format!(
+                    "safe_regex.regex: {:?} is not a valid regex: {why}",
+                    r.regex
+                )
+            })?;
             return Ok(Rule::Regex(re));
         }
         let td = e.trust_domain.as_deref().unwrap_or_default();

@@ -114,14 +114,10 @@ impl SpiffeVerifier {
 }
 
 impl Rejection {
-    /// Carries the rejection through rustls so the accept loop can log it; expiry uses
-    /// rustls' own variant so the peer gets the `certificate_expired` alert.
+    /// Carries the rejection through rustls, whole, so the accept loop can log and
+    /// count the precise reason (the peer gets a `bad_certificate` alert).
     fn into_rustls(self) -> rustls::Error {
-        let ce = match self {
-            Rejection::Expired(_) => CertificateError::Expired,
-            other => CertificateError::Other(OtherError(Arc::new(other))),
-        };
-        rustls::Error::InvalidCertificate(ce)
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(self))))
     }
 }
 

@@ -1,0 +1,406 @@
+//! Test harness: runs the real `svidcar` binary, real peers (openssl, curl) and small
+//! servers, and reads what svidcar says (logs, /metrics, /certs).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_svidcar");
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it returns Some, or panics with `what` after `timeout`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running svidcar process with an admin port; killed on drop.
+pub struct Svidcar {
+    child: Child,
+    pub admin: u16,
+    pub log: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Svidcar {
+    /// Writes `config` (plus an admin listener) to `dir`, starts `svidcar run`, waits
+    /// until /ready says 200.
+    pub fn start(dir: &Path, name: &str, config: &str) -> Self {
+        let admin = free_port();
+        let path = dir.join(format!("{name}.yaml"));
+        std::fs::write(
+            &path,
+            format!("admin: {{listen: 127.0.0.1:{admin}}}\n{config}"),
+        )
+        .unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "svidcar=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut s = Self {
+            child,
+            admin,
+            log,
+            dir: dir.to_path_buf(),
+        };
+        wait_until(&format!("{name} ready"), Duration::from_secs(15), || {
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!("{name} exited with {status}: {}", s.logs());
+            }
+            (http_get(admin, "/ready").map(|(c, _)| c) == Some(200)).then_some(())
+        });
+        s
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log has a line containing every one of `parts`; returns it.
+    pub fn wait_log(&self, parts: &[&str]) -> String {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let logs = self.logs();
+            if let Some(l) = logs.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+                return l.to_string();
+            }
+            if Instant::now() > end {
+                panic!("no log line with {parts:?} in:\n{logs}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The value of one metric line (`name{labels}`), 0 when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, body) = http_get(self.admin, "/metrics").expect("metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+
+    /// The serial of the default SVID as /certs reports it.
+    pub fn serial(&self) -> String {
+        let (_, body) = http_get(self.admin, "/certs").expect("certs");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["svids"][0]["serial"].as_str().unwrap().to_string()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Svidcar {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// GET over HTTP/1.0 on 127.0.0.1; returns (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let code = resp.split_whitespace().nth(1)?.parse().ok()?;
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((code, body))
+}
+
+/// A TCP echo server: echoes every byte, and half-closes its side after the client's EOF.
+pub struct EchoServer {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+impl EchoServer {
+    pub fn start() -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        thread::spawn(move || {
+            for conn in l.incoming() {
+                if stop2.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(mut c) = conn else { continue };
+                thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match c.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if c.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = c.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        Self { port, stop }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// A tiny HTTP/1.1 server (keep-alive) that answers every request with `body`.
+pub fn http_server(body: &'static str) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(c) = conn else { continue };
+            thread::spawn(move || {
+                let mut w = c.try_clone().unwrap();
+                let mut r = BufReader::new(c);
+                loop {
+                    let mut line = String::new();
+                    // request line + headers until blank line
+                    let mut first = true;
+                    loop {
+                        line.clear();
+                        match r.read_line(&mut line) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        if line == "\r\n" && !first {
+                            break;
+                        }
+                        first = false;
+                    }
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if w.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// One echo round trip over `s`: writes `msg`, reads the same number of bytes back.
+pub fn echo_roundtrip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    s.write_all(msg)?;
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back)?;
+    Ok(back)
+}
+
+pub fn connect(port: u16) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// Reads until EOF or error; returns what came (used to see a refused connection close).
+pub fn read_all(s: &mut TcpStream) -> Vec<u8> {
+    let mut v = Vec::new();
+    let _ = s.read_to_end(&mut v);
+    v
+}
+
+/// A CA made by the test itself, to mint peers svidcar must accept or refuse.
+pub struct TestCa {
+    pub issuer: Issuer<'static, KeyPair>,
+    pub cert_pem: String,
+}
+
+impl TestCa {
+    pub fn new(td: &str) -> Self {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("test CA {td}"));
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = p.self_signed(&key).unwrap();
+        Self {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(p, key),
+        }
+    }
+
+    /// Writes the CA files as `svidcar dev-ca` would.
+    pub fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let c = dir.join(format!("{name}.pem"));
+        let k = dir.join(format!("{name}.key"));
+        std::fs::write(&c, &self.cert_pem).unwrap();
+        std::fs::write(&k, self.issuer.key().serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    /// Mints a leaf with the given URI SANs and validity; writes cert and key PEM files.
+    pub fn leaf(
+        &self,
+        dir: &Path,
+        name: &str,
+        uris: &[&str],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        p.not_before = not_before.into();
+        p.not_after = not_after.into();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        let c = dir.join(format!("{name}.pem"));
+        let k = dir.join(format!("{name}.key"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    /// A leaf valid from an hour ago for a day.
+    pub fn valid_leaf(&self, dir: &Path, name: &str, id: &str) -> (PathBuf, PathBuf) {
+        let now = SystemTime::now();
+        self.leaf(
+            dir,
+            name,
+            &[id],
+            now - Duration::from_secs(3600),
+            now + Duration::from_secs(86400),
+        )
+    }
+}
+
+/// Runs `openssl s_client` against 127.0.0.1:`port` with optional client cert, sends
+/// `input`, returns the output (stdout + stderr).
+pub fn s_client(port: u16, cert: Option<(&Path, &Path)>, extra: &[&str], input: &[u8]) -> Output {
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "s_client",
+        "-connect",
+        &format!("127.0.0.1:{port}"),
+        "-ign_eof",
+        "-quiet",
+    ]);
+    if let Some((c, k)) = cert {
+        cmd.arg("-cert").arg(c).arg("-key").arg(k);
+    }
+    cmd.args(extra);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("openssl");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    wait_output(child, Duration::from_secs(15))
+}
+
+/// Waits for a child with a deadline; kills it past the deadline.
+pub fn wait_output(mut child: Child, timeout: Duration) -> Output {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().unwrap();
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            return child.wait_with_output().unwrap();
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The serial number of the certificate the server at `port` presents, via openssl.
+pub fn presented_serial(port: u16, cert: (&Path, &Path)) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo | openssl s_client -connect 127.0.0.1:{port} -cert {} -key {} 2>/dev/null | openssl x509 -noout -serial",
+            cert.0.display(),
+            cert.1.display()
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.trim()
+        .strip_prefix("serial=")
+        .unwrap_or_else(|| panic!("no serial from openssl: {text}"))
+        .to_ascii_lowercase()
+}
+
+/// `svidcar dev-ca` into `dir`.
+pub fn dev_ca(dir: &Path, td: &str) -> (PathBuf, PathBuf) {
+    let (c, k) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let out = Command::new(BIN)
+        .args(["dev-ca", "--trust-domain", td, "--cert"])
+        .arg(&c)
+        .arg("--key")
+        .arg(&k)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (c, k)
+}
+
+pub fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
