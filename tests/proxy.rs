@@ -496,3 +496,19 @@ fn files_source_reloads_on_atomic_rename() {
     let out = s_client(port, Some((&client.0, &client.1)), &[], b"ok?");
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok?"));
 }
+
+#[test]
+fn tcp_probes_are_not_rejections() {
+    // A kubelet TCP probe connects and closes: counted, logged at debug, not a warning.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dev_ca(dir.path(), "example.org");
+    let echo = EchoServer::start();
+    let (back, in_port) = backend(dir.path(), &ca, echo.port, &format!("exact: {WEB}"), "1h");
+    drop(connect(in_port));
+    back.wait_log(&[
+        "DEBUG",
+        "handshake not completed",
+        "closed_during_handshake",
+    ]);
+    assert!(!back.logs().contains("WARN"), "{}", back.logs());
+}

@@ -31,7 +31,11 @@ fn reject(listener: &str, peer: std::net::SocketAddr, why: &Rejection) {
         .handshake_failures
         .with_label_values(&[listener, why.label()])
         .inc();
-    tracing::warn!(listener, %peer, reason = why.label(), "handshake rejected: {why}");
+    if *why == Rejection::ClosedEarly {
+        tracing::debug!(listener, %peer, reason = why.label(), "handshake not completed: {why}");
+    } else {
+        tracing::warn!(listener, %peer, reason = why.label(), "handshake rejected: {why}");
+    }
 }
 
 /// Runs the copy and records how it ended.

@@ -46,6 +46,10 @@ pub enum Rejection {
     Protocol(String),
     #[error("handshake timed out")]
     Timeout,
+    /// A TCP probe (kubelet, load balancer) or a client that gave up: not an attack,
+    /// so it is logged at debug level only.
+    #[error("connection closed during the handshake")]
+    ClosedEarly,
 }
 
 impl Rejection {
@@ -62,6 +66,7 @@ impl Rejection {
             Self::PeerAlert(_) => "peer_alert",
             Self::Protocol(_) => "protocol_error",
             Self::Timeout => "timeout",
+            Self::ClosedEarly => "closed_during_handshake",
         }
     }
 
@@ -71,7 +76,10 @@ impl Rejection {
             .get_ref()
             .and_then(|e| e.downcast_ref::<rustls::Error>())
         else {
-            return Self::Protocol(err.to_string());
+            return match err.kind() {
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => Self::ClosedEarly,
+                _ => Self::Protocol(err.to_string()),
+            };
         };
         match tls {
             rustls::Error::NoCertificatesPresented => Self::NoClientCertificate,
