@@ -146,12 +146,7 @@ fn inbound_refuses_bad_clients_with_the_reason() {
     );
 
     // The test's own copy of the shared CA signs its clients.
-    let ca_pem = std::fs::read_to_string(&ca_cert).unwrap();
-    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(&ca_key).unwrap()).unwrap();
-    let shared = TestCa {
-        issuer: rcgen::Issuer::from_ca_cert_pem(&ca_pem, key).unwrap(),
-        cert_pem: ca_pem,
-    };
+    let shared = TestCa::load(&ca_cert, &ca_key);
     let now = SystemTime::now();
     let hour = Duration::from_secs(3600);
 
@@ -351,12 +346,7 @@ fn rotation_under_load_drops_nothing() {
     let (back, in_port) = backend(d, &ca_files, echo.port, &format!("exact: {WEB}"), "4s");
     let (front, out_port) = frontend(d, &ca_files, in_port, &format!("exact: {BACKEND}"), "4s");
 
-    let ca_pem = std::fs::read_to_string(&ca_files.0).unwrap();
-    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(&ca_files.1).unwrap()).unwrap();
-    let shared = TestCa {
-        issuer: rcgen::Issuer::from_ca_cert_pem(&ca_pem, key).unwrap(),
-        cert_pem: ca_pem,
-    };
+    let shared = TestCa::load(&ca_files.0, &ca_files.1);
     let probe = shared.valid_leaf(d, "probe", WEB);
 
     // A connection opened before any rotation, used throughout.
@@ -511,4 +501,108 @@ fn tcp_probes_are_not_rejections() {
         "closed_during_handshake",
     ]);
     assert!(!back.logs().contains("WARN"), "{}", back.logs());
+}
+
+#[test]
+fn alpn_idle_timeout_and_upstream_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = TestCa::new("example.org");
+    let (ca_cert, ca_key) = ca.write(d, "ca");
+    let echo = EchoServer::start();
+    let (port, dead_port, out_port) = (free_port(), free_port(), free_port());
+    let cfg = format!(
+        "{}inbound:\n  - name: app\n    listen: 127.0.0.1:{port}\n    forward: 127.0.0.1:{}\n    alpn: [h2, http/1.1]\n    idle_timeout: 1s\n    allow: [{{exact: \"{WEB}\"}}]\noutbound:\n  - name: nowhere\n    listen: 127.0.0.1:{out_port}\n    connect: 127.0.0.1:{dead_port}\n    connect_timeout: 2s\n    expect: [{{exact: \"{WEB}\"}}]\n",
+        dev_identity(&(ca_cert, ca_key), BACKEND, "1h"),
+        echo.port
+    );
+    let s = Svidcar::start(d, "alpn", &cfg);
+    let client = ca.valid_leaf(d, "web", WEB);
+
+    // ALPN: the configured protocol is negotiated.
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-alpn",
+            "h2",
+            "-cert",
+        ])
+        .arg(&client.0)
+        .arg("-key")
+        .arg(&client.1)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ALPN protocol: h2"), "{text}");
+
+    // Idle: a connection with no traffic is closed by svidcar after 1 s.
+    let mut c = std::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-quiet",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-cert",
+        ])
+        .arg(&client.0)
+        .arg("-key")
+        .arg(&client.1)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _keep_stdin_open = c.stdin.take();
+    let out = wait_output(c, Duration::from_secs(10));
+    assert!(
+        out.status.code().is_some(),
+        "openssl must exit because svidcar closed the idle connection"
+    );
+    s.wait_log(&["connection closed: idle timeout"]);
+    assert_eq!(
+        s.metric("svidcar_connection_errors_total{listener=\"app\",reason=\"idle_timeout\"}"),
+        1.0
+    );
+
+    // Upstream down: the app's connection is closed, the reason logged and counted.
+    let mut app = connect(out_port);
+    assert!(read_all(&mut app).is_empty());
+    s.wait_log(&["cannot connect upstream", &format!("127.0.0.1:{dead_port}")]);
+    assert_eq!(s.metric("svidcar_connection_errors_total{listener=\"nowhere\",reason=\"upstream_connect_failed\"}"), 1.0);
+}
+
+#[test]
+fn sigterm_drains_open_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dev_ca(dir.path(), "example.org");
+    let echo = EchoServer::start();
+    let (mut back, in_port) = backend(dir.path(), &ca, echo.port, &format!("exact: {WEB}"), "1h");
+    let (_front, out_port) = frontend(dir.path(), &ca, in_port, &format!("exact: {BACKEND}"), "1h");
+    let mut open = connect(out_port);
+    assert_eq!(echo_roundtrip(&mut open, b"before").unwrap(), b"before");
+
+    // SIGTERM the backend: it stops accepting but the open connection keeps working.
+    let status = Command::new("kill")
+        .args(["-TERM", &back.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    back.wait_log(&["shutting down", "draining"]);
+    back.wait_log(&["stopped accepting"]);
+    assert_eq!(
+        echo_roundtrip(&mut open, b"during drain").unwrap(),
+        b"during drain"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", in_port)).is_err(),
+        "no new connections"
+    );
+    // Closing the last connection lets the process exit cleanly before the drain timeout.
+    open.shutdown(Shutdown::Write).unwrap();
+    read_all(&mut open);
+    let code = wait_until("backend exit", Duration::from_secs(10), || back.try_exit());
+    assert_eq!(code, Some(0));
 }

@@ -8,6 +8,17 @@ use tokio::sync::watch;
 
 use super::{IdentityUpdate, Snapshot};
 
+/// Why the state is not ready to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    #[error("no SVID loaded")]
+    NoSvid,
+    #[error("identity expired")]
+    IdentityExpired,
+    #[error("no bundle for own trust domain")]
+    NoBundle,
+}
+
 /// Holds the current [`Snapshot`]. Readers call [`IdentityState::load`] (one atomic load,
 /// no lock) at every handshake; watchers (SDS, admin, metrics) subscribe to changes.
 pub struct IdentityState {
@@ -62,16 +73,21 @@ impl IdentityState {
     }
 
     /// Ready means: a default SVID that has not expired, and the bundle of its trust domain.
-    pub fn ready(&self) -> Result<(), &'static str> {
+    pub fn ready(&self) -> Result<(), NotReady> {
         let snap = self.load();
-        let svid = snap.default_svid().ok_or("no SVID loaded")?;
+        let svid = snap.default_svid().ok_or(NotReady::NoSvid)?;
         if svid.is_expired(SystemTime::now()) {
-            return Err("identity expired");
+            return Err(NotReady::IdentityExpired);
         }
         if snap.bundle(svid.spiffe_id.trust_domain()).is_none() {
-            return Err("no bundle for own trust domain");
+            return Err(NotReady::NoBundle);
         }
         Ok(())
+    }
+
+    /// True once the SVID we hold has expired with no successor: handshakes must stop.
+    pub fn identity_expired(&self) -> bool {
+        self.ready() == Err(NotReady::IdentityExpired)
     }
 }
 
@@ -86,5 +102,58 @@ impl std::fmt::Debug for IdentityState {
 impl Default for IdentityState {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::dev_ca::DevCa;
+    use crate::spiffe::parse_spiffe_id;
+    use std::time::Duration;
+
+    fn update(ca: &DevCa, svid: &Arc<crate::identity::Svid>) -> IdentityUpdate {
+        IdentityUpdate {
+            svids: vec![svid.clone()],
+            bundles: vec![Arc::new(ca.bundle().unwrap())],
+        }
+    }
+
+    #[test]
+    fn identical_updates_are_not_updates() {
+        let td = crate::spiffe::parse_trust_domain("example.org").unwrap();
+        let ca = DevCa::generate(&td, Duration::from_secs(3600)).unwrap();
+        let id = parse_spiffe_id("spiffe://example.org/web").unwrap();
+        let first = Arc::new(ca.mint(&id, Duration::from_secs(60)).unwrap());
+        let state = IdentityState::new();
+        let mut rx = state.subscribe();
+        assert_eq!(state.ready(), Err(NotReady::NoSvid));
+        assert_eq!(state.publish(update(&ca, &first)), Some(1));
+        assert!(rx.has_changed().unwrap());
+        rx.mark_unchanged();
+        // The same bytes again: no new version, no notification.
+        assert_eq!(state.publish(update(&ca, &first)), None);
+        assert!(!rx.has_changed().unwrap());
+        // A new SVID is a new version, seen by subscribers.
+        let second = Arc::new(ca.mint(&id, Duration::from_secs(60)).unwrap());
+        assert_eq!(state.publish(update(&ca, &second)), Some(2));
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(state.load().default_svid().unwrap().serial, second.serial);
+        assert_eq!(state.ready(), Ok(()));
+    }
+
+    #[test]
+    fn not_ready_without_own_bundle() {
+        let td = crate::spiffe::parse_trust_domain("example.org").unwrap();
+        let other = crate::spiffe::parse_trust_domain("other.org").unwrap();
+        let ca = DevCa::generate(&td, Duration::from_secs(3600)).unwrap();
+        let foreign = DevCa::generate(&other, Duration::from_secs(3600)).unwrap();
+        let id = parse_spiffe_id("spiffe://example.org/web").unwrap();
+        let state = IdentityState::new();
+        state.publish(IdentityUpdate {
+            svids: vec![Arc::new(ca.mint(&id, Duration::from_secs(60)).unwrap())],
+            bundles: vec![Arc::new(foreign.bundle().unwrap())],
+        });
+        assert_eq!(state.ready(), Err(NotReady::NoBundle));
     }
 }

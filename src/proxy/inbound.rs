@@ -44,7 +44,7 @@ impl InboundListener {
     }
 
     async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
-        if self.state.ready() == Err("identity expired") {
+        if self.state.identity_expired() {
             reject(&self.name, peer, &Rejection::IdentityExpired);
             return;
         }

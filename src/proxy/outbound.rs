@@ -46,7 +46,7 @@ impl OutboundListener {
     }
 
     async fn handle(self: Arc<Self>, app: TcpStream, peer: SocketAddr) {
-        if self.state.ready() == Err("identity expired") {
+        if self.state.identity_expired() {
             reject(&self.name, peer, &Rejection::IdentityExpired);
             return;
         }

@@ -118,6 +118,11 @@ impl Svidcar {
         v["svids"][0]["serial"].as_str().unwrap().to_string()
     }
 
+    /// The exit code once the process has exited (None inside: killed by a signal).
+    pub fn try_exit(&mut self) -> Option<Option<i32>> {
+        self.child.try_wait().ok().flatten().map(|s| s.code())
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -271,6 +276,16 @@ impl TestCa {
         Self {
             cert_pem: cert.pem(),
             issuer: Issuer::new(p, key),
+        }
+    }
+
+    /// Loads a CA written by `svidcar dev-ca`, to sign test peers in its trust domain.
+    pub fn load(cert: &Path, key: &Path) -> Self {
+        let cert_pem = std::fs::read_to_string(cert).unwrap();
+        let key = KeyPair::from_pem(&std::fs::read_to_string(key).unwrap()).unwrap();
+        Self {
+            issuer: Issuer::from_ca_cert_pem(&cert_pem, key).unwrap(),
+            cert_pem,
         }
     }
 
