@@ -19,12 +19,7 @@ use crate::tls::{self, SpiffeIdMatcher};
 /// `svidcar check`: parse, validate, and load the identity once.
 pub fn check(path: &Path) -> anyhow::Result<()> {
     let (config, identity) = Config::load(path)?;
-    let (_, update) = IdentitySource::load(&identity).context("identity")?;
-    let id = update
-        .svids
-        .first()
-        .map(|s| s.spiffe_id.to_string())
-        .unwrap_or_default();
+    let id = IdentitySource::check(&identity).context("identity")?;
     println!(
         "config OK: identity {id}, {} inbound, {} outbound listener(s)",
         config.inbound.len(),
@@ -46,6 +41,58 @@ pub fn dev_ca(td: &str, cert: &Path, key: &Path, lifetime: Duration) -> anyhow::
         key.display()
     );
     Ok(())
+}
+
+/// `svidcar dev-agent`.
+pub fn dev_agent(path: &Path) -> anyhow::Result<()> {
+    let config = crate::agent::AgentConfig::load(path)?;
+    init_logging(None);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(crate::agent::run(config))
+}
+
+/// `svidcar workload …`: one Workload API call, printed.
+pub fn workload_call(socket: &str, call: crate::WorkloadCall) -> anyhow::Result<()> {
+    use crate::identity::workload_api::WorkloadApiClient;
+    let path =
+        crate::config::parse_workload_socket(socket).map_err(|p| anyhow!("--socket: {p}"))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(async {
+        let mut client = WorkloadApiClient::new(&path)?;
+        let status = |e: tonic::Status| anyhow!("{:?}: {}", e.code(), e.message());
+        match call {
+            crate::WorkloadCall::Jwt {
+                audience,
+                spiffe_id,
+            } => {
+                let id = spiffe_id
+                    .as_deref()
+                    .map(crate::spiffe::parse_spiffe_id)
+                    .transpose()
+                    .context("--spiffe-id")?;
+                for s in client
+                    .jwt_svids(audience, id.as_ref())
+                    .await
+                    .map_err(status)?
+                    .svids
+                {
+                    println!("{} {}", s.spiffe_id, s.svid);
+                }
+            }
+            crate::WorkloadCall::JwtBundles => {
+                for (td, jwks) in client.jwt_bundles().await.map_err(status)? {
+                    println!("{td} {}", String::from_utf8_lossy(&jwks));
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 /// `svidcar run`.
@@ -75,7 +122,7 @@ fn init_logging(level: Option<&str>) {
 
 async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
     let state = Arc::new(IdentityState::new());
-    let (source, update) = IdentitySource::load(&identity).context("identity")?;
+    let (source, update) = IdentitySource::start(&identity).await.context("identity")?;
     state.publish(update);
     let own_td = state
         .load()
@@ -102,7 +149,8 @@ async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
     for (i, l) in config.inbound.iter().enumerate() {
         let at = format!("inbound[{i}]");
         let matcher = matcher(l, &l.allow, &own_td, &at, "allow")?;
-        let server = tls::server_config(state.clone(), matcher, config.min_tls(l), &l.alpn)?;
+        let verifier = Arc::new(tls::SpiffeVerifier::new(state.clone(), matcher));
+        let server = tls::server_config(state.clone(), verifier, config.min_tls(l), &l.alpn)?;
         let inbound = InboundListener {
             name: l.name.as_str().into(),
             forward: l.forward.clone().unwrap_or_default(),
@@ -122,7 +170,8 @@ async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
     for (i, l) in config.outbound.iter().enumerate() {
         let at = format!("outbound[{i}]");
         let matcher = matcher(l, &l.expect, &own_td, &at, "expect")?;
-        let client = tls::client_config(state.clone(), matcher, config.min_tls(l), &l.alpn)?;
+        let verifier = Arc::new(tls::SpiffeVerifier::new(state.clone(), matcher));
+        let client = tls::client_config(state.clone(), verifier, config.min_tls(l), &l.alpn)?;
         let connect = l.connect.clone().unwrap_or_default();
         let host = match &l.sni {
             Some(s) => s.clone(),
@@ -221,7 +270,7 @@ async fn bind(l: &ListenerConfig, at: &str) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow!("{at}.listen: cannot bind {}: {e}", l.listen))
 }
 
-async fn wait_for_signal() {
+pub async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut term) = signal(SignalKind::terminate()) else {
         let _ = tokio::signal::ctrl_c().await;

@@ -19,7 +19,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+    pub(crate) fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
         Self {
             key: key.into(),
             problem: problem.into(),
@@ -90,13 +90,60 @@ pub struct IdentityConfigRaw {
     #[serde(default)]
     pub files: Option<FilesConfig>,
     #[serde(default)]
-    pub workload_api: Option<serde_norway::Value>,
+    pub workload_api: Option<WorkloadApiConfigRaw>,
+}
+
+/// `identity.workload_api` as written.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadApiConfigRaw {
+    /// `unix:///path`, `unix:/path` or `/path`; default: `SPIFFE_ENDPOINT_SOCKET`.
+    #[serde(default)]
+    pub socket: Option<String>,
+    /// Use this SVID as the default instead of the first one.
+    #[serde(default)]
+    pub spiffe_id: Option<String>,
+    /// Or select the default SVID by its hint.
+    #[serde(default)]
+    pub hint: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkloadApiConfig {
+    pub socket: PathBuf,
+    pub spiffe_id: Option<SpiffeId>,
+    pub hint: Option<String>,
+}
+
+/// Reads a Workload API address the way SPIFFE libraries do: `unix:///path` or
+/// `unix:/path` (and, for convenience, an absolute path).
+pub fn parse_workload_socket(addr: &str) -> Result<PathBuf, String> {
+    let path = if let Some(rest) = addr.strip_prefix("unix://") {
+        rest
+    } else if let Some(rest) = addr.strip_prefix("unix:") {
+        rest
+    } else if addr.starts_with('/') {
+        addr
+    } else if addr.starts_with("tcp:") {
+        return Err(format!(
+            "{addr:?}: only unix sockets are supported for the Workload API"
+        ));
+    } else {
+        return Err(format!(
+            "{addr:?} is not a unix socket address (unix:///path/to/agent.sock)"
+        ));
+    };
+    if !path.starts_with('/') {
+        return Err(format!("{addr:?}: the socket path must be absolute"));
+    }
+    Ok(PathBuf::from(path))
 }
 
 #[derive(Debug, Clone)]
 pub enum IdentityConfig {
     Dev(DevConfig),
     Files(FilesConfig),
+    WorkloadApi(WorkloadApiConfig),
 }
 
 #[derive(Debug, Deserialize)]
@@ -221,7 +268,7 @@ fn default_max_connections() -> usize {
 }
 
 /// Human-readable durations: `500ms`, `12s`, `5m`, `1h`.
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     let parsed = humantime::parse_duration(&s).map_err(|e| {
         serde::de::Error::custom(format!(
@@ -341,11 +388,8 @@ impl IdentityConfigRaw {
                 ),
             ));
         }
-        if self.workload_api.is_some() {
-            return Err(ConfigError::new(
-                "identity.workload_api",
-                "the Workload API source is not available in this build yet; use dev or files",
-            ));
+        if let Some(w) = &self.workload_api {
+            return w.validate().map(IdentityConfig::WorkloadApi);
         }
         if let Some(files) = &self.files {
             for td in files.bundles.keys() {
@@ -407,13 +451,48 @@ impl IdentityConfigRaw {
     }
 }
 
+impl WorkloadApiConfigRaw {
+    fn validate(&self) -> Result<WorkloadApiConfig, ConfigError> {
+        let (key, addr) = match &self.socket {
+            Some(s) => ("identity.workload_api.socket", s.clone()),
+            None => (
+                "identity.workload_api.socket",
+                std::env::var("SPIFFE_ENDPOINT_SOCKET").map_err(|_| {
+                    ConfigError::new(
+                        "identity.workload_api.socket",
+                        "not set, and SPIFFE_ENDPOINT_SOCKET is not set either",
+                    )
+                })?,
+            ),
+        };
+        let socket = parse_workload_socket(&addr).map_err(|p| ConfigError::new(key, p))?;
+        let spiffe_id = self
+            .spiffe_id
+            .as_deref()
+            .map(parse_spiffe_id)
+            .transpose()
+            .map_err(|e| ConfigError::new("identity.workload_api.spiffe_id", e.to_string()))?;
+        if spiffe_id.is_some() && self.hint.is_some() {
+            return Err(ConfigError::new(
+                "identity.workload_api",
+                "set spiffe_id or hint to select the default SVID, not both",
+            ));
+        }
+        Ok(WorkloadApiConfig {
+            socket,
+            spiffe_id,
+            hint: self.hint.clone(),
+        })
+    }
+}
+
 impl IdentityConfig {
     /// Our trust domain when the config already tells it (dev); files tell it only
     /// once the certificate is read.
     pub fn trust_domain(&self) -> Option<TrustDomain> {
         match self {
             Self::Dev(d) => Some(d.trust_domain.clone()),
-            Self::Files(_) => None,
+            Self::Files(_) | Self::WorkloadApi(_) => None,
         }
     }
 }

@@ -4,10 +4,12 @@
 //! several `dev` sidecars can share.
 
 mod admin;
+mod agent;
 mod app;
 mod config;
 mod identity;
 mod metrics;
+mod proto;
 mod proxy;
 mod spiffe;
 mod tls;
@@ -24,6 +26,19 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand)]
+enum WorkloadCall {
+    /// Fetch JWT-SVIDs for an audience and print them, one per line: ID, token.
+    Jwt {
+        #[arg(long, required = true)]
+        audience: Vec<String>,
+        #[arg(long)]
+        spiffe_id: Option<String>,
+    },
+    /// Print the JWT bundles (JWKS) per trust domain.
+    JwtBundles,
 }
 
 #[derive(Subcommand)]
@@ -50,6 +65,18 @@ enum Command {
         #[arg(long, default_value = "8760h", value_parser = humantime::parse_duration)]
         lifetime: Duration,
     },
+    /// Serve the SPIFFE Workload API from a dev CA (a stand-in for SPIRE Agent).
+    DevAgent {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Call a Workload API as a workload would (socket: --socket or SPIFFE_ENDPOINT_SOCKET).
+    Workload {
+        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
+        socket: String,
+        #[command(subcommand)]
+        call: WorkloadCall,
+    },
     /// Print the version.
     Version,
 }
@@ -65,6 +92,8 @@ fn main() -> ExitCode {
             key,
             lifetime,
         } => app::dev_ca(&trust_domain, &cert, &key, lifetime),
+        Command::DevAgent { config } => app::dev_agent(&config),
+        Command::Workload { socket, call } => app::workload_call(&socket, call),
         Command::Version => {
             println!("svidcar {}", env!("CARGO_PKG_VERSION"));
             Ok(())

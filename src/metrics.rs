@@ -20,6 +20,7 @@ pub struct Metrics {
     pub identity_version: IntGauge,
     pub svid_expiry: IntGauge,
     pub identity_updates: IntCounter,
+    pub identity_cached: IntGauge,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -54,7 +55,12 @@ impl Metrics {
             "Identity snapshots published (rotations and bundle changes)",
         )
         .expect("static metric definition");
-        for m in [&identity_version, &svid_expiry] {
+        let identity_cached = IntGauge::new(
+            "svidcar_identity_cached",
+            "1 while the identity source is unreachable and the last good identity is served",
+        )
+        .expect("static metric definition");
+        for m in [&identity_version, &svid_expiry, &identity_cached] {
             r.register(Box::new(m.clone()))
                 .expect("metric registered once");
         }
@@ -89,6 +95,7 @@ impl Metrics {
             identity_version,
             svid_expiry,
             identity_updates,
+            identity_cached,
             registry: r,
         }
     }

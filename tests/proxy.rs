@@ -606,3 +606,67 @@ fn sigterm_drains_open_connections() {
     let code = wait_until("backend exit", Duration::from_secs(10), || back.try_exit());
     assert_eq!(code, Some(0));
 }
+
+#[test]
+fn no_session_resumption_so_every_connection_proves_its_svid() {
+    // rustls skips certificate verification on a resumed session, so svidcar offers none:
+    // a ticket must not outlive an SVID or a CA removed from the bundle.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let old_ca = TestCa::new("example.org");
+    let new_ca = TestCa::new("example.org");
+    let bundle = d.join("bundle.pem");
+    std::fs::write(&bundle, format!("{}{}", old_ca.cert_pem, new_ca.cert_pem)).unwrap();
+    let (c, k) = new_ca.valid_leaf(d, "svid", BACKEND);
+    let echo = EchoServer::start();
+    let port = free_port();
+    let cfg = format!(
+        "identity:\n  files: {{cert: {}, key: {}, bundle: {}}}\ninbound:\n  - name: app\n    listen: 127.0.0.1:{port}\n    forward: 127.0.0.1:{}\n    allow: [{{exact: \"{WEB}\"}}]\n",
+        c.display(), k.display(), bundle.display(), echo.port
+    );
+    let s = Svidcar::start(d, "resume", &cfg);
+    let client = old_ca.valid_leaf(d, "web", WEB);
+    let sess = d.join("session.pem");
+    let summary = |extra: &[&str]| {
+        let out = Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                "-cert",
+            ])
+            .arg(&client.0)
+            .arg("-key")
+            .arg(&client.1)
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let first = summary(&["-sess_out", sess.to_str().unwrap()]);
+    assert!(first.contains("New, TLSv1.3"), "{first}");
+    if sess.exists() {
+        let second = summary(&["-sess_in", sess.to_str().unwrap()]);
+        assert!(
+            second.contains("New, TLSv1.3") && !second.contains("Reused"),
+            "{second}"
+        );
+    }
+
+    // The old CA leaves the bundle: the same client is refused from the next connection on.
+    let tmp = d.join("bundle.new");
+    std::fs::write(&tmp, &new_ca.cert_pem).unwrap();
+    std::fs::rename(&tmp, &bundle).unwrap();
+    wait_until("bundle reload", Duration::from_secs(10), || {
+        let (_, certs) = http_get(s.admin, "/certs")?;
+        let v: serde_json::Value = serde_json::from_str(&certs).ok()?;
+        (v["bundles"][0]["roots"].as_array()?.len() == 1).then_some(())
+    });
+    let out = s_client(port, Some((&client.0, &client.1)), &[], b"after removal");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("after removal"),
+        "{out:?}"
+    );
+    s.wait_log(&["handshake rejected", "chain invalid", WEB]);
+}

@@ -41,6 +41,11 @@ fn route(req: &Request<Incoming>, state: &IdentityState) -> Response<Full<Bytes>
     match req.uri().path() {
         "/live" => reply(StatusCode::OK, "text/plain", "live\n".into()),
         "/ready" => match state.ready() {
+            Ok(()) if state.is_cached() => reply(
+                StatusCode::OK,
+                "text/plain",
+                "ready (cached identity: identity source unreachable)\n".into(),
+            ),
             Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n".into()),
             Err(why) => reply(
                 StatusCode::SERVICE_UNAVAILABLE,

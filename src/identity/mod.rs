@@ -9,6 +9,7 @@ pub mod files;
 pub mod pem;
 mod snapshot;
 mod state;
+pub mod workload_api;
 
 pub use snapshot::{Bundle, Snapshot, Svid};
 pub use state::IdentityState;
@@ -35,6 +36,8 @@ pub enum IdentityError {
     Svid(String),
     #[error("dev CA: {0}")]
     DevCa(String),
+    #[error("Workload API: {0}")]
+    WorkloadApi(String),
 }
 
 /// A configured identity source, ready to load its first identity and then keep
@@ -42,12 +45,14 @@ pub enum IdentityError {
 pub enum IdentitySource {
     Dev(Box<dev_ca::DevSource>),
     Files(files::FilesSource),
+    WorkloadApi(Box<workload_api::WorkloadApiSource>),
 }
 
 impl IdentitySource {
-    /// Builds the source and loads its first identity, so that a wrong path or a
-    /// bad certificate is reported at start-up (and by `svidcar check`).
-    pub fn load(config: &IdentityConfig) -> Result<(Self, IdentityUpdate), IdentityError> {
+    /// Builds the source and loads its first identity. Local sources (dev, files) fail
+    /// at once on a bad file; the Workload API is waited for, as the agent may start
+    /// after the sidecar.
+    pub async fn start(config: &IdentityConfig) -> Result<(Self, IdentityUpdate), IdentityError> {
         match config {
             IdentityConfig::Dev(c) => {
                 let (s, u) = dev_ca::DevSource::load(c)?;
@@ -57,7 +62,31 @@ impl IdentitySource {
                 let (s, u) = files::FilesSource::load(c)?;
                 Ok((Self::Files(s), u))
             }
+            IdentityConfig::WorkloadApi(c) => {
+                let (s, u) = workload_api::WorkloadApiSource::start(c).await?;
+                Ok((Self::WorkloadApi(Box::new(s)), u))
+            }
         }
+    }
+
+    /// What `svidcar check` can verify without side effects: local sources are loaded
+    /// (files read, CA checked); the Workload API is not contacted. Returns a summary.
+    pub fn check(config: &IdentityConfig) -> Result<String, IdentityError> {
+        let update = match config {
+            IdentityConfig::Dev(c) => dev_ca::DevSource::load(c)?.1,
+            IdentityConfig::Files(c) => files::FilesSource::load(c)?.1,
+            IdentityConfig::WorkloadApi(c) => {
+                return Ok(format!(
+                    "workload_api at unix://{} (not contacted by check)",
+                    c.socket.display()
+                ))
+            }
+        };
+        Ok(update
+            .svids
+            .first()
+            .map(|s| s.spiffe_id.to_string())
+            .unwrap_or_default())
     }
 
     /// Keeps `state` current until `shutdown` fires.
@@ -65,6 +94,7 @@ impl IdentitySource {
         match self {
             Self::Dev(s) => s.run(state, shutdown).await,
             Self::Files(s) => s.run(state, shutdown).await,
+            Self::WorkloadApi(s) => s.run(state, shutdown).await,
         }
     }
 }

@@ -56,6 +56,12 @@ impl Svid {
         })
     }
 
+    /// The private key as PKCS#8/SEC1/PKCS#1 DER, for the one place it must travel
+    /// (a Workload API or SDS response to its owner). Never log it.
+    pub fn key_der(&self) -> &[u8] {
+        self.key_der.secret_der()
+    }
+
     pub fn is_expired(&self, now: SystemTime) -> bool {
         now >= self.not_after
     }

@@ -1,5 +1,6 @@
 //! The one shared identity state: a lock-free current snapshot plus a change signal.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -24,6 +25,8 @@ pub enum NotReady {
 pub struct IdentityState {
     current: ArcSwap<Snapshot>,
     changed: watch::Sender<Arc<Snapshot>>,
+    /// The source cannot reach its origin: we serve the last good snapshot.
+    cached: AtomicBool,
 }
 
 impl IdentityState {
@@ -33,6 +36,7 @@ impl IdentityState {
         Self {
             current: ArcSwap::new(empty),
             changed,
+            cached: AtomicBool::new(false),
         }
     }
 
@@ -83,6 +87,16 @@ impl IdentityState {
             return Err(NotReady::NoBundle);
         }
         Ok(())
+    }
+
+    /// Marks whether we run on a cached identity (source disconnected).
+    pub fn set_cached(&self, cached: bool) {
+        self.cached.store(cached, Ordering::Relaxed);
+        crate::metrics::get().identity_cached.set(i64::from(cached));
+    }
+
+    pub fn is_cached(&self) -> bool {
+        self.cached.load(Ordering::Relaxed)
     }
 
     /// True once the SVID we hold has expired with no successor: handshakes must stop.

@@ -116,35 +116,45 @@ fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVers
     }
 }
 
+/// Session resumption is off on both sides: rustls does not verify certificates on a
+/// resumed session, so a ticket would outlive the SVID it was issued for, a removed CA,
+/// or a trust domain. Every connection proves its SVID afresh.
+fn no_resumption_server(config: &mut ServerConfig) {
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+}
+
 /// Server config for an inbound listener: mTLS required, SPIFFE allowlist applied.
 pub fn server_config(
     state: Arc<IdentityState>,
-    allow: SpiffeIdMatcher,
+    verifier: Arc<SpiffeVerifier>,
     min: TlsVersion,
     alpn: &[String],
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
-    let verifier = SpiffeClientVerifier(SpiffeVerifier::new(state.clone(), allow));
+    let verifier = SpiffeClientVerifier(verifier);
     let mut config = ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(versions(min))?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(SvidResolver::new(state)));
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    no_resumption_server(&mut config);
     Ok(Arc::new(config))
 }
 
 /// Client config for an outbound listener: presents our SVID, checks the server's ID.
 pub fn client_config(
     state: Arc<IdentityState>,
-    expect: SpiffeIdMatcher,
+    verifier: Arc<SpiffeVerifier>,
     min: TlsVersion,
     alpn: &[String],
 ) -> Result<Arc<ClientConfig>, rustls::Error> {
-    let verifier = SpiffeServerVerifier(SpiffeVerifier::new(state.clone(), expect));
+    let verifier = SpiffeServerVerifier(verifier);
     let mut config = ClientConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(versions(min))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(SvidResolver::new(state)));
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }

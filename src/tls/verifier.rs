@@ -123,7 +123,7 @@ impl Rejection {
 
 /// The inbound side: client certificates are mandatory.
 #[derive(Debug)]
-pub struct SpiffeClientVerifier(pub SpiffeVerifier);
+pub struct SpiffeClientVerifier(pub Arc<SpiffeVerifier>);
 
 impl ClientCertVerifier for SpiffeClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -171,7 +171,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 
 /// The outbound side: the server's SPIFFE ID is checked; its DNS name is not.
 #[derive(Debug)]
-pub struct SpiffeServerVerifier(pub SpiffeVerifier);
+pub struct SpiffeServerVerifier(pub Arc<SpiffeVerifier>);
 
 impl ServerCertVerifier for SpiffeServerVerifier {
     fn verify_server_cert(

@@ -361,8 +361,55 @@ pub fn s_client(port: u16, cert: Option<(&Path, &Path)>, extra: &[&str], input: 
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("openssl");
-    child.stdin.take().unwrap().write_all(input).unwrap();
-    wait_output(child, Duration::from_secs(15))
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).unwrap();
+    // Keep stdin open (-ign_eof) and stop as soon as the echo of `input` came back, or
+    // openssl exited (the server closed: refused, or an HTTP response with close).
+    let (out, t1) = collect(child.stdout.take().unwrap());
+    let (err, t2) = collect(child.stderr.take().unwrap());
+    let end = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break st;
+        }
+        let echoed = !input.is_empty() && contains(&out.lock().unwrap(), input);
+        if echoed || Instant::now() > end {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    drop(stdin);
+    let _ = (t1.join(), t2.join());
+    let stdout = out.lock().unwrap().clone();
+    let stderr = err.lock().unwrap().clone();
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Reads a pipe into a shared buffer on a thread.
+fn collect(
+    mut r: impl Read + Send + 'static,
+) -> (Arc<std::sync::Mutex<Vec<u8>>>, thread::JoinHandle<()>) {
+    let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let b2 = buf.clone();
+    let t = thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = r.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            b2.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+    (buf, t)
 }
 
 /// Waits for a child with a deadline; kills it past the deadline.

@@ -1,0 +1,457 @@
+//! `svidcar dev-agent`: a SPIFFE Workload API server backed by the dev CA, so the
+//! `workload_api` source (and any SPIFFE client) can be run and tested with no SPIRE.
+//!
+//! Callers are attested from the socket's peer credentials against a small list of
+//! registration entries, as SPIRE Agent does; SVIDs are minted per entry and re-minted
+//! at half-life, and every open stream gets the new ones.
+
+mod attest;
+mod jwt;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use crate::config::{duration, ConfigError};
+use crate::identity::dev_ca::DevCa;
+use crate::identity::workload_api::SECURITY_HEADER;
+use crate::identity::{pem, Svid};
+use crate::proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use crate::proto::workload::*;
+use crate::spiffe::{parse_spiffe_id, parse_trust_domain, SpiffeId, TrustDomain};
+
+/// The dev-agent config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub socket: PathBuf,
+    pub trust_domain: String,
+    #[serde(default = "default_ttl", deserialize_with = "duration")]
+    pub svid_ttl: Duration,
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub ca_key: Option<PathBuf>,
+    /// Other trust domains' CA certificates (PEM), served as federated bundles.
+    #[serde(default)]
+    pub federates_with: BTreeMap<String, PathBuf>,
+    pub entries: Vec<EntryConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntryConfig {
+    pub spiffe_id: String,
+    pub selectors: Vec<String>,
+    #[serde(default)]
+    pub hint: String,
+}
+
+fn default_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+
+struct Entry {
+    id: SpiffeId,
+    selectors: Vec<String>,
+    hint: String,
+}
+
+/// What the agent has issued now; replaced whole at every rotation.
+struct Issued {
+    svids: BTreeMap<SpiffeId, Arc<Svid>>,
+}
+
+struct Agent {
+    ca: DevCa,
+    td: TrustDomain,
+    ttl: Duration,
+    entries: Vec<Entry>,
+    /// Trust domain ID → concatenated DER roots (own first).
+    bundles: BTreeMap<String, Vec<u8>>,
+    jwt: jwt::JwtIssuer,
+    issued: watch::Sender<Arc<Issued>>,
+}
+
+type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))
+        })?;
+        let de = serde_norway::Deserializer::from_str(&text);
+        serde_path_to_error::deserialize(de)
+            .map_err(|e| ConfigError::new(e.path().to_string(), e.into_inner().to_string()))
+    }
+}
+
+impl Agent {
+    fn new(c: &AgentConfig) -> anyhow::Result<Self> {
+        let td = parse_trust_domain(&c.trust_domain).map_err(|e| anyhow!("trust_domain: {e}"))?;
+        let ca = match (&c.ca_cert, &c.ca_key) {
+            (Some(cert), Some(key)) => DevCa::load(&td, cert, key)?,
+            (None, None) => DevCa::generate(&td, Duration::from_secs(365 * 24 * 3600))?,
+            _ => return Err(anyhow!("ca_cert and ca_key: set both or neither")),
+        };
+        if c.entries.is_empty() {
+            return Err(anyhow!(
+                "entries: no registration entries; every caller would be refused"
+            ));
+        }
+        let mut entries = Vec::new();
+        for (i, e) in c.entries.iter().enumerate() {
+            let id = parse_spiffe_id(&e.spiffe_id)
+                .map_err(|err| anyhow!("entries[{i}].spiffe_id: {err}"))?;
+            if !id.is_member_of(&td) {
+                return Err(anyhow!(
+                    "entries[{i}].spiffe_id: {id} is not in trust domain {td}"
+                ));
+            }
+            if e.selectors.is_empty() {
+                return Err(anyhow!(
+                    "entries[{i}].selectors: at least one selector is needed"
+                ));
+            }
+            for (j, s) in e.selectors.iter().enumerate() {
+                attest::validate_selector(s)
+                    .map_err(|p| anyhow!("entries[{i}].selectors[{j}]: {p}"))?;
+            }
+            entries.push(Entry {
+                id,
+                selectors: e.selectors.clone(),
+                hint: e.hint.clone(),
+            });
+        }
+        let mut bundles = BTreeMap::new();
+        bundles.insert(
+            td.id_string(),
+            ca.bundle()?.roots.iter().flat_map(|r| r.to_vec()).collect(),
+        );
+        for (name, path) in &c.federates_with {
+            let other =
+                parse_trust_domain(name).map_err(|e| anyhow!("federates_with.{name}: {e}"))?;
+            let roots = pem::load_certs(path).map_err(|e| anyhow!("federates_with.{name}: {e}"))?;
+            bundles.insert(
+                other.id_string(),
+                roots.iter().flat_map(|r| r.to_vec()).collect(),
+            );
+        }
+        let jwt = jwt::JwtIssuer::generate().map_err(|e| anyhow!("JWT signing key: {e}"))?;
+        let (issued, _) = watch::channel(Arc::new(Issued {
+            svids: BTreeMap::new(),
+        }));
+        let agent = Self {
+            ca,
+            td,
+            ttl: c.svid_ttl,
+            entries,
+            bundles,
+            jwt,
+            issued,
+        };
+        agent.rotate()?;
+        Ok(agent)
+    }
+
+    /// Mints a fresh SVID for every registered SPIFFE ID and notifies open streams.
+    fn rotate(&self) -> anyhow::Result<()> {
+        let mut svids = BTreeMap::new();
+        for e in &self.entries {
+            if !svids.contains_key(&e.id) {
+                svids.insert(e.id.clone(), Arc::new(self.ca.mint(&e.id, self.ttl)?));
+            }
+        }
+        self.issued.send_replace(Arc::new(Issued { svids }));
+        Ok(())
+    }
+
+    /// Checks the security header and attests the caller; returns its entries.
+    fn caller<T>(&self, req: &Request<T>) -> Result<Vec<&Entry>, Status> {
+        if req
+            .metadata()
+            .get(SECURITY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            != Some("true")
+        {
+            return Err(Status::invalid_argument(
+                "security header missing from request",
+            ));
+        }
+        let cred = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .ok_or_else(|| Status::internal("caller credentials unavailable"))?;
+        let selectors = attest::selectors(&cred);
+        let entries: Vec<&Entry> = self
+            .entries
+            .iter()
+            .filter(|e| attest::matches(&e.selectors, &selectors))
+            .collect();
+        if entries.is_empty() {
+            tracing::info!(?selectors, "caller matches no registration entry");
+            return Err(Status::permission_denied("no identity issued"));
+        }
+        Ok(entries)
+    }
+
+    fn x509_response(&self, entries: &[SpiffeId], issued: &Issued) -> X509svidResponse {
+        let own = self.td.id_string();
+        let svids = entries
+            .iter()
+            .filter_map(|id| issued.svids.get(id))
+            .map(|s| X509svid {
+                spiffe_id: s.spiffe_id.to_string(),
+                x509_svid: s.chain.iter().flat_map(|c| c.to_vec()).collect(),
+                x509_svid_key: s.key_der().to_vec(),
+                bundle: self.bundles.get(&own).cloned().unwrap_or_default(),
+                hint: self.hint_of(&s.spiffe_id),
+            })
+            .collect();
+        let federated_bundles = self
+            .bundles
+            .iter()
+            .filter(|(k, _)| **k != own)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        X509svidResponse {
+            svids,
+            crl: vec![],
+            federated_bundles,
+        }
+    }
+
+    fn hint_of(&self, id: &SpiffeId) -> String {
+        self.entries
+            .iter()
+            .find(|e| &e.id == id)
+            .map(|e| e.hint.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Streams a message now and after every rotation, until the caller goes away.
+fn stream_on_rotation<T: Send + 'static>(
+    mut issued: watch::Receiver<Arc<Issued>>,
+    build: impl Fn(&Issued) -> T + Send + 'static,
+    resend: bool,
+) -> Stream<T> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let msg = build(&issued.borrow_and_update().clone());
+            if tx.send(Ok(msg)).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    changed = issued.changed() => {
+                        if changed.is_err() { return; }
+                        if resend { break; }
+                    }
+                }
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+/// The gRPC service; shares the agent.
+struct Service(Arc<Agent>);
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for Service {
+    type FetchX509SVIDStream = Stream<X509svidResponse>;
+    type FetchX509BundlesStream = Stream<X509BundlesResponse>;
+    type FetchJWTBundlesStream = Stream<JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let ids: Vec<SpiffeId> = self.0.caller(&req)?.iter().map(|e| e.id.clone()).collect();
+        tracing::info!(ids = ?ids.iter().map(|i| i.to_string()).collect::<Vec<_>>(), "FetchX509SVID");
+        let agent = self.0.clone();
+        let rx = agent.issued.subscribe();
+        Ok(Response::new(stream_on_rotation(
+            rx,
+            move |i| agent.x509_response(&ids, i),
+            true,
+        )))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        self.0.caller(&req)?;
+        let bundles: std::collections::HashMap<_, _> = self.0.bundles.clone().into_iter().collect();
+        let rx = self.0.issued.subscribe();
+        Ok(Response::new(stream_on_rotation(
+            rx,
+            move |_| X509BundlesResponse {
+                crl: vec![],
+                bundles: bundles.clone(),
+            },
+            false,
+        )))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        let entries = self.0.caller(&req)?;
+        let r = req.get_ref();
+        if r.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let wanted = if r.spiffe_id.is_empty() {
+            None
+        } else {
+            Some(
+                parse_spiffe_id(&r.spiffe_id)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            )
+        };
+        let mut svids = Vec::new();
+        for e in entries {
+            if wanted.as_ref().is_some_and(|w| w != &e.id)
+                || svids
+                    .iter()
+                    .any(|s: &Jwtsvid| s.spiffe_id == e.id.to_string())
+            {
+                continue;
+            }
+            let token = self
+                .0
+                .jwt
+                .mint(
+                    &e.id,
+                    &r.audience,
+                    self.0
+                        .ttl
+                        .min(Duration::from_secs(300))
+                        .max(Duration::from_secs(60)),
+                )
+                .map_err(Status::internal)?;
+            svids.push(Jwtsvid {
+                spiffe_id: e.id.to_string(),
+                svid: token,
+                hint: e.hint.clone(),
+            });
+        }
+        if svids.is_empty() {
+            return Err(Status::permission_denied("no identity issued"));
+        }
+        Ok(Response::new(JwtsvidResponse { svids }))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        self.0.caller(&req)?;
+        let jwks = self.0.jwt.jwks().to_string().into_bytes();
+        let bundles: std::collections::HashMap<String, Vec<u8>> =
+            [(self.0.td.id_string(), jwks)].into_iter().collect();
+        let rx = self.0.issued.subscribe();
+        Ok(Response::new(stream_on_rotation(
+            rx,
+            move |_| JwtBundlesResponse {
+                bundles: bundles.clone(),
+            },
+            false,
+        )))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        self.0.caller(&req)?;
+        let r = req.get_ref();
+        if r.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if r.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        let (id, claims) = self
+            .0
+            .jwt
+            .validate(&r.svid, &r.audience)
+            .map_err(Status::invalid_argument)?;
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: id.to_string(),
+            claims: Some(jwt::to_struct(claims)),
+        }))
+    }
+}
+
+/// Binds the socket: a stale file from a crashed run is replaced, a live one is an error.
+fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(anyhow!(
+                "socket: {} is in use by another process",
+                path.display()
+            ));
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("socket: cannot remove stale {}", path.display()))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("socket: cannot create {}", dir.display()))?;
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("socket: cannot bind {}", path.display()))?;
+    // Any local process may call; attestation decides what it gets (as with SPIRE Agent).
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
+    Ok(l)
+}
+
+/// Runs the dev agent until SIGTERM/SIGINT.
+pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    let agent = Arc::new(Agent::new(&config)?);
+    let listener = bind(&config.socket)?;
+    tracing::info!(socket = %config.socket.display(), trust_domain = %agent.td, entries = agent.entries.len(), "dev-agent serving the Workload API");
+    let rotator = {
+        let agent = agent.clone();
+        let half = agent.ttl / 2;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(half).await;
+                match agent.rotate() {
+                    Ok(()) => tracing::info!("dev-agent rotated SVIDs"),
+                    Err(e) => tracing::error!(error = %e, "dev-agent could not mint SVIDs"),
+                }
+            }
+        })
+    };
+    let result = tonic::transport::Server::builder()
+        .add_service(SpiffeWorkloadApiServer::new(Service(agent)))
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener),
+            crate::app::wait_for_signal(),
+        )
+        .await;
+    rotator.abort();
+    let _ = std::fs::remove_file(&config.socket);
+    result.map_err(|e| anyhow!("Workload API server: {e}"))
+}
