@@ -133,6 +133,9 @@ async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut tasks = Vec::new();
+    // Listener tasks end only at shutdown; one that ends earlier (a panic) stops the
+    // process, so the orchestrator restarts it instead of a half-dead sidecar.
+    let mut listeners = tokio::task::JoinSet::new();
     tasks.push(tokio::spawn(source.run(state.clone(), shutdown.clone())));
     tasks.push(tokio::spawn(log_identity_changes(state.clone())));
 
@@ -161,11 +164,12 @@ async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
         };
         let socket = bind(l, &at).await?;
         tracing::info!(listener = %l.name, listen = %l.listen, forward = %inbound.forward, "inbound listening");
-        tasks.push(tokio::spawn(inbound.run(
-            socket,
-            shutdown.clone(),
-            tracker.clone(),
-        )));
+        let name = l.name.clone();
+        let run = inbound.run(socket, shutdown.clone(), tracker.clone());
+        listeners.spawn(async move {
+            run.await;
+            name
+        });
     }
     for (i, l) in config.outbound.iter().enumerate() {
         let at = format!("outbound[{i}]");
@@ -194,11 +198,12 @@ async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
         };
         let socket = bind(l, &at).await?;
         tracing::info!(listener = %l.name, listen = %l.listen, connect = %outbound.connect, "outbound listening");
-        tasks.push(tokio::spawn(outbound.run(
-            socket,
-            shutdown.clone(),
-            tracker.clone(),
-        )));
+        let name = l.name.clone();
+        let run = outbound.run(socket, shutdown.clone(), tracker.clone());
+        listeners.spawn(async move {
+            run.await;
+            name
+        });
     }
 
     let id = state
@@ -208,7 +213,18 @@ async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
         .unwrap_or_default();
     tracing::info!(spiffe_id = %id, "svidcar ready");
 
-    wait_for_signal().await;
+    let failed = tokio::select! {
+        _ = wait_for_signal() => None,
+        Some(ended) = listeners.join_next() => Some(match ended {
+            Ok(name) => format!("listener {name} stopped"),
+            Err(e) => format!("a listener failed: {e}"),
+        }),
+    };
+    if let Some(why) = failed {
+        tracing::error!("{why}; exiting");
+        shutdown.cancel();
+        return Err(anyhow!("{why}"));
+    }
     tracing::info!(drain = ?config.drain_timeout, "shutting down: no new connections, draining");
     shutdown.cancel();
     tracker.close();

@@ -267,21 +267,31 @@ fn default_max_connections() -> usize {
     10_000
 }
 
-/// Human-readable durations: `500ms`, `12s`, `5m`, `1h`.
-pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    let parsed = humantime::parse_duration(&s).map_err(|e| {
-        serde::de::Error::custom(format!(
-            "invalid duration {s:?}: {e} (write it like 500ms, 12s, 5m or 1h)"
-        ))
-    })?;
+/// The longest duration svidcar accepts anywhere: far beyond any sane timeout or TTL,
+/// and far from the overflow of clock arithmetic.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Parses a human-readable duration (`500ms`, `12s`, `5m`, `1h`), above zero and at
+/// most [`MAX_DURATION`].
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let parsed = humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?}: {e} (write it like 500ms, 12s, 5m or 1h)"))?;
     if parsed.is_zero() {
-        return Err(serde::de::Error::custom(
-            "duration must be greater than zero",
-        ));
+        return Err("duration must be greater than zero".into());
+    }
+    if parsed > MAX_DURATION {
+        return Err(format!("duration {s:?} is too long (at most 3650d)"));
     }
     Ok(parsed)
 }
+
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+/// Most connections one listener may hold; also bounds the semaphore behind it.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
 
 impl Config {
     /// Reads, parses and validates a config file.
@@ -347,10 +357,10 @@ impl Config {
                         format!("address {} is used by another listener", l.listen),
                     ));
                 }
-                if l.max_connections == 0 {
+                if l.max_connections == 0 || l.max_connections > MAX_CONNECTIONS {
                     return Err(ConfigError::new(
                         format!("{at}.max_connections"),
-                        "must be at least 1",
+                        format!("must be from 1 to {MAX_CONNECTIONS}"),
                     ));
                 }
                 l.validate(kind == "inbound", &at, own_td.as_ref())?;
@@ -558,6 +568,14 @@ impl ListenerConfig {
                 .cloned(),
         )
         .map_err(|(i, p)| ConfigError::new(format!("{at}.{list_key}[{i}]"), p))?;
+        if let Some(sni) = &self.sni {
+            rustls_pki_types::ServerName::try_from(sni.as_str()).map_err(|_| {
+                ConfigError::new(
+                    format!("{at}.sni"),
+                    format!("{sni:?} is not a valid server name"),
+                )
+            })?;
+        }
         for (i, p) in self.alpn.iter().enumerate() {
             if p.is_empty() || p.len() > 255 {
                 return Err(ConfigError::new(

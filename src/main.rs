@@ -62,7 +62,7 @@ enum Command {
         #[arg(long)]
         key: PathBuf,
         /// How long the CA is valid, e.g. 8760h.
-        #[arg(long, default_value = "8760h", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "8760h", value_parser = config::parse_duration)]
         lifetime: Duration,
     },
     /// Serve the SPIFFE Workload API from a dev CA (a stand-in for SPIRE Agent).

@@ -104,6 +104,13 @@ pub fn serial_of(der: &[u8]) -> Option<String> {
         .map(|(_, c)| hex_serial(c.raw_serial()))
 }
 
+/// Reads `notAfter` of any certificate.
+pub fn not_after_of(der: &[u8]) -> Option<SystemTime> {
+    X509Certificate::from_der(der)
+        .ok()
+        .map(|(_, c)| asn1_to_system(c.validity().not_after.timestamp()))
+}
+
 /// True when the certificate is a CA (basicConstraints cA=true).
 pub fn is_ca(der: &[u8]) -> bool {
     X509Certificate::from_der(der)

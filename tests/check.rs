@@ -38,6 +38,16 @@ fn broken_configs_name_key_and_problem() {
     let now = SystemTime::now();
     let day = Duration::from_secs(86400);
     let (dns_only, dns_only_key) = ca.leaf(d, "nouri", &[], now - day, now + day);
+    let other_ca = TestCa::new("example.org");
+    let (foreign, foreign_key) =
+        other_ca.valid_leaf(d, "svid-foreign", "spiffe://example.org/ns/default/sa/web");
+    let (old, old_key) = ca.leaf(
+        d,
+        "old",
+        &["spiffe://example.org/ns/default/sa/web"],
+        now - 2 * day,
+        now - day,
+    );
     let files = |cert: &Path, key: &Path| {
         format!(
             "identity:\n  files: {{cert: {}, key: {}, bundle: {}}}\n{LISTENER}",
@@ -61,6 +71,14 @@ fn broken_configs_name_key_and_problem() {
         ("empty-allow", format!("{dev}inbound:\n  - name: web\n    listen: 127.0.0.1:8443\n    forward: 127.0.0.1:8080\n"), vec!["inbound[0].allow", "refuse every peer"]),
         ("ca-not-ca", format!("identity:\n  dev: {{spiffe_id: \"spiffe://example.org/a\", ca_cert: {}, ca_key: {}}}\n{LISTENER}", svid.display(), svid_key.display()), vec!["svid.pem", "not a CA certificate"]),
         ("ca-key-mismatch", format!("identity:\n  dev: {{spiffe_id: \"spiffe://example.org/a\", ca_cert: {}, ca_key: {}}}\n{LISTENER}", ca_cert.display(), other_key.display()), vec!["other.key", "does not match the CA certificate"]),
+        ("huge-max-connections", format!("{dev}{}", LISTENER.replace("forward: 127.0.0.1:8080", "forward: 127.0.0.1:8080\n    max_connections: 18446744073709551615")), vec!["inbound[0].max_connections", "from 1 to"]),
+        ("huge-ttl", format!("{}{LISTENER}", dev.replace("}\n", ", svid_ttl: 10000y}\n")), vec!["identity.dev.svid_ttl", "too long"]),
+        ("ignore-case-regex", format!("{dev}{}", LISTENER.replace("exact: spiffe://example.org/ns/default/sa/frontend", "{safe_regex: {regex: x}, ignore_case: true}")), vec!["inbound[0].allow[0]", "ignore_case has no effect"]),
+        ("bad-sni", format!("{dev}outbound:\n  - name: o\n    listen: 127.0.0.1:9001\n    connect: 127.0.0.1:8443\n    sni: \"not a name\"\n    expect: [{{exact: \"spiffe://example.org/a\"}}]\n"), vec!["outbound[0].sni", "not a valid server name"]),
+        ("own-td-twice", files(&svid, &svid_key).replace("}\ninbound", &format!(", bundles: {{example.org: {}}}}}\ninbound", ca_cert.display())), vec!["bundles.example.org", "already sets"]),
+        ("svid-from-other-ca", files(&foreign, &foreign_key), vec!["svid-foreign.pem", "not signed by the bundle of example.org"]),
+        ("expired-svid", files(&old, &old_key), vec!["old.pem", "has expired"]),
+        ("leaf-as-bundle", files(&svid, &svid_key).replace(&format!("bundle: {}", ca_cert.display()), &format!("bundle: {}", svid.display())), vec!["svid.pem", "is not a CA"]),
         ("yaml-syntax", format!("{dev}inbound: [\n"), vec!["inbound", "line 4"]),
     ];
     for (name, yaml, expect) in &cases {

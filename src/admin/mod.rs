@@ -15,22 +15,37 @@ use tokio_util::sync::CancellationToken;
 
 use crate::identity::IdentityState;
 
+/// Admin connections at once: plenty for probes and scrapes, never enough to starve
+/// the proxy of file descriptors.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
 pub async fn serve(listener: TcpListener, state: Arc<IdentityState>, shutdown: CancellationToken) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
             res = listener.accept() => match res {
                 Ok(s) => s,
-                Err(e) => { tracing::warn!(error = %e, "admin accept failed"); continue; }
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            continue;
         };
         let state = state.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&req, &state)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });

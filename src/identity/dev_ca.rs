@@ -2,7 +2,7 @@
 //! ECDSA P-256 SVID and re-mints it at half-life. For laptops, demos and tests; the
 //! same CA can be loaded by several processes so they share a trust domain.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -23,6 +23,8 @@ const BACKDATE: Duration = Duration::from_secs(30);
 /// A CA that can sign SVIDs for one trust domain.
 pub struct DevCa {
     trust_domain: TrustDomain,
+    /// SVIDs must not outlive their CA.
+    not_after: SystemTime,
     issuer: Issuer<'static, KeyPair>,
     cert: CertificateDer<'static>,
 }
@@ -46,12 +48,14 @@ impl DevCa {
             trust_domain.id_string().try_into().map_err(dev_err)?,
         )];
         let now = SystemTime::now();
+        let not_after = later(now, lifetime)?;
         params.not_before = (now - BACKDATE).into();
-        params.not_after = (now + lifetime).into();
+        params.not_after = not_after.into();
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key).map_err(dev_err)?;
         Ok(Self {
             trust_domain: trust_domain.clone(),
+            not_after,
             cert: cert.der().clone(),
             issuer: Issuer::new(params, key),
         })
@@ -79,8 +83,14 @@ impl DevCa {
             problem: "not a usable PKCS#8 private key".into(),
         })?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key_pair).map_err(dev_err)?;
+        let not_after =
+            crate::x509::not_after_of(&cert_der).ok_or_else(|| IdentityError::File {
+                path: cert.display().to_string(),
+                problem: "cannot read notAfter".into(),
+            })?;
         let ca = Self {
             trust_domain: trust_domain.clone(),
+            not_after,
             issuer,
             cert: cert_der,
         };
@@ -140,8 +150,16 @@ impl DevCa {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         let now = SystemTime::now();
+        let not_after = later(now, ttl)?;
+        if not_after > self.not_after {
+            return Err(IdentityError::DevCa(format!(
+                "an SVID valid for {} would outlive the CA (valid until {})",
+                humantime::format_duration(ttl),
+                humantime::format_rfc3339_seconds(self.not_after)
+            )));
+        }
         params.not_before = (now - BACKDATE).into();
-        params.not_after = (now + ttl).into();
+        params.not_after = not_after.into();
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer).map_err(dev_err)?;
@@ -157,29 +175,40 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
+fn later(now: SystemTime, d: Duration) -> Result<SystemTime, IdentityError> {
+    now.checked_add(d).ok_or_else(|| {
+        IdentityError::DevCa(format!(
+            "{} is too far in the future",
+            humantime::format_duration(d)
+        ))
+    })
+}
+
 fn dev_err(e: impl std::fmt::Display) -> IdentityError {
     IdentityError::DevCa(e.to_string())
 }
 
-/// Writes `contents` atomically (temp file + rename), so a reader never sees half a file.
+/// Writes `contents` atomically: a fresh temp file (O_EXCL, random name) in the same
+/// directory, given `mode` before any byte is written, then renamed over `path`.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::PermissionsExt;
     let file_err = |e: std::io::Error| IdentityError::File {
         path: path.display().to_string(),
         problem: format!("cannot write: {e}"),
     };
-    let tmp: PathBuf = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(file_err)?;
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(file_err)?;
-    f.write_all(contents).map_err(file_err)?;
-    f.sync_all().map_err(file_err)?;
-    std::fs::rename(&tmp, path).map_err(file_err)
+    tmp.write_all(contents).map_err(file_err)?;
+    tmp.as_file().sync_all().map_err(file_err)?;
+    tmp.persist(path).map_err(|e| file_err(e.error))?;
+    Ok(())
 }
 
 /// The running `dev` source.
@@ -193,7 +222,11 @@ impl DevSource {
     pub fn load(config: &DevConfig) -> Result<(Self, IdentityUpdate), IdentityError> {
         let ca = match &config.ca {
             Some((cert, key)) => DevCa::load(&config.trust_domain, cert, key)?,
-            None => DevCa::generate(&config.trust_domain, Duration::from_secs(365 * 24 * 3600))?,
+            // A generated CA outlives its SVIDs comfortably.
+            None => DevCa::generate(
+                &config.trust_domain,
+                Duration::from_secs(365 * 24 * 3600).max(config.svid_ttl * 4),
+            )?,
         };
         if let Some(out) = &config.bundle_out {
             write_atomic(out, ca.to_pem().0.as_bytes(), 0o644)?;

@@ -139,7 +139,12 @@ fn read(config: &FilesConfig) -> Result<IdentityUpdate, IdentityError> {
     }
     for (td, path) in &config.bundles {
         if config.bundle.is_some() && td == own_td.as_str() {
-            continue;
+            return Err(IdentityError::File {
+                path: path.display().to_string(),
+                problem: format!(
+                    "identity.files.bundles.{td} names our own trust domain, which `bundle` already sets; keep one"
+                ),
+            });
         }
         bundles.push(Arc::new(bundle_file(td, path)?));
     }
@@ -151,10 +156,15 @@ fn read(config: &FilesConfig) -> Result<IdentityUpdate, IdentityError> {
             ),
         });
     }
-    Ok(IdentityUpdate {
+    let update = IdentityUpdate {
         svids: vec![Arc::new(svid)],
         bundles,
-    })
+    };
+    update.check_own().map_err(|e| IdentityError::File {
+        path: config.cert.display().to_string(),
+        problem: e.to_string(),
+    })?;
+    Ok(update)
 }
 
 fn bundle_file(td: &str, path: &std::path::Path) -> Result<Bundle, IdentityError> {

@@ -27,6 +27,50 @@ pub struct IdentityUpdate {
     pub bundles: Vec<Arc<Bundle>>,
 }
 
+impl IdentityUpdate {
+    /// Our default SVID must be within its validity and chain to our own trust domain's
+    /// bundle: otherwise every peer would refuse us, so such an update is not applied.
+    pub fn check_own(&self) -> Result<(), IdentityError> {
+        let svid = self
+            .svids
+            .first()
+            .ok_or_else(|| IdentityError::Svid("no SVID".into()))?;
+        let td = svid.spiffe_id.trust_domain();
+        let bundle = self
+            .bundles
+            .iter()
+            .find(|b| &b.trust_domain == td)
+            .ok_or_else(|| {
+                IdentityError::Svid(format!("no bundle for our own trust domain {td}"))
+            })?;
+        let leaf = webpki::EndEntityCert::try_from(&svid.chain[0])
+            .map_err(|e| IdentityError::Svid(e.to_string()))?;
+        leaf.verify_for_usage(
+            crate::tls::crypto_provider()
+                .signature_verification_algorithms
+                .all,
+            &bundle.anchors,
+            &svid.chain[1..],
+            crate::tls::unix_now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map(|_| ())
+        .map_err(|e| {
+            let why = match e {
+                webpki::Error::CertExpired { .. } => "has expired".to_string(),
+                webpki::Error::CertNotValidYet { .. } => "is not valid yet".to_string(),
+                webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+                    format!("is not signed by the bundle of {td}")
+                }
+                other => format!("does not verify against the bundle of {td}: {other}"),
+            };
+            IdentityError::Svid(format!("our SVID {} {why}", svid.spiffe_id))
+        })
+    }
+}
+
 /// Why an identity could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {

@@ -96,6 +96,11 @@ impl Bundle {
         trust_domain: TrustDomain,
         roots: Vec<CertificateDer<'static>>,
     ) -> Result<Self, IdentityError> {
+        if let Some(i) = roots.iter().position(|r| !crate::x509::is_ca(r)) {
+            return Err(IdentityError::Svid(format!(
+                "bundle for trust domain {trust_domain}: certificate {i} is not a CA (basicConstraints cA is not true)"
+            )));
+        }
         if roots.is_empty() {
             return Err(IdentityError::Svid(format!(
                 "bundle for trust domain {trust_domain} has no certificates"

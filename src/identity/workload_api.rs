@@ -225,10 +225,12 @@ fn to_update(
             Bundle::new(td, roots).map(Arc::new)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(IdentityUpdate {
+    let update = IdentityUpdate {
         svids: svids.into_iter().map(|(s, _)| s).collect(),
         bundles,
-    })
+    };
+    update.check_own()?;
+    Ok(update)
 }
 
 /// Open streams to the Workload API.

@@ -63,6 +63,12 @@ impl Rule {
             );
         }
         let ic = e.ignore_case;
+        if ic && (e.safe_regex.is_some() || e.trust_domain.is_some()) {
+            return Err(
+                "ignore_case has no effect on safe_regex or trust_domain (use (?i) in the regex)"
+                    .into(),
+            );
+        }
         let fold = |s: &str| {
             if ic {
                 s.to_ascii_lowercase()

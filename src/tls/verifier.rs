@@ -69,11 +69,13 @@ impl SpiffeVerifier {
             webpki::Error::CertNotValidYet { .. } => {
                 Rejection::NotYetValid(leaf.spiffe_id.to_string())
             }
-            webpki::Error::UnknownIssuer => Rejection::ChainInvalid(format!(
-                "{} is not signed by a CA of trust domain {}",
-                leaf.spiffe_id,
-                leaf.spiffe_id.trust_domain()
-            )),
+            webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+                Rejection::ChainInvalid(format!(
+                    "{} is not signed by a CA of trust domain {}",
+                    leaf.spiffe_id,
+                    leaf.spiffe_id.trust_domain()
+                ))
+            }
             other => Rejection::ChainInvalid(format!("{}: {other}", leaf.spiffe_id)),
         })?;
         if !self.matcher.matches(&leaf.spiffe_id) {
