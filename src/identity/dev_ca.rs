@@ -140,6 +140,9 @@ impl DevCa {
             .distinguished_name
             .push(DnType::OrganizationName, "svidcar");
         params.subject_alt_names = vec![SanType::URI(id.to_string().try_into().map_err(dev_err)?)];
+        // basicConstraints cA=false, written out: SPIFFE clients (the Python `spiffe`
+        // package among them) refuse a leaf without the extension.
+        params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,

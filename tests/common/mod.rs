@@ -53,6 +53,11 @@ impl Svidcar {
     /// Writes `config` (plus an admin listener) to `dir`, starts `svidcar run`, waits
     /// until /ready says 200.
     pub fn start(dir: &Path, name: &str, config: &str) -> Self {
+        Self::start_as(dir, name, config, None)
+    }
+
+    /// As [`Svidcar::start`], run as `uid` (gid the same) when given.
+    pub fn start_as(dir: &Path, name: &str, config: &str, uid: Option<u32>) -> Self {
         let admin = free_port();
         let path = dir.join(format!("{name}.yaml"));
         std::fs::write(
@@ -61,7 +66,20 @@ impl Svidcar {
         )
         .unwrap();
         let log = dir.join(format!("{name}.log"));
-        let child = Command::new(BIN)
+        let mut cmd = match uid {
+            Some(u) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    format!("--reuid={u}"),
+                    format!("--regid={u}"),
+                    "--clear-groups".into(),
+                    BIN.into(),
+                ]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "svidcar=debug")
@@ -136,6 +154,96 @@ impl Svidcar {
 impl Drop for Svidcar {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A running `svidcar dev-agent`; killed on drop.
+pub struct DevAgent {
+    child: Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    config: PathBuf,
+}
+
+impl DevAgent {
+    /// Writes `config` (its `socket` is `dir/agent.sock`) and starts the agent; waits
+    /// until the socket accepts connections.
+    pub fn start(dir: &Path, config: &str) -> Self {
+        let socket = dir.join("agent.sock");
+        let path = dir.join("agent.yaml");
+        std::fs::write(&path, format!("socket: {}\n{config}", socket.display())).unwrap();
+        let log = dir.join("agent.log");
+        let mut a = Self {
+            child: Self::spawn(&path, &log),
+            socket,
+            log,
+            config: path,
+        };
+        a.wait_ready();
+        a
+    }
+
+    fn spawn(config: &Path, log: &Path) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        Command::new(BIN)
+            .args(["dev-agent", "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    }
+
+    fn wait_ready(&mut self) {
+        wait_until("dev-agent socket", Duration::from_secs(15), || {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!(
+                    "dev-agent exited with {st}: {}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            std::os::unix::net::UnixStream::connect(&self.socket)
+                .ok()
+                .map(|_| ())
+        });
+    }
+
+    /// SIGKILL: no clean-up, the socket file stays behind (as after a crash).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts again with the same config (and the same CA, if the config names one).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Self::spawn(&self.config, &self.log);
+        self.wait_ready();
+    }
+
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+}
+
+impl Drop for DevAgent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Makes `dir` and the files in it readable by other users (for svidcar run as a uid).
+pub fn open_up(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        if e.path().is_file() {
+            std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
     }
 }
 
