@@ -15,6 +15,7 @@ fn check(dir: &Path, name: &str, yaml: &str) -> (bool, String) {
     let out = Command::new(BIN)
         .args(["check", "--config"])
         .arg(&path)
+        .env_remove("SPIFFE_ENDPOINT_SOCKET")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
@@ -79,6 +80,9 @@ fn broken_configs_name_key_and_problem() {
         ("svid-from-other-ca", files(&foreign, &foreign_key), vec!["svid-foreign.pem", "not signed by the bundle of example.org"]),
         ("expired-svid", files(&old, &old_key), vec!["old.pem", "has expired"]),
         ("leaf-as-bundle", files(&svid, &svid_key).replace(&format!("bundle: {}", ca_cert.display()), &format!("bundle: {}", svid.display())), vec!["svid.pem", "is not a CA"]),
+        ("workload-api-no-socket", format!("identity:\n  workload_api: {{}}\n{LISTENER}"), vec!["identity.workload_api.socket", "SPIFFE_ENDPOINT_SOCKET is not set"]),
+        ("workload-api-tcp", format!("identity:\n  workload_api: {{socket: \"tcp://127.0.0.1:8081\"}}\n{LISTENER}"), vec!["identity.workload_api.socket", "only unix sockets"]),
+        ("workload-api-bad-id", format!("identity:\n  workload_api: {{socket: \"unix:///run/a.sock\", spiffe_id: \"spiffe://Example.org/x\"}}\n{LISTENER}"), vec!["identity.workload_api.spiffe_id", "canonical"]),
         ("yaml-syntax", format!("{dev}inbound: [\n"), vec!["inbound", "line 4"]),
     ];
     for (name, yaml, expect) in &cases {
@@ -102,4 +106,10 @@ fn broken_configs_name_key_and_problem() {
     );
     let (ok, out) = check(d, "good-dev", &format!("{dev}{LISTENER}"));
     assert!(ok, "{out}");
+    let wl = format!("identity:\n  workload_api: {{socket: \"unix:///run/spire/sockets/agent.sock\"}}\n{LISTENER}");
+    let (ok, out) = check(d, "good-workload-api", &wl);
+    assert!(
+        ok && out.contains("workload_api at unix:///run/spire/sockets/agent.sock"),
+        "{out}"
+    );
 }
