@@ -232,3 +232,48 @@ fn agent_outage_serves_cached_identity_then_refuses_after_expiry() {
     assert!(read_all(&mut c).is_empty());
     s.wait_log(&["handshake rejected", "identity expired"]);
 }
+
+#[test]
+fn several_svids_selection_and_federated_bundles() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let partner = TestCa::new("partner.example");
+    let (partner_ca, _) = partner.write(d, "partner-ca");
+    let agent = DevAgent::start(
+        d,
+        &format!(
+            "trust_domain: example.org\nfederates_with: {{partner.example: {}}}\nentries:\n  - spiffe_id: {WEB}\n    selectors: [\"unix:uid:0\"]\n    hint: external\n  - spiffe_id: {BACKEND}\n    selectors: [\"unix:uid:0\"]\n    hint: internal\n",
+            partner_ca.display()
+        ),
+    );
+    let echo = EchoServer::start();
+    let sidecar = |name: &str, select: &str| {
+        let port = free_port();
+        let cfg = format!(
+            "identity:\n  workload_api: {{socket: \"{}\"{select}}}\ninbound:\n  - name: app\n    listen: 127.0.0.1:{port}\n    forward: 127.0.0.1:{}\n    allow: [{{trust_domain: partner.example}}]\n",
+            agent.url(),
+            echo.port
+        );
+        (Svidcar::start(d, name, &cfg), port)
+    };
+    let default_id = |s: &Svidcar| {
+        let v: serde_json::Value =
+            serde_json::from_str(&http_get(s.admin, "/certs").unwrap().1).unwrap();
+        v["svids"][0]["spiffe_id"].as_str().unwrap().to_string()
+    };
+    // The first SVID is the default; spiffe_id or hint picks another.
+    let (first, _) = sidecar("first", "");
+    assert_eq!(default_id(&first), WEB);
+    let (by_id, _) = sidecar("by-id", &format!(", spiffe_id: \"{BACKEND}\""));
+    assert_eq!(default_id(&by_id), BACKEND);
+    let (by_hint, port) = sidecar("by-hint", ", hint: internal");
+    assert_eq!(default_id(&by_hint), BACKEND);
+
+    // The federated bundle came through the Workload API: a partner workload gets in.
+    let p = partner.valid_leaf(d, "p", "spiffe://partner.example/api");
+    let out = s_client(port, Some((&p.0, &p.1)), &[], b"from partner");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("from partner"),
+        "{out:?}"
+    );
+}

@@ -174,11 +174,22 @@ mod tests {
         assert_eq!((t.rx, t.tx), (7, 8));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn idle_connections_are_closed() {
-        let (_client, proxy_down) = tokio::io::duplex(64);
-        let (proxy_up, _server) = tokio::io::duplex(64);
-        let (end, _) = proxy(proxy_down, proxy_up, Duration::from_secs(30)).await;
-        assert!(matches!(end, CopyEnd::Idle));
+    #[tokio::test]
+    async fn idle_connections_are_closed_and_activity_keeps_them() {
+        let (mut client, proxy_down) = tokio::io::duplex(64);
+        let (proxy_up, mut server) = tokio::io::duplex(64);
+        let idle = Duration::from_millis(300);
+        let task = tokio::spawn(proxy(proxy_down, proxy_up, idle));
+        // Traffic every 100 ms for 600 ms: twice the idle timeout, and still open.
+        let mut buf = [0u8; 1];
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            client.write_all(b"x").await.unwrap();
+            server.read_exact(&mut buf).await.unwrap();
+        }
+        assert!(!task.is_finished());
+        let (end, t) = task.await.unwrap();
+        assert!(matches!(end, CopyEnd::Idle), "{end:?}");
+        assert_eq!(t.rx, 6);
     }
 }
