@@ -2,10 +2,12 @@
 //! compiler), so a build needs no protoc on the machine.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/workload.proto"];
-    for p in protos {
-        println!("cargo:rerun-if-changed={p}");
-    }
+    let protos = [
+        "proto/workload.proto",
+        "proto/envoy/service/secret/v3/sds.proto",
+        "proto/envoy/extensions/transport_sockets/tls/v3/secret.proto",
+    ];
+    println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
         .build_client(true)

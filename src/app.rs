@@ -139,6 +139,10 @@ async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
     tasks.push(tokio::spawn(source.run(state.clone(), shutdown.clone())));
     tasks.push(tokio::spawn(log_identity_changes(state.clone())));
 
+    if let Some(sds) = &config.sds {
+        tasks.extend(crate::sds::start(sds, state.clone(), shutdown.clone()).await?);
+    }
+
     if let Some(admin) = &config.admin {
         let l = crate::admin::bind(admin.listen).await?;
         tracing::info!(addr = %admin.listen, "admin listening");

@@ -48,6 +48,148 @@ pub struct Config {
     pub drain_timeout: Duration,
     #[serde(default)]
     pub log: LogConfig,
+    /// Envoy's Secret Discovery Service, served from the same identity.
+    #[serde(default)]
+    pub sds: Option<SdsConfig>,
+}
+
+/// `sds`: where and how to serve SDS.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SdsConfig {
+    /// `unix:///run/svidcar/sds.sock` and/or `tcp://127.0.0.1:15010`.
+    pub listen: OneOrMany,
+    /// Mode of the unix socket, octal text: "0660" (default).
+    #[serde(default = "default_socket_mode")]
+    pub socket_mode: String,
+    /// Callers (SO_PEERCRED) allowed on the unix socket; empty: any that can open it.
+    #[serde(default)]
+    pub allowed_uids: Vec<u32>,
+    #[serde(default)]
+    pub allowed_gids: Vec<u32>,
+    #[serde(default = "default_svid_name")]
+    pub default_svid_name: String,
+    #[serde(default = "default_bundle_name")]
+    pub default_bundle_name: String,
+    #[serde(default = "default_all_bundles_name")]
+    pub default_all_bundles_name: String,
+    /// Serve bundles with Envoy's SPIFFE validator instead of `trusted_ca`.
+    #[serde(default)]
+    pub spiffe_cert_validation: bool,
+    /// Allow private keys over TCP (off: keys only over the unix socket).
+    #[serde(default)]
+    pub tcp_allow_keys: bool,
+    /// Open SDS streams at most, over all listeners.
+    #[serde(default = "default_max_streams")]
+    pub max_streams: usize,
+}
+
+/// One value or a list of them.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s.clone()],
+            Self::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// A parsed SDS listen address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SdsListen {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+fn default_socket_mode() -> String {
+    "0660".into()
+}
+fn default_svid_name() -> String {
+    "default".into()
+}
+fn default_bundle_name() -> String {
+    "ROOTCA".into()
+}
+fn default_all_bundles_name() -> String {
+    "ALL".into()
+}
+fn default_max_streams() -> usize {
+    1024
+}
+
+impl SdsConfig {
+    /// Checks the section; returns the listen addresses and the socket mode.
+    pub fn validate(&self) -> Result<(Vec<SdsListen>, u32), ConfigError> {
+        let mut out = Vec::new();
+        let list = self.listen.to_vec();
+        if list.is_empty() {
+            return Err(ConfigError::new("sds.listen", "no address"));
+        }
+        for (i, a) in list.iter().enumerate() {
+            let at = format!("sds.listen[{i}]");
+            let l = if let Some(path) = a.strip_prefix("unix://") {
+                if !path.starts_with('/') {
+                    return Err(ConfigError::new(
+                        at,
+                        format!("{a:?}: the socket path must be absolute (unix:///path)"),
+                    ));
+                }
+                SdsListen::Unix(PathBuf::from(path))
+            } else if let Some(addr) = a.strip_prefix("tcp://") {
+                SdsListen::Tcp(addr.parse().map_err(|_| {
+                    ConfigError::new(at.clone(), format!("{a:?}: expected tcp://IP:PORT"))
+                })?)
+            } else {
+                return Err(ConfigError::new(
+                    at,
+                    format!("{a:?}: expected unix:///path or tcp://IP:PORT"),
+                ));
+            };
+            out.push(l);
+        }
+        let mode = u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "sds.socket_mode",
+                    format!("{:?} is not an octal mode like \"0660\"", self.socket_mode),
+                )
+            })?;
+        let names = [
+            ("sds.default_svid_name", &self.default_svid_name),
+            ("sds.default_bundle_name", &self.default_bundle_name),
+            (
+                "sds.default_all_bundles_name",
+                &self.default_all_bundles_name,
+            ),
+        ];
+        for (i, (key, name)) in names.iter().enumerate() {
+            if name.is_empty() {
+                return Err(ConfigError::new(*key, "must not be empty"));
+            }
+            if names[..i].iter().any(|(_, other)| other == name) {
+                return Err(ConfigError::new(
+                    *key,
+                    format!("{name:?} is used by another default name"),
+                ));
+            }
+        }
+        if self.max_streams == 0 || self.max_streams > MAX_CONNECTIONS {
+            return Err(ConfigError::new(
+                "sds.max_streams",
+                format!("must be from 1 to {MAX_CONNECTIONS}"),
+            ));
+        }
+        Ok((out, mode))
+    }
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -327,10 +469,13 @@ impl Config {
                 .map_err(|e| ConfigError::new("log.level", e.to_string()))?;
         }
         let identity = self.identity.validate()?;
-        if self.inbound.is_empty() && self.outbound.is_empty() {
+        if let Some(sds) = &self.sds {
+            sds.validate()?;
+        }
+        if self.inbound.is_empty() && self.outbound.is_empty() && self.sds.is_none() {
             return Err(ConfigError::new(
                 "config",
-                "no listeners: add at least one `inbound` or `outbound` entry",
+                "nothing to serve: add an `inbound` or `outbound` listener, or `sds`",
             ));
         }
         let own_td = identity.trust_domain();

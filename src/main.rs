@@ -11,8 +11,10 @@ mod identity;
 mod metrics;
 mod proto;
 mod proxy;
+mod sds;
 mod spiffe;
 mod tls;
+mod unix_socket;
 mod x509;
 
 use std::path::PathBuf;

@@ -21,6 +21,9 @@ pub struct Metrics {
     pub svid_expiry: IntGauge,
     pub identity_updates: IntCounter,
     pub identity_cached: IntGauge,
+    pub sds_streams: IntGauge,
+    pub sds_requests: IntCounterVec,
+    pub sds_responses: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -60,7 +63,21 @@ impl Metrics {
             "1 while the identity source is unreachable and the last good identity is served",
         )
         .expect("static metric definition");
-        for m in [&identity_version, &svid_expiry, &identity_cached] {
+        let sds_streams = IntGauge::new("svidcar_sds_streams_active", "Open SDS streams")
+            .expect("static metric definition");
+        let sds_responses = IntCounter::new(
+            "svidcar_sds_responses_total",
+            "SDS responses sent (answers and pushes)",
+        )
+        .expect("static metric definition");
+        r.register(Box::new(sds_responses.clone()))
+            .expect("metric registered once");
+        for m in [
+            &identity_version,
+            &svid_expiry,
+            &identity_cached,
+            &sds_streams,
+        ] {
             r.register(Box::new(m.clone()))
                 .expect("metric registered once");
         }
@@ -96,6 +113,14 @@ impl Metrics {
             svid_expiry,
             identity_updates,
             identity_cached,
+            sds_streams,
+            sds_requests: counter_vec(
+                &r,
+                "svidcar_sds_requests_total",
+                "SDS requests by kind: ack, nack, denied",
+                &["kind"],
+            ),
+            sds_responses,
             registry: r,
         }
     }

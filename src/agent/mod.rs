@@ -402,34 +402,11 @@ impl SpiffeWorkloadApi for Service {
     }
 }
 
-/// Binds the socket: a stale file from a crashed run is replaced, a live one is an error.
-fn bind(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(anyhow!(
-                "socket: {} is in use by another process",
-                path.display()
-            ));
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("socket: cannot remove stale {}", path.display()))?;
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("socket: cannot create {}", dir.display()))?;
-    }
-    let l = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("socket: cannot bind {}", path.display()))?;
-    // Any local process may call; attestation decides what it gets (as with SPIRE Agent).
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777))?;
-    Ok(l)
-}
-
 /// Runs the dev agent until SIGTERM/SIGINT.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let agent = Arc::new(Agent::new(&config)?);
-    let listener = bind(&config.socket)?;
+    // Any local process may call; attestation decides what it gets (as with SPIRE Agent).
+    let listener = crate::unix_socket::bind(&config.socket, 0o777).context("socket")?;
     tracing::info!(socket = %config.socket.display(), trust_domain = %agent.td, entries = agent.entries.len(), "dev-agent serving the Workload API");
     let rotator = {
         let agent = agent.clone();

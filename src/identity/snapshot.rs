@@ -62,6 +62,16 @@ impl Svid {
         self.key_der.secret_der()
     }
 
+    /// The private key as PEM, labelled for its encoding. Never log it.
+    pub fn key_pem(&self) -> String {
+        let label = match &self.key_der {
+            PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+            PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+            _ => "PRIVATE KEY",
+        };
+        ::pem::encode(&::pem::Pem::new(label, self.key_der.secret_der().to_vec()))
+    }
+
     pub fn is_expired(&self, now: SystemTime) -> bool {
         now >= self.not_after
     }

@@ -1,0 +1,360 @@
+//! Envoy's Secret Discovery Service (v3), served from the live identity state: SVIDs
+//! and bundles under SPIRE Agent's resource names, pushed to every open stream when
+//! they change.
+//!
+//! Private keys travel only over the unix socket (mode and peer credentials checked),
+//! unless `sds.tcp_allow_keys` says otherwise.
+
+mod secrets;
+
+pub use secrets::Naming;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use anyhow::Context;
+use prost::Message;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::{SdsConfig, SdsListen};
+use crate::identity::{IdentityState, Snapshot};
+use crate::metrics;
+use crate::proto::envoy::extensions::transport_sockets::tls::v3::Secret;
+use crate::proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use crate::proto::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
+use secrets::{has_key, resolve_all, SECRET_TYPE};
+
+/// Largest request svidcar accepts: SDS requests are a few names, not megabytes.
+const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Settings shared by every SDS listener.
+struct Shared {
+    state: Arc<IdentityState>,
+    naming: Naming,
+    allowed_uids: Vec<u32>,
+    allowed_gids: Vec<u32>,
+    streams: Arc<Semaphore>,
+    max_streams: usize,
+}
+
+/// One listener's service: the same state, and whether keys may go out on it.
+#[derive(Clone)]
+struct SdsService {
+    shared: Arc<Shared>,
+    keys_allowed: bool,
+}
+
+type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+impl SdsService {
+    /// On the unix socket, the caller must be an allowed uid or gid (when a list is set).
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let s = &self.shared;
+        if s.allowed_uids.is_empty() && s.allowed_gids.is_empty() {
+            return Ok(());
+        }
+        let Some(cred) = req
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+        else {
+            // TCP: no credentials to check; keys are governed by keys_allowed.
+            return Ok(());
+        };
+        if s.allowed_uids.contains(&cred.uid()) || s.allowed_gids.contains(&cred.gid()) {
+            return Ok(());
+        }
+        metrics::get()
+            .sds_requests
+            .with_label_values(&["denied"])
+            .inc();
+        tracing::warn!(
+            uid = cred.uid(),
+            gid = cred.gid(),
+            "SDS caller refused: uid/gid not in sds.allowed_uids/allowed_gids"
+        );
+        Err(Status::permission_denied(format!(
+            "uid {} / gid {} may not read secrets from this socket",
+            cred.uid(),
+            cred.gid()
+        )))
+    }
+
+    /// The secrets for `names`, minus private keys where they may not go.
+    fn secrets(&self, snap: &Snapshot, names: &[String]) -> Result<Vec<Secret>, Status> {
+        let mut out = resolve_all(snap, names, &self.shared.naming);
+        if !self.keys_allowed {
+            let explicit = !names.iter().all(|n| n.is_empty());
+            if explicit && out.iter().any(has_key) {
+                metrics::get()
+                    .sds_requests
+                    .with_label_values(&["denied"])
+                    .inc();
+                return Err(Status::permission_denied(
+                    "private keys are served only over the unix socket; set sds.tcp_allow_keys: true to allow TCP",
+                ));
+            }
+            out.retain(|s| !has_key(s));
+        }
+        Ok(out)
+    }
+}
+
+fn check_type(type_url: &str) -> Result<(), Status> {
+    if type_url.is_empty() || type_url == SECRET_TYPE {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "unsupported type_url {type_url:?}: this server serves only {SECRET_TYPE}"
+        )))
+    }
+}
+
+fn response(version: u64, secrets: &[Secret]) -> DiscoveryResponse {
+    DiscoveryResponse {
+        version_info: version.to_string(),
+        resources: secrets
+            .iter()
+            .map(|s| prost_types::Any {
+                type_url: SECRET_TYPE.into(),
+                value: s.encode_to_vec(),
+            })
+            .collect(),
+        canary: false,
+        type_url: SECRET_TYPE.into(),
+        nonce: format!("{:016x}", rand::random::<u64>()),
+        control_plane: None,
+    }
+}
+
+/// What one state-of-the-world stream has been told.
+#[derive(Default)]
+struct StreamState {
+    names: Option<Vec<String>>,
+    nonce: Option<String>,
+    sent: Vec<Secret>,
+}
+
+impl StreamState {
+    /// Whether a request asks for an answer. The first request on a stream is always
+    /// answered, whatever nonce or version it carries (Envoy reconnects with the ones of
+    /// a previous svidcar). An ACK or NACK of the last response is not, unless it
+    /// changes the names; a NACK is logged and counted, never answered with a resend.
+    fn wants_answer(&mut self, r: &DiscoveryRequest, node: &str) -> bool {
+        let names_changed = self.names.as_deref() != Some(r.resource_names.as_slice());
+        let m = metrics::get();
+        let answer = match (&self.nonce, &r.error_detail) {
+            (None, _) => true,
+            (Some(n), Some(e)) if *n == r.response_nonce => {
+                m.sds_requests.with_label_values(&["nack"]).inc();
+                tracing::warn!(node, version = %r.version_info, error = %e.message, "Envoy rejected SDS response (NACK)");
+                names_changed
+            }
+            (Some(n), None) if *n == r.response_nonce => {
+                m.sds_requests.with_label_values(&["ack"]).inc();
+                tracing::debug!(node, version = %r.version_info, "SDS response acknowledged");
+                names_changed
+            }
+            // A stale nonce: a request overtaken by a newer response. Only a new name list matters.
+            (Some(_), _) => names_changed,
+        };
+        self.names = Some(r.resource_names.clone());
+        answer
+    }
+}
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for SdsService {
+    type StreamSecretsStream = Stream<DiscoveryResponse>;
+    type DeltaSecretsStream = Stream<DeltaDiscoveryResponse>;
+
+    async fn stream_secrets(
+        &self,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        self.authorize(&req)?;
+        let permit = self
+            .shared
+            .streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "too many SDS streams (sds.max_streams: {})",
+                    self.shared.max_streams
+                ))
+            })?;
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let this = self.clone();
+        let mut changes = self.shared.state.subscribe();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let active = metrics::get().sds_streams.clone();
+            active.inc();
+            let mut st = StreamState::default();
+            let mut node = String::new();
+            loop {
+                // (wake for a request that wants an answer, wake for an identity change)
+                let (request, change) = tokio::select! {
+                    _ = tx.closed() => break,
+                    msg = inbound.message() => match msg {
+                        Ok(Some(r)) => {
+                            if let Err(e) = check_type(&r.type_url) {
+                                let _ = tx.send(Err(e)).await;
+                                break;
+                            }
+                            if let Some(n) = &r.node {
+                                node = n.id.clone();
+                            }
+                            (st.wants_answer(&r, &node), false)
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!(node, error = %e, "SDS stream ended");
+                            break;
+                        }
+                    },
+                    changed = changes.changed() => {
+                        if changed.is_err() { break; }
+                        (false, true)
+                    },
+                };
+                let Some(names) = st.names.clone() else {
+                    continue;
+                };
+                if !request && !change {
+                    continue;
+                }
+                let snap = this.shared.state.load();
+                let secrets = match this.secrets(&snap, &names) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        break;
+                    }
+                };
+                // An identity change that does not touch these names is not a push; a
+                // request always gets its answer.
+                if !request && secrets == st.sent {
+                    continue;
+                }
+                let resp = response(snap.version, &secrets);
+                tracing::debug!(
+                    node,
+                    version = snap.version,
+                    resources = secrets.len(),
+                    "SDS response"
+                );
+                metrics::get().sds_responses.inc();
+                st.nonce = Some(resp.nonce.clone());
+                st.sent = secrets;
+                if tx.send(Ok(resp)).await.is_err() {
+                    break;
+                }
+            }
+            active.dec();
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        req: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        check_type(&r.type_url)?;
+        let snap = self.shared.state.load();
+        let secrets = self.secrets(&snap, &r.resource_names)?;
+        let mut resp = response(snap.version, &secrets);
+        resp.nonce.clear();
+        Ok(Response::new(resp))
+    }
+
+    async fn delta_secrets(
+        &self,
+        _req: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        Err(Status::unimplemented(
+            "DeltaSecrets is not implemented yet; use StreamSecrets (SotW)",
+        ))
+    }
+}
+
+/// Starts every SDS listener; they stop on `shutdown`.
+pub async fn start(
+    config: &SdsConfig,
+    state: Arc<IdentityState>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let (listens, mode) = config.validate()?;
+    let shared = Arc::new(Shared {
+        state,
+        naming: Naming {
+            default_svid: config.default_svid_name.clone(),
+            default_bundle: config.default_bundle_name.clone(),
+            all_bundles: config.default_all_bundles_name.clone(),
+            spiffe_validation: config.spiffe_cert_validation,
+        },
+        allowed_uids: config.allowed_uids.clone(),
+        allowed_gids: config.allowed_gids.clone(),
+        streams: Arc::new(Semaphore::new(config.max_streams)),
+        max_streams: config.max_streams,
+    });
+    let mut tasks = Vec::new();
+    for l in listens {
+        let keys_allowed = matches!(l, SdsListen::Unix(_)) || config.tcp_allow_keys;
+        let svc = SecretDiscoveryServiceServer::new(SdsService {
+            shared: shared.clone(),
+            keys_allowed,
+        })
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let stop = shutdown.clone();
+        let server = tonic::transport::Server::builder().add_service(svc);
+        match l {
+            SdsListen::Unix(path) => {
+                let listener = crate::unix_socket::bind(&path, mode).context("sds.listen")?;
+                tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), "SDS listening");
+                tasks.push(tokio::spawn(async move {
+                    let r = server
+                        .serve_with_incoming_shutdown(
+                            UnixListenerStream::new(listener),
+                            stop.cancelled_owned(),
+                        )
+                        .await;
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "SDS server (unix) failed");
+                    }
+                    let _ = std::fs::remove_file(&path);
+                }));
+            }
+            SdsListen::Tcp(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("sds.listen: cannot bind {addr}"))?;
+                tracing::info!(%addr, keys = keys_allowed, "SDS listening");
+                tasks.push(tokio::spawn(async move {
+                    let r = server
+                        .serve_with_incoming_shutdown(
+                            TcpListenerStream::new(listener),
+                            stop.cancelled_owned(),
+                        )
+                        .await;
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "SDS server (tcp) failed");
+                    }
+                }));
+            }
+        }
+    }
+    Ok(tasks)
+}

