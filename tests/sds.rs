@@ -204,3 +204,98 @@ fn envoy_listener_takes_svid_and_bundle_from_svidcar_and_follows_rotation() {
     );
     assert!(s.metric("svidcar_sds_responses_total") >= 2.0);
 }
+
+#[test]
+fn envoy_outbound_with_delta_sds_and_all_bundles_reaches_svidcar_inbound() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sock = d.join("sds.sock");
+    let echo = EchoServer::start();
+    let in_port = free_port();
+    let cfg = format!(
+        "identity:\n  dev: {{spiffe_id: \"{WEB}\"}}\nsds:\n  listen: unix://{}\ninbound:\n  - name: app\n    listen: 127.0.0.1:{in_port}\n    forward: 127.0.0.1:{}\n    allow: [{{exact: \"{WEB}\"}}]\n",
+        sock.display(),
+        echo.port
+    );
+    let s = Svidcar::start(d, "sds", &cfg);
+    let port = free_port();
+    let envoy = Envoy::start(
+        d,
+        "sds-outbound.yaml",
+        &[
+            ("LISTEN_PORT", port.to_string()),
+            ("PEER_PORT", in_port.to_string()),
+            ("SDS_SOCKET", sock.display().to_string()),
+            ("SVID_NAME", WEB.into()),
+            ("PEER_ID", WEB.into()),
+        ],
+    );
+    wait_until("envoy certs", Duration::from_secs(15), || {
+        envoy.cert_chain().into_iter().next()
+    });
+    // Envoy outbound (SVID by SPIFFE ID, ALL bundles via the SPIFFE validator, delta xDS)
+    // -> svidcar inbound -> app.
+    let mut c = connect(port);
+    assert_eq!(
+        echo_roundtrip(&mut c, b"envoy to svidcar").unwrap(),
+        b"envoy to svidcar",
+        "{}",
+        std::fs::read_to_string(&envoy.log).unwrap()
+    );
+    s.wait_log(&["accepted mTLS connection", WEB]);
+    assert!(
+        s.logs().contains("SDS delta response"),
+        "Envoy used DeltaSecrets"
+    );
+}
+
+/// A gRPC call from Python with a hand-encoded DiscoveryRequest (field 3: resource_names).
+fn fetch_over_tcp(port: u16, name: &str) -> String {
+    let script = format!(
+        r#"
+import grpc
+name = {name:?}.encode()
+req = b'\x1a' + bytes([len(name)]) + name
+call = grpc.insecure_channel('127.0.0.1:{port}').unary_unary('/envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets')
+try:
+    print('OK', len(call(req, timeout=5)))
+except grpc.RpcError as e:
+    print(e.code().name, e.details())
+"#
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn keys_never_leave_over_tcp_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (sock, tcp) = (d.join("sds.sock"), free_port());
+    let cfg = format!(
+        "identity:\n  dev: {{spiffe_id: \"{WEB}\"}}\nsds:\n  listen: [\"unix://{}\", \"tcp://127.0.0.1:{tcp}\"]\n  socket_mode: \"0600\"\n",
+        sock.display()
+    );
+    let s = Svidcar::start(d, "sds", &cfg);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Bundles may travel over TCP; a private key may not.
+    assert!(
+        fetch_over_tcp(tcp, "ROOTCA").starts_with("OK"),
+        "{}",
+        fetch_over_tcp(tcp, "ROOTCA")
+    );
+    let denied = fetch_over_tcp(tcp, "default");
+    assert!(
+        denied.contains("PERMISSION_DENIED") && denied.contains("only over the unix socket"),
+        "{denied}"
+    );
+    assert!(s.metric("svidcar_sds_requests_total{kind=\"denied\"}") >= 1.0);
+}

@@ -5,6 +5,7 @@
 //! Private keys travel only over the unix socket (mode and peer credentials checked),
 //! unless `sds.tcp_allow_keys` says otherwise.
 
+mod delta;
 mod secrets;
 
 pub use secrets::Naming;
@@ -88,23 +89,55 @@ impl SdsService {
         )))
     }
 
+    fn stream_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.shared
+            .streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "too many SDS streams (sds.max_streams: {})",
+                    self.shared.max_streams
+                ))
+            })
+    }
+
     /// The secrets for `names`, minus private keys where they may not go.
     fn secrets(&self, snap: &Snapshot, names: &[String]) -> Result<Vec<Secret>, Status> {
         let mut out = resolve_all(snap, names, &self.shared.naming);
         if !self.keys_allowed {
             let explicit = !names.iter().all(|n| n.is_empty());
             if explicit && out.iter().any(has_key) {
-                metrics::get()
-                    .sds_requests
-                    .with_label_values(&["denied"])
-                    .inc();
-                return Err(Status::permission_denied(
-                    "private keys are served only over the unix socket; set sds.tcp_allow_keys: true to allow TCP",
-                ));
+                return Err(keys_refused());
             }
             out.retain(|s| !has_key(s));
         }
         Ok(out)
+    }
+}
+
+fn keys_refused() -> Status {
+    metrics::get()
+        .sds_requests
+        .with_label_values(&["denied"])
+        .inc();
+    Status::permission_denied(
+        "private keys are served only over the unix socket; set sds.tcp_allow_keys: true to allow TCP",
+    )
+}
+
+fn log_request_kind(kind: &delta::RequestKind, node: &str) {
+    let m = metrics::get();
+    match kind {
+        delta::RequestKind::Ack => {
+            m.sds_requests.with_label_values(&["ack"]).inc();
+            tracing::debug!(node, "SDS response acknowledged");
+        }
+        delta::RequestKind::Nack(why) => {
+            m.sds_requests.with_label_values(&["nack"]).inc();
+            tracing::warn!(node, error = %why, "Envoy rejected SDS response (NACK)");
+        }
+        delta::RequestKind::Subscription => {}
     }
 }
 
@@ -148,26 +181,20 @@ impl StreamState {
     /// answered, whatever nonce or version it carries (Envoy reconnects with the ones of
     /// a previous svidcar). An ACK or NACK of the last response is not, unless it
     /// changes the names; a NACK is logged and counted, never answered with a resend.
-    fn wants_answer(&mut self, r: &DiscoveryRequest, node: &str) -> bool {
+    fn wants_answer(&mut self, r: &DiscoveryRequest) -> (delta::RequestKind, bool) {
+        use delta::RequestKind::*;
         let names_changed = self.names.as_deref() != Some(r.resource_names.as_slice());
-        let m = metrics::get();
-        let answer = match (&self.nonce, &r.error_detail) {
-            (None, _) => true,
+        let (kind, answer) = match (&self.nonce, &r.error_detail) {
+            (None, _) => (Subscription, true),
             (Some(n), Some(e)) if *n == r.response_nonce => {
-                m.sds_requests.with_label_values(&["nack"]).inc();
-                tracing::warn!(node, version = %r.version_info, error = %e.message, "Envoy rejected SDS response (NACK)");
-                names_changed
+                (Nack(e.message.clone()), names_changed)
             }
-            (Some(n), None) if *n == r.response_nonce => {
-                m.sds_requests.with_label_values(&["ack"]).inc();
-                tracing::debug!(node, version = %r.version_info, "SDS response acknowledged");
-                names_changed
-            }
+            (Some(n), None) if *n == r.response_nonce => (Ack, names_changed),
             // A stale nonce: a request overtaken by a newer response. Only a new name list matters.
-            (Some(_), _) => names_changed,
+            (Some(_), _) => (Subscription, names_changed),
         };
         self.names = Some(r.resource_names.clone());
-        answer
+        (kind, answer)
     }
 }
 
@@ -180,18 +207,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         req: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        self.authorize(&req)?;
-        let permit = self
-            .shared
-            .streams
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| {
-                Status::resource_exhausted(format!(
-                    "too many SDS streams (sds.max_streams: {})",
-                    self.shared.max_streams
-                ))
-            })?;
+        let permit = self.stream_permit()?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
@@ -215,7 +231,9 @@ impl SecretDiscoveryService for SdsService {
                             if let Some(n) = &r.node {
                                 node = n.id.clone();
                             }
-                            (st.wants_answer(&r, &node), false)
+                            let (kind, answer) = st.wants_answer(&r);
+                            log_request_kind(&kind, &node);
+                            (answer, false)
                         }
                         Ok(None) => break,
                         Err(e) => {
@@ -282,11 +300,68 @@ impl SecretDiscoveryService for SdsService {
 
     async fn delta_secrets(
         &self,
-        _req: Request<Streaming<DeltaDiscoveryRequest>>,
+        req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        Err(Status::unimplemented(
-            "DeltaSecrets is not implemented yet; use StreamSecrets (SotW)",
-        ))
+        self.authorize(&req)?;
+        let permit = self.stream_permit()?;
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let this = self.clone();
+        let mut changes = self.shared.state.subscribe();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let active = metrics::get().sds_streams.clone();
+            active.inc();
+            let mut st = delta::DeltaState::default();
+            let mut node = String::new();
+            loop {
+                let naming = &this.shared.naming;
+                let resp = tokio::select! {
+                    _ = tx.closed() => break,
+                    msg = inbound.message() => match msg {
+                        Ok(Some(r)) => {
+                            if let Err(e) = check_type(&r.type_url) {
+                                let _ = tx.send(Err(e)).await;
+                                break;
+                            }
+                            if let Some(n) = &r.node {
+                                node = n.id.clone();
+                            }
+                            let (kind, resp) = st.on_request(&r, &this.shared.state.load(), naming);
+                            log_request_kind(&kind, &node);
+                            resp
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!(node, error = %e, "SDS delta stream ended");
+                            break;
+                        }
+                    },
+                    changed = changes.changed() => {
+                        if changed.is_err() { break; }
+                        st.on_change(&this.shared.state.load(), naming)
+                    },
+                };
+                let Some(resp) = resp else { continue };
+                if !this.keys_allowed && delta::DeltaState::resources_in(&resp).iter().any(has_key)
+                {
+                    let _ = tx.send(Err(keys_refused())).await;
+                    break;
+                }
+                metrics::get().sds_responses.inc();
+                tracing::debug!(
+                    node,
+                    resources = resp.resources.len(),
+                    removed = resp.removed_resources.len(),
+                    "SDS delta response"
+                );
+                if tx.send(Ok(resp)).await.is_err() {
+                    break;
+                }
+            }
+            active.dec();
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
@@ -357,4 +432,63 @@ pub async fn start(
         }
     }
     Ok(tasks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::delta::RequestKind;
+    use super::*;
+    use crate::proto::google::rpc::Status as RpcStatus;
+
+    fn req(names: &[&str], nonce: &str, nack: bool) -> DiscoveryRequest {
+        DiscoveryRequest {
+            resource_names: names.iter().map(|s| s.to_string()).collect(),
+            response_nonce: nonce.into(),
+            error_detail: nack.then(|| RpcStatus {
+                code: 3,
+                message: "rejected".into(),
+                details: vec![],
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sotw_ack_nack_and_nonces() {
+        let mut st = StreamState::default();
+        // The first request is answered whatever nonce it carries (a reconnect after restart).
+        assert_eq!(
+            st.wants_answer(&req(&["default"], "from-old-server", false)),
+            (RequestKind::Subscription, true)
+        );
+        st.nonce = Some("n1".into());
+        // ACK of n1, same names: no answer.
+        assert_eq!(
+            st.wants_answer(&req(&["default"], "n1", false)),
+            (RequestKind::Ack, false)
+        );
+        // NACK of n1: logged, never answered with the same secrets.
+        assert_eq!(
+            st.wants_answer(&req(&["default"], "n1", true)),
+            (RequestKind::Nack("rejected".into()), false)
+        );
+        // ACK that changes the names: answered with the new set.
+        assert_eq!(
+            st.wants_answer(&req(&["default", "ROOTCA"], "n1", false)),
+            (RequestKind::Ack, true)
+        );
+        // A stale nonce with unchanged names: ignored.
+        assert_eq!(
+            st.wants_answer(&req(&["default", "ROOTCA"], "n0", false)),
+            (RequestKind::Subscription, false)
+        );
+    }
+
+    #[test]
+    fn type_urls() {
+        assert!(check_type("").is_ok());
+        assert!(check_type(SECRET_TYPE).is_ok());
+        let e = check_type("type.googleapis.com/envoy.config.cluster.v3.Cluster").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    }
 }
