@@ -95,6 +95,15 @@ pub fn workload_call(socket: &str, call: crate::WorkloadCall) -> anyhow::Result<
     })
 }
 
+/// `svidcar sds-fetch`.
+pub fn sds_fetch(socket: &str, names: Vec<String>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?
+        .block_on(crate::sds::fetch_and_print(socket, names))
+}
+
 /// `svidcar run`.
 pub fn run(path: &Path) -> anyhow::Result<()> {
     let (config, identity) = Config::load(path)?;

@@ -79,6 +79,14 @@ enum Command {
         #[command(subcommand)]
         call: WorkloadCall,
     },
+    /// Fetch secrets from an SDS socket as Envoy would, and print them without keys.
+    SdsFetch {
+        /// unix:///path/to/sds.sock or tcp://IP:PORT
+        #[arg(long)]
+        socket: String,
+        /// Resource names (none: everything).
+        names: Vec<String>,
+    },
     /// Print the version.
     Version,
 }
@@ -96,6 +104,7 @@ fn main() -> ExitCode {
         } => app::dev_ca(&trust_domain, &cert, &key, lifetime),
         Command::DevAgent { config } => app::dev_agent(&config),
         Command::Workload { socket, call } => app::workload_call(&socket, call),
+        Command::SdsFetch { socket, names } => app::sds_fetch(&socket, names),
         Command::Version => {
             println!("svidcar {}", env!("CARGO_PKG_VERSION"));
             Ok(())

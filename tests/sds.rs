@@ -299,3 +299,195 @@ fn keys_never_leave_over_tcp_unless_allowed() {
     );
     assert!(s.metric("svidcar_sds_requests_total{kind=\"denied\"}") >= 1.0);
 }
+
+#[test]
+fn envoy_by_spiffe_id_and_trust_domain_names() {
+    // The same Envoy listener config with SPIRE's other spellings: the SVID by its SPIFFE
+    // ID, the bundle by its trust domain ID.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = dev_ca(d, "example.org");
+    let sock = d.join("sds.sock");
+    let cfg = format!(
+        "identity:\n  dev: {{spiffe_id: \"{WEB}\", ca_cert: {}, ca_key: {}}}\nsds:\n  listen: unix://{}\n",
+        ca.0.display(),
+        ca.1.display(),
+        sock.display()
+    );
+    let s = Svidcar::start(d, "sds", &cfg);
+    let echo = EchoServer::start();
+    let port = free_port();
+    let envoy = Envoy::start(
+        d,
+        "sds-inbound.yaml",
+        &[
+            ("LISTEN_PORT", port.to_string()),
+            ("APP_PORT", echo.port.to_string()),
+            ("SDS_SOCKET", sock.display().to_string()),
+            ("SVID_NAME", WEB.into()),
+            ("BUNDLE_NAME", "spiffe://example.org".into()),
+            ("PEER_ID", WEB.into()),
+        ],
+    );
+    let held = wait_until("envoy certs", Duration::from_secs(15), || {
+        envoy.cert_chain().into_iter().next()
+    });
+    assert_eq!(held.0, norm_serial(&s.serial()));
+    let client = TestCa::load(&ca.0, &ca.1).valid_leaf(d, "client", WEB);
+    let out = s_client(port, Some((&client.0, &client.1)), &[], b"by name");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("by name"),
+        "{out:?}"
+    );
+    // A client from another CA is refused by Envoy: the bundle came from svidcar.
+    let rogue = TestCa::new("example.org").valid_leaf(d, "rogue", WEB);
+    let out = s_client(port, Some((&rogue.0, &rogue.1)), &[], b"rogue");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("rogue"));
+}
+
+/// Raw gRPC calls from Python against the SDS unix socket (relative path: see README on
+/// the :authority limit of gRPC C-core clients).
+fn python_sds(dir: &Path, body: &str) -> String {
+    let script = format!(
+        r#"
+import grpc, threading
+def names(*ns):
+    out = b''
+    for n in ns:
+        n = n.encode(); out += b'\x1a' + bytes([len(n)]) + n
+    return out
+def typed(url, *ns):
+    url = url.encode()
+    return names(*ns) + b'\x22' + bytes([len(url)]) + url
+ch = grpc.insecure_channel('unix:sds.sock')
+fetch = ch.unary_unary('/envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets')
+stream = ch.stream_stream('/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets')
+def call(label, f):
+    try:
+        r = f()
+        print(label, 'OK', len(r))
+    except grpc.RpcError as e:
+        print(label, e.code().name, e.details())
+{body}
+"#
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn bad_sds_clients_get_clear_codes_and_others_keep_being_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sock = d.join("sds.sock");
+    let cfg = format!(
+        "identity:\n  dev: {{spiffe_id: \"{WEB}\"}}\nsds:\n  listen: unix://{}\n  max_streams: 2\n  allowed_uids: [0]\n  socket_mode: \"0666\"\n",
+        sock.display()
+    );
+    let _s = Svidcar::start(d, "sds", &cfg);
+    let out = python_sds(
+        d,
+        r#"
+call('unknown-type', lambda: next(stream(iter([typed('type.googleapis.com/envoy.config.cluster.v3.Cluster', 'default')]))))
+call('malformed', lambda: fetch(b'\xff\xff\xff\xff'))
+call('oversized', lambda: fetch(names('x' * 100) * 12000))
+# Two streams held open reach max_streams; a third is refused.
+import queue
+def open_stream():
+    q = queue.Queue(); q.put(names('ROOTCA'))
+    it = stream(iter(q.get, None))  # the request side stays open
+    next(it)
+    return q, it
+held = [open_stream() for _ in range(2)]
+call('third-stream', lambda: next(stream(iter([names('ROOTCA')]))))
+for q, _ in held: q.put(None)
+call('still-serving', lambda: fetch(names('ROOTCA')))
+"#,
+    );
+    assert!(
+        out.contains("unknown-type INVALID_ARGUMENT unsupported type_url"),
+        "{out}"
+    );
+    assert!(
+        out.contains("malformed INTERNAL") || out.contains("malformed INVALID_ARGUMENT"),
+        "{out}"
+    );
+    assert!(
+        out.contains("oversized OUT_OF_RANGE") && out.contains("limit is: 1048576"),
+        "{out}"
+    );
+    assert!(
+        out.contains("third-stream RESOURCE_EXHAUSTED too many SDS streams (sds.max_streams: 2)"),
+        "{out}"
+    );
+    assert!(out.contains("still-serving OK"), "{out}");
+    // Peer credentials: root (allowed) reads; uid 1000 may not read secrets from this socket.
+    let fetch_as = |uid: Option<u32>| {
+        let mut cmd = match uid {
+            Some(u) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    format!("--reuid={u}"),
+                    format!("--regid={u}"),
+                    "--clear-groups".into(),
+                    BIN.into(),
+                ]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let o = cmd
+            .args([
+                "sds-fetch",
+                "--socket",
+                &format!("unix://{}", sock.display()),
+                "default",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
+    };
+    open_up(d);
+    let root = fetch_as(None);
+    assert!(
+        root.contains(&format!("default tls_certificate {WEB} serial")),
+        "{root}"
+    );
+    assert!(!root.contains("PRIVATE KEY"), "{root}");
+    let other = fetch_as(Some(1000));
+    assert!(other.contains("PermissionDenied: uid 1000"), "{other}");
+}
+
+#[test]
+fn stale_sds_socket_is_replaced_and_a_live_one_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sock = d.join("sds.sock");
+    let cfg = format!(
+        "identity:\n  dev: {{spiffe_id: \"{WEB}\"}}\nsds:\n  listen: unix://{}\n",
+        sock.display()
+    );
+    let mut first = Svidcar::start(d, "first", &cfg);
+    // A second svidcar on the same socket refuses to start, naming the problem.
+    std::fs::write(d.join("second.yaml"), &cfg).unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(d.join("second.yaml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use by another process"),
+        "{out:?}"
+    );
+    // A crash leaves the socket file behind; the next start replaces it.
+    first.stop();
+    assert!(sock.exists());
+    let _again = Svidcar::start(d, "again", &cfg);
+    assert!(std::os::unix::net::UnixStream::connect(&sock).is_ok());
+}

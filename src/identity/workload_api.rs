@@ -11,13 +11,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::net::UnixStream;
 use tokio_util::sync::CancellationToken;
 use tonic::codegen::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::{Request, Status, Streaming};
 
 use super::{Bundle, IdentityError, IdentityState, IdentityUpdate, Svid};
@@ -59,14 +57,8 @@ pub struct WorkloadApiClient {
 
 impl WorkloadApiClient {
     pub fn new(socket: &Path) -> Result<Self, IdentityError> {
-        let path = socket.to_path_buf();
-        // The URI is required by tonic but unused: the connector dials the socket.
-        let channel = Endpoint::try_from("http://workload-api.local")
-            .map_err(|e| IdentityError::WorkloadApi(e.to_string()))?
-            .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move { UnixStream::connect(path).await.map(TokioIo::new) }
-            }));
+        let channel = crate::unix_socket::channel(socket)
+            .map_err(|e| IdentityError::WorkloadApi(e.to_string()))?;
         Ok(Self {
             inner: SpiffeWorkloadApiClient::with_interceptor(channel, SecurityHeader),
         })
