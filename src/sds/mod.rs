@@ -435,65 +435,6 @@ pub async fn start(
     Ok(tasks)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::delta::RequestKind;
-    use super::*;
-    use crate::proto::google::rpc::Status as RpcStatus;
-
-    fn req(names: &[&str], nonce: &str, nack: bool) -> DiscoveryRequest {
-        DiscoveryRequest {
-            resource_names: names.iter().map(|s| s.to_string()).collect(),
-            response_nonce: nonce.into(),
-            error_detail: nack.then(|| RpcStatus {
-                code: 3,
-                message: "rejected".into(),
-                details: vec![],
-            }),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn sotw_ack_nack_and_nonces() {
-        let mut st = StreamState::default();
-        // The first request is answered whatever nonce it carries (a reconnect after restart).
-        assert_eq!(
-            st.wants_answer(&req(&["default"], "from-old-server", false)),
-            (RequestKind::Subscription, true)
-        );
-        st.nonce = Some("n1".into());
-        // ACK of n1, same names: no answer.
-        assert_eq!(
-            st.wants_answer(&req(&["default"], "n1", false)),
-            (RequestKind::Ack, false)
-        );
-        // NACK of n1: logged, never answered with the same secrets.
-        assert_eq!(
-            st.wants_answer(&req(&["default"], "n1", true)),
-            (RequestKind::Nack("rejected".into()), false)
-        );
-        // ACK that changes the names: answered with the new set.
-        assert_eq!(
-            st.wants_answer(&req(&["default", "ROOTCA"], "n1", false)),
-            (RequestKind::Ack, true)
-        );
-        // A stale nonce with unchanged names: ignored.
-        assert_eq!(
-            st.wants_answer(&req(&["default", "ROOTCA"], "n0", false)),
-            (RequestKind::Subscription, false)
-        );
-    }
-
-    #[test]
-    fn type_urls() {
-        assert!(check_type("").is_ok());
-        assert!(check_type(SECRET_TYPE).is_ok());
-        let e = check_type("type.googleapis.com/envoy.config.cluster.v3.Cluster").unwrap_err();
-        assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    }
-}
-
 /// `svidcar sds-fetch`: one FetchSecrets call, printed without key material; for
 /// checking what an Envoy would get from a socket.
 pub async fn fetch_and_print(addr: &str, names: Vec<String>) -> anyhow::Result<()> {
@@ -553,4 +494,63 @@ pub async fn fetch_and_print(addr: &str, names: Vec<String>) -> anyhow::Result<(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::delta::RequestKind;
+    use super::*;
+    use crate::proto::google::rpc::Status as RpcStatus;
+
+    fn req(names: &[&str], nonce: &str, nack: bool) -> DiscoveryRequest {
+        DiscoveryRequest {
+            resource_names: names.iter().map(|s| s.to_string()).collect(),
+            response_nonce: nonce.into(),
+            error_detail: nack.then(|| RpcStatus {
+                code: 3,
+                message: "rejected".into(),
+                details: vec![],
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sotw_ack_nack_and_nonces() {
+        let mut st = StreamState::default();
+        // The first request is answered whatever nonce it carries (a reconnect after restart).
+        assert_eq!(
+            st.wants_answer(&req(&["default"], "from-old-server", false)),
+            (RequestKind::Subscription, true)
+        );
+        st.nonce = Some("n1".into());
+        // ACK of n1, same names: no answer.
+        assert_eq!(
+            st.wants_answer(&req(&["default"], "n1", false)),
+            (RequestKind::Ack, false)
+        );
+        // NACK of n1: logged, never answered with the same secrets.
+        assert_eq!(
+            st.wants_answer(&req(&["default"], "n1", true)),
+            (RequestKind::Nack("rejected".into()), false)
+        );
+        // ACK that changes the names: answered with the new set.
+        assert_eq!(
+            st.wants_answer(&req(&["default", "ROOTCA"], "n1", false)),
+            (RequestKind::Ack, true)
+        );
+        // A stale nonce with unchanged names: ignored.
+        assert_eq!(
+            st.wants_answer(&req(&["default", "ROOTCA"], "n0", false)),
+            (RequestKind::Subscription, false)
+        );
+    }
+
+    #[test]
+    fn type_urls() {
+        assert!(check_type("").is_ok());
+        assert!(check_type(SECRET_TYPE).is_ok());
+        let e = check_type("type.googleapis.com/envoy.config.cluster.v3.Cluster").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    }
 }
