@@ -428,19 +428,7 @@ call('still-serving', lambda: fetch(names('ROOTCA')))
     assert!(out.contains("still-serving OK"), "{out}");
     // Peer credentials: root (allowed) reads; uid 1000 may not read secrets from this socket.
     let fetch_as = |uid: Option<u32>| {
-        let mut cmd = match uid {
-            Some(u) => {
-                let mut c = Command::new("setpriv");
-                c.args([
-                    format!("--reuid={u}"),
-                    format!("--regid={u}"),
-                    "--clear-groups".into(),
-                    BIN.into(),
-                ]);
-                c
-            }
-            None => Command::new(BIN),
-        };
+        let mut cmd = svidcar_as(uid);
         let o = cmd
             .args([
                 "sds-fetch",

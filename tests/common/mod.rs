@@ -18,6 +18,23 @@ use rcgen::{
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_svidcar");
 
+/// A command running the svidcar binary, as `uid` (gid the same, no groups) when given.
+pub fn svidcar_as(uid: Option<u32>) -> Command {
+    match uid {
+        Some(u) => {
+            let mut c = Command::new("setpriv");
+            c.args([
+                format!("--reuid={u}"),
+                format!("--regid={u}"),
+                "--clear-groups".into(),
+                BIN.into(),
+            ]);
+            c
+        }
+        None => Command::new(BIN),
+    }
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -66,19 +83,7 @@ impl Svidcar {
         )
         .unwrap();
         let log = dir.join(format!("{name}.log"));
-        let mut cmd = match uid {
-            Some(u) => {
-                let mut c = Command::new("setpriv");
-                c.args([
-                    format!("--reuid={u}"),
-                    format!("--regid={u}"),
-                    "--clear-groups".into(),
-                    BIN.into(),
-                ]);
-                c
-            }
-            None => Command::new(BIN),
-        };
+        let mut cmd = svidcar_as(uid);
         let child = cmd
             .args(["run", "--config"])
             .arg(&path)
