@@ -199,15 +199,157 @@ impl StreamState {
     }
 }
 
-#[tonic::async_trait]
-impl SecretDiscoveryService for SdsService {
-    type StreamSecretsStream = Stream<DiscoveryResponse>;
-    type DeltaSecretsStream = Stream<DeltaDiscoveryResponse>;
+/// The requests of both xDS variants carry a type URL and a node.
+trait XdsRequest: Send + 'static {
+    fn type_url(&self) -> &str;
+    fn node_id(&self) -> Option<&str>;
+}
 
-    async fn stream_secrets(
+impl XdsRequest for DiscoveryRequest {
+    fn type_url(&self) -> &str {
+        &self.type_url
+    }
+    fn node_id(&self) -> Option<&str> {
+        self.node.as_ref().map(|n| n.id.as_str())
+    }
+}
+
+impl XdsRequest for DeltaDiscoveryRequest {
+    fn type_url(&self) -> &str {
+        &self.type_url
+    }
+    fn node_id(&self) -> Option<&str> {
+        self.node.as_ref().map(|n| n.id.as_str())
+    }
+}
+
+/// One stream's protocol (state of the world or incremental): what a request and an
+/// identity change produce. The stream task around it is the same for both.
+trait StreamProtocol: Send + 'static {
+    type Req: XdsRequest;
+    type Resp: Send + 'static;
+    fn on_request(
+        &mut self,
+        svc: &SdsService,
+        r: &Self::Req,
+        node: &str,
+    ) -> Result<Option<Self::Resp>, Status>;
+    fn on_change(&mut self, svc: &SdsService) -> Result<Option<Self::Resp>, Status>;
+}
+
+/// State of the world: answers requests with the full set, pushes the full set when it changed.
+struct Sotw(StreamState);
+
+impl Sotw {
+    fn respond(
+        &mut self,
+        svc: &SdsService,
+        force: bool,
+        node: &str,
+    ) -> Result<Option<DiscoveryResponse>, Status> {
+        let Some(names) = self.0.names.clone() else {
+            return Ok(None);
+        };
+        let snap = svc.shared.state.load();
+        let secrets = svc.secrets(&snap, &names)?;
+        // An identity change that does not touch these names is not a push; a request
+        // always gets its answer.
+        if !force && secrets == self.0.sent {
+            return Ok(None);
+        }
+        let resp = response(snap.version, &secrets);
+        tracing::debug!(
+            node,
+            version = snap.version,
+            resources = secrets.len(),
+            "SDS response"
+        );
+        self.0.nonce = Some(resp.nonce.clone());
+        self.0.sent = secrets;
+        Ok(Some(resp))
+    }
+}
+
+impl StreamProtocol for Sotw {
+    type Req = DiscoveryRequest;
+    type Resp = DiscoveryResponse;
+
+    fn on_request(
+        &mut self,
+        svc: &SdsService,
+        r: &DiscoveryRequest,
+        node: &str,
+    ) -> Result<Option<DiscoveryResponse>, Status> {
+        let (kind, answer) = self.0.wants_answer(r);
+        log_request_kind(&kind, node);
+        if !answer {
+            return Ok(None);
+        }
+        self.respond(svc, true, node)
+    }
+
+    fn on_change(&mut self, svc: &SdsService) -> Result<Option<DiscoveryResponse>, Status> {
+        self.respond(svc, false, "")
+    }
+}
+
+/// Incremental: the DeltaState machine, plus the key policy.
+struct Delta(delta::DeltaState);
+
+impl Delta {
+    fn checked(
+        svc: &SdsService,
+        resp: Option<DeltaDiscoveryResponse>,
+    ) -> Result<Option<DeltaDiscoveryResponse>, Status> {
+        if let Some(r) = &resp {
+            if !svc.keys_allowed && delta::DeltaState::resources_in(r).iter().any(has_key) {
+                return Err(keys_refused());
+            }
+            tracing::debug!(
+                resources = r.resources.len(),
+                removed = r.removed_resources.len(),
+                "SDS delta response"
+            );
+        }
+        Ok(resp)
+    }
+}
+
+impl StreamProtocol for Delta {
+    type Req = DeltaDiscoveryRequest;
+    type Resp = DeltaDiscoveryResponse;
+
+    fn on_request(
+        &mut self,
+        svc: &SdsService,
+        r: &DeltaDiscoveryRequest,
+        node: &str,
+    ) -> Result<Option<DeltaDiscoveryResponse>, Status> {
+        let (kind, resp) = self
+            .0
+            .on_request(r, &svc.shared.state.load(), &svc.shared.naming);
+        log_request_kind(&kind, node);
+        Self::checked(svc, resp)
+    }
+
+    fn on_change(&mut self, svc: &SdsService) -> Result<Option<DeltaDiscoveryResponse>, Status> {
+        let resp = self
+            .0
+            .on_change(&svc.shared.state.load(), &svc.shared.naming);
+        Self::checked(svc, resp)
+    }
+}
+
+impl SdsService {
+    /// Runs one xDS stream: authorization and the stream cap first, then a task that
+    /// feeds requests and identity changes to `proto` until either side goes away. An
+    /// error status ends this stream only.
+    fn serve_stream<P: StreamProtocol>(
         &self,
-        req: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        req: Request<Streaming<P::Req>>,
+        mut proto: P,
+    ) -> Result<Response<Stream<P::Resp>>, Status> {
+        self.authorize(&req)?;
         let permit = self.stream_permit()?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(4);
@@ -217,24 +359,16 @@ impl SecretDiscoveryService for SdsService {
             let _permit = permit;
             let active = metrics::get().sds_streams.clone();
             active.inc();
-            let mut st = StreamState::default();
             let mut node = String::new();
             loop {
-                // (wake for a request that wants an answer, wake for an identity change)
-                let (request, change) = tokio::select! {
+                let out = tokio::select! {
                     _ = tx.closed() => break,
                     msg = inbound.message() => match msg {
                         Ok(Some(r)) => {
-                            if let Err(e) = check_type(&r.type_url) {
-                                let _ = tx.send(Err(e)).await;
-                                break;
+                            if let Some(id) = r.node_id() {
+                                node = id.to_string();
                             }
-                            if let Some(n) = &r.node {
-                                node = n.id.clone();
-                            }
-                            let (kind, answer) = st.wants_answer(&r);
-                            log_request_kind(&kind, &node);
-                            (answer, false)
+                            check_type(r.type_url()).and_then(|()| proto.on_request(&this, &r, &node))
                         }
                         Ok(None) => break,
                         Err(e) => {
@@ -244,45 +378,40 @@ impl SecretDiscoveryService for SdsService {
                     },
                     changed = changes.changed() => {
                         if changed.is_err() { break; }
-                        (false, true)
+                        proto.on_change(&this)
                     },
                 };
-                let Some(names) = st.names.clone() else {
-                    continue;
-                };
-                if !request && !change {
-                    continue;
-                }
-                let snap = this.shared.state.load();
-                let secrets = match this.secrets(&snap, &names) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
+                let sent = match out {
+                    Ok(None) => continue,
+                    Ok(Some(resp)) => {
+                        metrics::get().sds_responses.inc();
+                        tx.send(Ok(resp)).await
+                    }
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
                         break;
                     }
                 };
-                // An identity change that does not touch these names is not a push; a
-                // request always gets its answer.
-                if !request && secrets == st.sent {
-                    continue;
-                }
-                let resp = response(snap.version, &secrets);
-                tracing::debug!(
-                    node,
-                    version = snap.version,
-                    resources = secrets.len(),
-                    "SDS response"
-                );
-                metrics::get().sds_responses.inc();
-                st.nonce = Some(resp.nonce.clone());
-                st.sent = secrets;
-                if tx.send(Ok(resp)).await.is_err() {
+                if sent.is_err() {
                     break;
                 }
             }
             active.dec();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for SdsService {
+    type StreamSecretsStream = Stream<DiscoveryResponse>;
+    type DeltaSecretsStream = Stream<DeltaDiscoveryResponse>;
+
+    async fn stream_secrets(
+        &self,
+        req: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        self.serve_stream(req, Sotw(StreamState::default()))
     }
 
     async fn fetch_secrets(
@@ -303,66 +432,7 @@ impl SecretDiscoveryService for SdsService {
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        self.authorize(&req)?;
-        let permit = self.stream_permit()?;
-        let mut inbound = req.into_inner();
-        let (tx, rx) = mpsc::channel(4);
-        let this = self.clone();
-        let mut changes = self.shared.state.subscribe();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let active = metrics::get().sds_streams.clone();
-            active.inc();
-            let mut st = delta::DeltaState::default();
-            let mut node = String::new();
-            loop {
-                let naming = &this.shared.naming;
-                let resp = tokio::select! {
-                    _ = tx.closed() => break,
-                    msg = inbound.message() => match msg {
-                        Ok(Some(r)) => {
-                            if let Err(e) = check_type(&r.type_url) {
-                                let _ = tx.send(Err(e)).await;
-                                break;
-                            }
-                            if let Some(n) = &r.node {
-                                node = n.id.clone();
-                            }
-                            let (kind, resp) = st.on_request(&r, &this.shared.state.load(), naming);
-                            log_request_kind(&kind, &node);
-                            resp
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::debug!(node, error = %e, "SDS delta stream ended");
-                            break;
-                        }
-                    },
-                    changed = changes.changed() => {
-                        if changed.is_err() { break; }
-                        st.on_change(&this.shared.state.load(), naming)
-                    },
-                };
-                let Some(resp) = resp else { continue };
-                if !this.keys_allowed && delta::DeltaState::resources_in(&resp).iter().any(has_key)
-                {
-                    let _ = tx.send(Err(keys_refused())).await;
-                    break;
-                }
-                metrics::get().sds_responses.inc();
-                tracing::debug!(
-                    node,
-                    resources = resp.resources.len(),
-                    removed = resp.removed_resources.len(),
-                    "SDS delta response"
-                );
-                if tx.send(Ok(resp)).await.is_err() {
-                    break;
-                }
-            }
-            active.dec();
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        self.serve_stream(req, Delta(delta::DeltaState::default()))
     }
 }
 
@@ -616,6 +686,46 @@ mod tests {
         assert_eq!(push.version_info, "2");
         assert_ne!(push.nonce, first.nonce);
         assert_ne!(push.resources, first.resources);
+        stop.cancel();
+    }
+
+    /// Peer credentials are checked on every RPC, streams included.
+    #[tokio::test]
+    async fn all_rpcs_check_peer_credentials() {
+        use crate::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+        let dir = tempfile::tempdir().unwrap();
+        let state = Arc::new(IdentityState::new());
+        let sock = dir.path().join("sds.sock");
+        // This test runs as some uid; allow only another one.
+        let me = std::fs::metadata(dir.path())
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .unwrap();
+        let yaml = format!(
+            "listen: unix://{}\nallowed_uids: [{}]",
+            sock.display(),
+            me + 4242
+        );
+        let config: SdsConfig = serde_norway::from_str(&yaml).unwrap();
+        let stop = CancellationToken::new();
+        let _tasks = start(&config, state, stop.clone()).await.unwrap();
+        let mut client =
+            SecretDiscoveryServiceClient::new(crate::unix_socket::channel(&sock).unwrap());
+        let req = || DiscoveryRequest {
+            resource_names: vec!["default".into()],
+            ..Default::default()
+        };
+        let fetch = client.fetch_secrets(req()).await.unwrap_err();
+        assert_eq!(fetch.code(), tonic::Code::PermissionDenied);
+        let sotw = client
+            .stream_secrets(tokio_stream::iter(vec![req()]))
+            .await
+            .unwrap_err();
+        assert_eq!(sotw.code(), tonic::Code::PermissionDenied);
+        let delta = client
+            .delta_secrets(tokio_stream::iter(vec![DeltaDiscoveryRequest::default()]))
+            .await
+            .unwrap_err();
+        assert_eq!(delta.code(), tonic::Code::PermissionDenied);
         stop.cancel();
     }
 }
