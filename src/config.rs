@@ -432,30 +432,38 @@ pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::E
     parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
+/// Reads a config file, naming it in the error.
+pub fn read_text(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))
+}
+
+/// Deserializes YAML; an error names the key path (`inbound[0].listen`) and the problem.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    let de = serde_norway::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let key = if path == "." {
+            "config".to_string()
+        } else {
+            path
+        };
+        ConfigError::new(key, e.into_inner().to_string())
+    })
+}
+
 /// Most connections one listener may hold; also bounds the semaphore behind it.
 pub const MAX_CONNECTIONS: usize = 1_000_000;
 
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<(Self, IdentityConfig), ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))
-        })?;
-        Self::parse(&text)
+        Self::parse(&read_text(path)?)
     }
 
     /// Parses and validates YAML text.
     pub fn parse(text: &str) -> Result<(Self, IdentityConfig), ConfigError> {
-        let de = serde_norway::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let key = if path == "." {
-                "config".to_string()
-            } else {
-                path
-            };
-            ConfigError::new(key, e.into_inner().to_string())
-        })?;
+        let config: Config = parse_yaml(text)?;
         let identity = config.validate()?;
         Ok((config, identity))
     }

@@ -371,13 +371,7 @@ def call(label, f):
 {body}
 "#
     );
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    python(dir, &script).1
 }
 
 #[test]

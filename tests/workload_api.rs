@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -13,23 +12,13 @@ use common::*;
 const WEB: &str = "spiffe://example.org/ns/default/sa/web";
 const BACKEND: &str = "spiffe://example.org/ns/default/sa/backend";
 
-/// Runs a Python snippet in `dir`. The Python gRPC library sends the socket path,
-/// percent-encoded, as HTTP/2 :authority, which the h2 crate (under tonic) refuses; a
-/// path relative to the socket's directory gives a plain authority. See README.
-fn python(dir: &std::path::Path, script: &str) -> String {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "python failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
+/// Runs a Python snippet in `dir`, which must succeed. The Python gRPC library sends the
+/// socket path, percent-encoded, as HTTP/2 :authority, which the h2 crate (under tonic)
+/// refuses; a path relative to the socket's directory gives a plain authority (README).
+fn python_ok(dir: &std::path::Path, script: &str) -> String {
+    let (ok, out) = python(dir, script);
+    assert!(ok, "python failed: {out}");
+    out
 }
 
 #[test]
@@ -40,7 +29,7 @@ fn python_spiffe_client_fetches_svid_bundles_jwt_and_rotation() {
         d,
         &format!("trust_domain: example.org\nsvid_ttl: 4s\nentries:\n  - spiffe_id: {WEB}\n    selectors: [\"unix:uid:0\"]\n"),
     );
-    let out = python(
+    let out = python_ok(
         d,
         r#"
 import time
@@ -81,7 +70,7 @@ fn status_codes_for_missing_header_and_unregistered_caller() {
         &format!("trust_domain: example.org\nentries:\n  - spiffe_id: {WEB}\n    selectors: [\"unix:uid:4242\"]\n"),
     );
     // No security header: InvalidArgument. Registered nowhere: PermissionDenied.
-    let out = python(
+    let out = python_ok(
         d,
         r#"
 import grpc

@@ -88,12 +88,7 @@ type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Se
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(path.display().to_string(), format!("cannot read: {e}"))
-        })?;
-        let de = serde_norway::Deserializer::from_str(&text);
-        serde_path_to_error::deserialize(de)
-            .map_err(|e| ConfigError::new(e.path().to_string(), e.into_inner().to_string()))
+        crate::config::parse_yaml(&crate::config::read_text(path)?)
     }
 }
 

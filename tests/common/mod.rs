@@ -35,6 +35,19 @@ pub fn svidcar_as(uid: Option<u32>) -> Command {
     }
 }
 
+/// Runs a Python snippet with `dir` as working directory; returns (success, stdout+stderr).
+pub fn python(dir: &Path, script: &str) -> (bool, String) {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
