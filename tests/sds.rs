@@ -263,12 +263,7 @@ except grpc.RpcError as e:
     print(e.code().name, e.details())
 "#
     );
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    python(Path::new("."), &script).1
 }
 
 #[test]

@@ -36,13 +36,20 @@ pub fn svidcar_as(uid: Option<u32>) -> Command {
 }
 
 /// Runs a Python snippet with `dir` as working directory; returns (success, stdout+stderr).
+/// The snippet ends with `os._exit(0)`: grpcio can deadlock in its finalizers at
+/// interpreter exit with streams still referenced; and a deadline kills a stuck run.
 pub fn python(dir: &Path, script: &str) -> (bool, String) {
-    let out = Command::new("python3")
+    let script =
+        format!("{script}\nimport os, sys\nsys.stdout.flush(); sys.stderr.flush()\nos._exit(0)\n");
+    let child = Command::new("python3")
         .arg("-c")
         .arg(script)
         .current_dir(dir)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let out = wait_output(child, Duration::from_secs(60));
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
