@@ -19,7 +19,7 @@ use crate::tls::{self, SpiffeIdMatcher};
 /// `svidcar check`: parse, validate, and load the identity once.
 pub fn check(path: &Path) -> anyhow::Result<()> {
     let (config, identity) = Config::load(path)?;
-    let id = IdentitySource::check(&identity).context("identity")?;
+    let id = IdentitySource::check(&identity).map_err(|e| identity_error(e, &identity))?;
     println!(
         "config OK: identity {id}, {} inbound, {} outbound listener(s)",
         config.inbound.len(),
@@ -29,8 +29,23 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
 }
 
 /// `svidcar dev-ca`: write a fresh CA so several dev sidecars can share a trust domain.
-pub fn dev_ca(td: &str, cert: &Path, key: &Path, lifetime: Duration) -> anyhow::Result<()> {
+pub fn dev_ca(
+    td: &str,
+    cert: &Path,
+    key: &Path,
+    lifetime: Duration,
+    force: bool,
+) -> anyhow::Result<()> {
     let td = parse_trust_domain(td).context("--trust-domain")?;
+    if !force {
+        if let Some(existing) = [cert, key].into_iter().find(|p| p.exists()) {
+            return Err(anyhow!(
+                "{} exists: a CA there may be trusted by running sidecars; \
+                 pass --force to replace it",
+                existing.display()
+            ));
+        }
+    }
     let ca = dev_ca::DevCa::generate(&td, lifetime)?;
     let (cert_pem, key_pem) = ca.to_pem();
     dev_ca::write_atomic(cert, cert_pem.as_bytes(), 0o644)?;
@@ -65,7 +80,8 @@ pub fn workload_call(socket: &str, call: crate::WorkloadCall) -> anyhow::Result<
         .context("cannot start the runtime")?;
     rt.block_on(async {
         let mut client = WorkloadApiClient::new(&path)?;
-        let status = |e: tonic::Status| anyhow!("{:?}: {}", e.code(), e.message());
+        let endpoint = crate::config::Endpoint::Unix(path.clone());
+        let status = |e: tonic::Status| call_error(&endpoint, WORKLOAD_API, &e);
         match call {
             crate::WorkloadCall::Jwt {
                 audience,
@@ -95,6 +111,41 @@ pub fn workload_call(socket: &str, call: crate::WorkloadCall) -> anyhow::Result<
     })
 }
 
+const WORKLOAD_API: &str = "the SPIFFE Workload API";
+
+/// A failed gRPC call from a CLI command, said in words: which socket, what it is not.
+pub fn call_error(
+    endpoint: &crate::config::Endpoint,
+    service: &str,
+    e: &tonic::Status,
+) -> anyhow::Error {
+    let hint = match e.code() {
+        tonic::Code::Unavailable => format!(
+            "cannot reach {endpoint}: {} (is the server running, and is this its socket?)",
+            tonic_source(e)
+        ),
+        tonic::Code::Unimplemented => format!(
+            "{endpoint} does not serve {service} (gRPC UNIMPLEMENTED): is it the socket of another service?"
+        ),
+        code => format!("{endpoint}: {code:?}: {}", tonic_source(e)),
+    };
+    anyhow!(hint)
+}
+
+/// The message of a status, or the transport error under it when the message is empty.
+fn tonic_source(e: &tonic::Status) -> String {
+    if !e.message().is_empty() {
+        return e.message().to_string();
+    }
+    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    let mut last = None;
+    while let Some(s) = src {
+        last = Some(s.to_string());
+        src = s.source();
+    }
+    last.unwrap_or_else(|| "no detail".into())
+}
+
 /// `svidcar sds-fetch`.
 pub fn sds_fetch(socket: &str, names: Vec<String>) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
@@ -117,10 +168,24 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     rt.block_on(serve(config, identity))
 }
 
+/// An identity error, led by the config key that named the file it is about.
+fn identity_error(e: crate::identity::IdentityError, config: &IdentityConfig) -> anyhow::Error {
+    if let crate::identity::IdentityError::File { path, .. } = &e {
+        if let Some(key) = config.key_of(path) {
+            return anyhow!("{key}: {e}");
+        }
+    }
+    anyhow!("identity: {e}")
+}
+
 fn init_logging(level: Option<&str>) {
     use tracing_subscriber::EnvFilter;
+    // `level` was checked by the config already; RUST_LOG, when set, wins.
+    let wanted = level
+        .and_then(|l| crate::config::log_filter(l).ok())
+        .unwrap_or_else(|| "info".into());
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level.unwrap_or("info")))
+        .or_else(|_| EnvFilter::try_new(&wanted))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -131,7 +196,9 @@ fn init_logging(level: Option<&str>) {
 
 async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
     let state = Arc::new(IdentityState::new());
-    let (source, update) = IdentitySource::start(&identity).await.context("identity")?;
+    let (source, update) = IdentitySource::start(&identity)
+        .await
+        .map_err(|e| identity_error(e, &identity))?;
     state.publish(update);
     let own_td = state
         .load()
@@ -147,6 +214,14 @@ async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
     let mut listeners = tokio::task::JoinSet::new();
     tasks.push(tokio::spawn(source.run(state.clone(), shutdown.clone())));
     tasks.push(tokio::spawn(log_identity_changes(state.clone())));
+    tasks.push(tokio::spawn(async {
+        let limiter = &crate::proxy::REJECTION_LOG;
+        let mut tick = tokio::time::interval(limiter.window() / 10);
+        loop {
+            tick.tick().await;
+            limiter.flush();
+        }
+    }));
 
     if let Some(sds) = &config.sds {
         tasks.extend(crate::sds::start(sds, state.clone(), shutdown.clone()).await?);
@@ -299,14 +374,24 @@ async fn bind(l: &ListenerConfig, at: &str) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow!("{at}.listen: cannot bind {}: {e}", l.listen))
 }
 
+/// Waits for SIGTERM or SIGINT. SIGHUP, which by default would kill the process at
+/// once with no drain, is logged and ignored until live reload exists.
 pub async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = tokio::signal::ctrl_c() => return,
+            _ = hup.recv() => {
+                tracing::warn!("SIGHUP received: live reload is not supported yet; ignored (the process keeps running)");
+            }
+        }
     }
 }

@@ -257,28 +257,65 @@ pub struct WorkloadApiConfig {
     pub hint: Option<String>,
 }
 
-/// Reads a Workload API address the way SPIFFE libraries do: `unix:///path` or
-/// `unix:/path` (and, for convenience, an absolute path).
-pub fn parse_workload_socket(addr: &str) -> Result<PathBuf, String> {
+/// A gRPC endpoint as users write it: a unix socket or a TCP address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unix(p) => write!(f, "unix://{}", p.display()),
+            Self::Tcp(a) => write!(f, "tcp://{a}"),
+        }
+    }
+}
+
+/// Reads a socket address the one way svidcar reads them everywhere, as SPIFFE
+/// libraries do: `unix:///path`, `unix:/path` or a bare absolute `/path`; and, where
+/// `tcp` allows it, `tcp://IP:PORT`.
+pub fn parse_endpoint(addr: &str, tcp: bool) -> Result<Endpoint, String> {
+    let expected = if tcp {
+        "expected unix:///path/to.sock, unix:/path/to.sock, /path/to.sock or tcp://IP:PORT"
+    } else {
+        "expected unix:///path/to.sock, unix:/path/to.sock or /path/to.sock"
+    };
+    if let Some(hp) = addr.strip_prefix("tcp://") {
+        if !tcp {
+            return Err(format!(
+                "{addr:?}: only unix sockets are supported here; {expected}"
+            ));
+        }
+        return hp
+            .parse()
+            .map(Endpoint::Tcp)
+            .map_err(|_| format!("{addr:?}: {expected} (TCP takes an IP address and a port)"));
+    }
     let path = if let Some(rest) = addr.strip_prefix("unix://") {
         rest
     } else if let Some(rest) = addr.strip_prefix("unix:") {
         rest
     } else if addr.starts_with('/') {
         addr
-    } else if addr.starts_with("tcp:") {
-        return Err(format!(
-            "{addr:?}: only unix sockets are supported for the Workload API"
-        ));
     } else {
-        return Err(format!(
-            "{addr:?} is not a unix socket address (unix:///path/to/agent.sock)"
-        ));
+        return Err(format!("{addr:?}: {expected}"));
     };
     if !path.starts_with('/') {
-        return Err(format!("{addr:?}: the socket path must be absolute"));
+        return Err(format!(
+            "{addr:?}: the socket path must be absolute; {expected}"
+        ));
     }
-    Ok(PathBuf::from(path))
+    Ok(Endpoint::Unix(PathBuf::from(path)))
+}
+
+/// A Workload API address: a unix socket, written as [`parse_endpoint`] reads them.
+pub fn parse_workload_socket(addr: &str) -> Result<PathBuf, String> {
+    match parse_endpoint(addr, false)? {
+        Endpoint::Unix(p) => Ok(p),
+        Endpoint::Tcp(_) => Err(format!("{addr:?}: only unix sockets are supported")),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -427,9 +464,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(parsed)
 }
 
+/// Deserializes a duration through a visitor, so that a bad value is reported at the
+/// line of the value itself (an error raised after deserializing points at the
+/// enclosing mapping instead).
 pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s).map_err(serde::de::Error::custom)
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = Duration;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a duration like 500ms, 12s, 5m or 1h")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Duration, E> {
+            parse_duration(s).map_err(E::custom)
+        }
+    }
+    d.deserialize_str(V)
 }
 
 /// Reads a config file, naming it in the error.
@@ -438,8 +487,13 @@ pub fn read_text(path: &Path) -> Result<String, ConfigError> {
         .map_err(|e| ConfigError::new(path.display().to_string(), format!("cannot read: {e}")))
 }
 
-/// Deserializes YAML; an error names the key path (`inbound[0].listen`) and the problem.
+/// Deserializes YAML. A syntax error names the line; any other error names the key path
+/// (`inbound[0].listen`), the problem and the line of the offending value, each once.
 pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    // Syntax first: the typed pass would blame whichever key it was reading (`a.b.?`).
+    if let Err(e) = serde_norway::from_str::<serde_norway::Value>(text) {
+        return Err(ConfigError::new("config", format!("not valid YAML: {e}")));
+    }
     let de = serde_norway::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -448,8 +502,35 @@ pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Confi
         } else {
             path
         };
-        ConfigError::new(key, e.into_inner().to_string())
+        let inner = e.into_inner();
+        let problem = yaml_problem(&inner, &key);
+        ConfigError::new(key, problem)
     })
+}
+
+/// The problem in an error of the typed pass, without the key path serde_norway puts in
+/// front (the caller names the key) and with the line where the value is.
+fn yaml_problem(e: &serde_norway::Error, key: &str) -> String {
+    let mut text = e.to_string();
+    if let Some(at) = text.rfind(" at line ") {
+        text.truncate(at);
+    }
+    // serde_norway prefixes the path it knows, which is the key or one of its parents.
+    let mut prefixes: Vec<&str> = key
+        .match_indices(['.', '['])
+        .map(|(i, _)| &key[..i])
+        .collect();
+    prefixes.push(key);
+    for p in prefixes.iter().rev() {
+        if let Some(rest) = text.strip_prefix(&format!("{p}: ")) {
+            text = rest.to_string();
+            break;
+        }
+    }
+    match e.location() {
+        Some(l) => format!("{text} (line {}, column {})", l.line(), l.column()),
+        None => text,
+    }
 }
 
 /// Most connections one listener may hold; also bounds the semaphore behind it.
@@ -457,11 +538,17 @@ pub const MAX_CONNECTIONS: usize = 1_000_000;
 
 impl Config {
     /// Reads, parses and validates a config file.
+    /// Relative paths in the file are read relative to the file's own directory, so a
+    /// config works the same from any working directory.
     pub fn load(path: &Path) -> Result<(Self, IdentityConfig), ConfigError> {
-        Self::parse(&read_text(path)?)
+        let mut config: Config = parse_yaml(&read_text(path)?)?;
+        config.identity.resolve_paths(&config_dir(path));
+        let identity = config.validate()?;
+        Ok((config, identity))
     }
 
-    /// Parses and validates YAML text.
+    /// Parses and validates YAML text (relative paths stay relative to the working directory).
+    #[cfg(test)]
     pub fn parse(text: &str) -> Result<(Self, IdentityConfig), ConfigError> {
         let config: Config = parse_yaml(text)?;
         let identity = config.validate()?;
@@ -473,8 +560,7 @@ impl Config {
             return Err(ConfigError::new("worker_threads", "must be at least 1"));
         }
         if let Some(level) = &self.log.level {
-            tracing_subscriber::EnvFilter::try_new(level)
-                .map_err(|e| ConfigError::new("log.level", e.to_string()))?;
+            log_filter(level).map_err(|p| ConfigError::new("log.level", p))?;
         }
         let identity = self.identity.validate()?;
         if let Some(sds) = &self.sds {
@@ -528,7 +614,78 @@ impl Config {
     }
 }
 
+/// The directory a config file's relative paths are read from.
+pub fn config_dir(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    abs.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// `path` as written when absolute, else relative to `base` (the config file's directory).
+pub fn resolve_path(base: &Path, path: &mut PathBuf) {
+    if path.is_relative() && !path.as_os_str().is_empty() {
+        *path = base.join(&*path);
+    }
+}
+
+/// The levels a log filter may name; `warning` (Envoy's spelling) means `warn`.
+const LOG_LEVELS: [&str; 7] = ["off", "error", "warn", "warning", "info", "debug", "trace"];
+
+/// Checks `log.level` strictly and returns the tracing filter it means. A typo such as
+/// `infro` would otherwise be read as a target name and silence every log line.
+/// Accepted: a level (`info`), or comma-separated `target=level` directives with at most
+/// one bare level (`info,svidcar=debug`).
+pub fn log_filter(level: &str) -> Result<String, String> {
+    let known = |l: &str| LOG_LEVELS.contains(&l.to_ascii_lowercase().as_str());
+    let norm = |l: &str| {
+        let l = l.to_ascii_lowercase();
+        if l == "warning" {
+            "warn".to_string()
+        } else {
+            l
+        }
+    };
+    let mut out = Vec::new();
+    for part in level.split(',').map(str::trim) {
+        let directive = match part.split_once('=') {
+            Some((target, lvl)) if !target.is_empty() && known(lvl) => {
+                format!("{target}={}", norm(lvl))
+            }
+            None if known(part) => norm(part),
+            _ => {
+                return Err(format!(
+                    "{part:?} is not a log level: write one of error, warn, info, debug, trace, \
+                     off, or target=level (e.g. svidcar=debug)"
+                ))
+            }
+        };
+        out.push(directive);
+    }
+    Ok(out.join(","))
+}
+
 impl IdentityConfigRaw {
+    /// Makes every relative file path relative to `base`.
+    fn resolve_paths(&mut self, base: &Path) {
+        if let Some(d) = &mut self.dev {
+            for p in [&mut d.ca_cert, &mut d.ca_key, &mut d.bundle_out]
+                .into_iter()
+                .flatten()
+            {
+                resolve_path(base, p);
+            }
+        }
+        if let Some(f) = &mut self.files {
+            resolve_path(base, &mut f.cert);
+            resolve_path(base, &mut f.key);
+            if let Some(b) = &mut f.bundle {
+                resolve_path(base, b);
+            }
+            for p in f.bundles.values_mut() {
+                resolve_path(base, p);
+            }
+        }
+    }
+
     fn validate(&self) -> Result<IdentityConfig, ConfigError> {
         let set: Vec<&str> = [
             self.dev.as_ref().map(|_| "dev"),
@@ -650,6 +807,43 @@ impl WorkloadApiConfigRaw {
 }
 
 impl IdentityConfig {
+    /// The config key that names `path`, so an error about a file can say which key
+    /// pointed at it (`identity.dev.ca_key: /etc/ca.key: ...`).
+    pub fn key_of(&self, path: &str) -> Option<String> {
+        let is = |p: &Path| p.as_os_str() == path;
+        match self {
+            Self::Dev(d) => {
+                let (cert, key) = d.ca.as_ref()?;
+                [
+                    ("ca_cert", Some(cert)),
+                    ("ca_key", Some(key)),
+                    ("bundle_out", d.bundle_out.as_ref()),
+                ]
+                .into_iter()
+                .find(|(_, p)| p.is_some_and(|p| is(p)))
+                .map(|(k, _)| format!("identity.dev.{k}"))
+            }
+            Self::Files(f) => {
+                let fixed = [
+                    ("cert", Some(&f.cert)),
+                    ("key", Some(&f.key)),
+                    ("bundle", f.bundle.as_ref()),
+                ];
+                fixed
+                    .into_iter()
+                    .find(|(_, p)| p.is_some_and(|p| is(p)))
+                    .map(|(k, _)| format!("identity.files.{k}"))
+                    .or_else(|| {
+                        f.bundles
+                            .iter()
+                            .find(|(_, p)| is(p))
+                            .map(|(td, _)| format!("identity.files.bundles.{td}"))
+                    })
+            }
+            Self::WorkloadApi(_) => None,
+        }
+    }
+
     /// Our trust domain when the config already tells it (dev); files tell it only
     /// once the certificate is read.
     pub fn trust_domain(&self) -> Option<TrustDomain> {

@@ -8,6 +8,7 @@ mod agent;
 mod app;
 mod config;
 mod identity;
+mod log_limit;
 mod metrics;
 mod proto;
 mod proxy;
@@ -66,6 +67,10 @@ enum Command {
         /// How long the CA is valid, e.g. 8760h.
         #[arg(long, default_value = "8760h", value_parser = config::parse_duration)]
         lifetime: Duration,
+        /// Replace an existing CA. Without it, existing files are left alone: other
+        /// sidecars may trust that CA.
+        #[arg(long)]
+        force: bool,
     },
     /// Serve the SPIFFE Workload API from a dev CA (a stand-in for SPIRE Agent).
     DevAgent {
@@ -101,7 +106,8 @@ fn main() -> ExitCode {
             cert,
             key,
             lifetime,
-        } => app::dev_ca(&trust_domain, &cert, &key, lifetime),
+            force,
+        } => app::dev_ca(&trust_domain, &cert, &key, lifetime, force),
         Command::DevAgent { config } => app::dev_agent(&config),
         Command::Workload { socket, call } => app::workload_call(&socket, call),
         Command::SdsFetch { socket, names } => app::sds_fetch(&socket, names),

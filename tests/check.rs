@@ -62,7 +62,7 @@ fn broken_configs_name_key_and_problem() {
     let cases: Vec<(&str, String, Vec<&str>)> = vec![
         ("bad-listen", format!("{dev}{}", LISTENER.replace("127.0.0.1:8443", "8443")), vec!["inbound[0].listen", "invalid socket address"]),
         ("typo-key", format!("{dev}{}", LISTENER.replace("forward:", "forwrd:")), vec!["inbound[0]", "unknown field `forwrd`"]),
-        ("missing-pem", files(&d.join("nope.pem"), &svid_key), vec!["nope.pem", "cannot read"]),
+        ("missing-pem", files(&d.join("nope.pem"), &svid_key), vec!["identity.files.cert", "nope.pem", "cannot read"]),
         ("key-mismatch", files(&svid, &other_key), vec!["private key does not match the certificate", "spiffe://example.org/ns/default/sa/web"]),
         ("no-spiffe-uri", files(&dns_only, &dns_only_key), vec!["nouri.pem", "no spiffe:// URI SAN"]),
         ("bad-duration", format!("{}{LISTENER}", dev.replace("}\n", ", svid_ttl: soon}\n")), vec!["identity.dev.svid_ttl", "invalid duration"]),
@@ -83,7 +83,12 @@ fn broken_configs_name_key_and_problem() {
         ("workload-api-no-socket", format!("identity:\n  workload_api: {{}}\n{LISTENER}"), vec!["identity.workload_api.socket", "SPIFFE_ENDPOINT_SOCKET is not set"]),
         ("workload-api-tcp", format!("identity:\n  workload_api: {{socket: \"tcp://127.0.0.1:8081\"}}\n{LISTENER}"), vec!["identity.workload_api.socket", "only unix sockets"]),
         ("workload-api-bad-id", format!("identity:\n  workload_api: {{socket: \"unix:///run/a.sock\", spiffe_id: \"spiffe://Example.org/x\"}}\n{LISTENER}"), vec!["identity.workload_api.spiffe_id", "canonical"]),
-        ("yaml-syntax", format!("{dev}inbound: [\n"), vec!["inbound", "line 4"]),
+        ("yaml-syntax", format!("{dev}inbound: [\n"), vec!["not valid YAML", "line 4"]),
+        ("yaml-syntax-in-flow-map", format!("{}{LISTENER}", dev.replace("}\n", "\n")), vec!["not valid YAML", "line 3", "flow mapping at line 2"]),
+        ("log-level-typo", format!("log: {{level: infro}}\n{dev}{LISTENER}"), vec!["log.level", "\"infro\" is not a log level"]),
+        ("log-directive-typo", format!("log: {{level: \"svidcar=debgu\"}}\n{dev}{LISTENER}"), vec!["log.level", "svidcar=debgu"]),
+        ("listener-duration-line", format!("{dev}{LISTENER}    idle_timeout: 3 fortnights\n"), vec!["inbound[0].idle_timeout", "3 fortnights", "(line 9, column 19)"]),
+        ("ca-key-missing", format!("identity:\n  dev: {{spiffe_id: \"spiffe://example.org/a\", ca_cert: {}, ca_key: {}}}\n{LISTENER}", ca_cert.display(), d.join("absent.key").display()), vec!["identity.dev.ca_key", "absent.key", "cannot read"]),
     ];
     for (name, yaml, expect) in &cases {
         let (ok, out) = check(d, name, yaml);
@@ -92,6 +97,11 @@ fn broken_configs_name_key_and_problem() {
             assert!(out.contains(e), "{name}: expected {e:?} in {out:?}");
         }
         assert_eq!(out.trim().lines().count(), 1, "{name}: one line: {out}");
+        // The key is named once, not once by svidcar and again by the YAML parser.
+        let key = expect[0];
+        if key.contains(['.', '[']) {
+            assert_eq!(out.matches(key).count(), 1, "{name}: key named once: {out}");
+        }
         assert!(
             !out.contains("PRIVATE KEY"),
             "{name}: key material in error"
@@ -106,10 +116,125 @@ fn broken_configs_name_key_and_problem() {
     );
     let (ok, out) = check(d, "good-dev", &format!("{dev}{LISTENER}"));
     assert!(ok, "{out}");
+    // Envoy's spelling of the level, and directives.
+    let (ok, out) = check(
+        d,
+        "log-warning",
+        &format!("log: {{level: \"warning,svidcar=debug\"}}\n{dev}{LISTENER}"),
+    );
+    assert!(ok, "{out}");
     let wl = format!("identity:\n  workload_api: {{socket: \"unix:///run/spire/sockets/agent.sock\"}}\n{LISTENER}");
     let (ok, out) = check(d, "good-workload-api", &wl);
     assert!(
         ok && out.contains("workload_api at unix:///run/spire/sockets/agent.sock"),
         "{out}"
+    );
+}
+
+/// Relative paths in a config are read relative to the config file, from any working
+/// directory; an error about such a file names the key and the resolved path.
+#[test]
+fn relative_paths_follow_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf_dir = dir.path().join("conf");
+    std::fs::create_dir(&conf_dir).unwrap();
+    dev_ca(&conf_dir, "example.org");
+    let yaml = format!(
+        "identity:\n  dev: {{spiffe_id: \"spiffe://example.org/web\", ca_cert: ca.pem, ca_key: ca.key}}\n{LISTENER}"
+    );
+    let path = conf_dir.join("svidcar.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let run = |cwd: &Path| {
+        let out = Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&path)
+            .current_dir(cwd)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string()
+                + &String::from_utf8_lossy(&out.stdout),
+        )
+    };
+    let (ok, out) = run(Path::new("/"));
+    assert!(ok, "from /: {out}");
+    std::fs::remove_file(conf_dir.join("ca.key")).unwrap();
+    let (ok, out) = run(Path::new("/"));
+    assert!(!ok);
+    let want = format!(
+        "identity.dev.ca_key: {}: cannot read",
+        conf_dir.join("ca.key").display()
+    );
+    assert!(out.contains(&want), "expected {want:?} in {out}");
+}
+
+/// `svidcar dev-ca` never replaces a CA that sidecars may trust, unless told to.
+#[test]
+fn dev_ca_refuses_to_overwrite_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = dev_ca(dir.path(), "example.org");
+    let before = (std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap());
+    let again = |force: bool| {
+        let mut c = Command::new(BIN);
+        c.args(["dev-ca", "--trust-domain", "example.org", "--cert"])
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key);
+        if force {
+            c.arg("--force");
+        }
+        c.output().unwrap()
+    };
+    let out = again(false);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&cert.display().to_string()) && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(
+        before,
+        (std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap()),
+        "files untouched"
+    );
+    assert!(again(true).status.success());
+    assert_ne!(
+        before.0,
+        std::fs::read(&cert).unwrap(),
+        "replaced with --force"
+    );
+}
+
+/// Socket addresses are read one way everywhere, and a failed call names the socket.
+#[test]
+fn socket_errors_name_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("absent.sock");
+    for form in [
+        sock.display().to_string(),
+        format!("unix:{}", sock.display()),
+        format!("unix://{}", sock.display()),
+    ] {
+        let out = Command::new(BIN)
+            .args(["workload", "--socket", &form, "jwt-bundles"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("cannot reach unix://{}", sock.display()))
+                && err.contains("No such file"),
+            "{form}: {err}"
+        );
+    }
+    let out = Command::new(BIN)
+        .args(["workload", "--socket", "unix:relative.sock", "jwt-bundles"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--socket") && err.contains("must be absolute"),
+        "{err}"
     );
 }

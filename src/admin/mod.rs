@@ -16,11 +16,22 @@ use tokio_util::sync::CancellationToken;
 use crate::identity::IdentityState;
 
 /// Admin connections at once: plenty for probes and scrapes, never enough to starve
-/// the proxy of file descriptors.
+/// the proxy of file descriptors. At the limit the oldest connection is closed to make
+/// room, so idle connections cannot lock probes out.
 const MAX_ADMIN_CONNECTIONS: usize = 64;
 
+/// A client gets this long to send its request headers.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The open admin connections, oldest first, each with the token that closes it.
+#[derive(Default)]
+struct Open {
+    next_id: u64,
+    conns: std::collections::VecDeque<(u64, CancellationToken)>,
+}
+
 pub async fn serve(listener: TcpListener, state: Arc<IdentityState>, shutdown: CancellationToken) {
-    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let open = Arc::new(std::sync::Mutex::new(Open::default()));
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -33,21 +44,40 @@ pub async fn serve(listener: TcpListener, state: Arc<IdentityState>, shutdown: C
                 }
             },
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            continue;
+        let close = CancellationToken::new();
+        let id = {
+            let Ok(mut o) = open.lock() else { return };
+            if o.conns.len() >= MAX_ADMIN_CONNECTIONS {
+                if let Some((_, oldest)) = o.conns.pop_front() {
+                    oldest.cancel();
+                }
+            }
+            o.next_id += 1;
+            let id = o.next_id;
+            o.conns.push_back((id, close.clone()));
+            id
         };
         let state = state.clone();
+        let open = open.clone();
         tokio::spawn(async move {
-            let _permit = permit;
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&req, &state)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            // One request per connection: probes and scrapes do not need keep-alive,
+            // and a connection that holds no request is not worth a slot.
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+                .header_read_timeout(HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = close.cancelled() => {}
+            }
+            if let Ok(mut o) = open.lock() {
+                o.conns.retain(|(i, _)| *i != id);
+            }
         });
     }
 }
@@ -104,6 +134,7 @@ pub fn certs_json(state: &IdentityState) -> String {
                 "spiffe_id": s.spiffe_id.to_string(),
                 "serial": s.serial,
                 "not_after": unix(s.not_after),
+                "not_after_rfc3339": humantime::format_rfc3339_seconds(s.not_after).to_string(),
                 "chain_len": s.chain.len(),
             })
         })

@@ -13,6 +13,7 @@ pub use outbound::OutboundListener;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::log_limit::LogLimiter;
 use crate::metrics;
 use crate::tls::Rejection;
 use copy::{CopyEnd, Transferred};
@@ -25,6 +26,11 @@ pub struct Timeouts {
     pub idle: Duration,
 }
 
+/// Log lines for refused handshakes: unauthenticated peers cause them, so they are
+/// limited per reason (20 per 10 s) with a summary of the rest; the metric counts all.
+pub static REJECTION_LOG: LogLimiter =
+    LogLimiter::new("handshake rejected", 20, Duration::from_secs(10));
+
 /// Logs and counts a refused handshake: one line, with the reason.
 fn reject(listener: &str, peer: std::net::SocketAddr, why: &Rejection) {
     metrics::get()
@@ -33,7 +39,7 @@ fn reject(listener: &str, peer: std::net::SocketAddr, why: &Rejection) {
         .inc();
     if *why == Rejection::ClosedEarly {
         tracing::debug!(listener, %peer, reason = why.label(), "handshake not completed: {why}");
-    } else {
+    } else if REJECTION_LOG.allow(why.label()) {
         tracing::warn!(listener, %peer, reason = why.label(), "handshake rejected: {why}");
     }
 }

@@ -1,0 +1,114 @@
+//! What an operator and an attacker meet on a running svidcar: admin probes that stay
+//! answered while idle connections are held, refusal log lines that cannot flood the log,
+//! and SIGHUP that neither kills nor drops connections.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+
+fn config(dir: &std::path::Path, app: u16) -> (String, u16) {
+    let ca = dev_ca(dir, "example.org");
+    let port = free_port();
+    let cfg = format!(
+        "identity:\n  dev: {{spiffe_id: \"spiffe://example.org/backend\", ca_cert: {}, ca_key: {}}}\ninbound:\n  - name: app\n    listen: 127.0.0.1:{port}\n    forward: 127.0.0.1:{app}\n    allow_any_in_trust_domain: true\n",
+        ca.0.display(),
+        ca.1.display()
+    );
+    (cfg, port)
+}
+
+/// 64 idle TCP connections (the admin connection limit) used to make every probe fail.
+#[test]
+fn probes_keep_answering_while_idle_connections_are_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = EchoServer::start();
+    let (cfg, _) = config(dir.path(), echo.port);
+    let s = Svidcar::start(dir.path(), "admin", &cfg);
+    // Twice the limit, held open, sending nothing.
+    let idle: Vec<TcpStream> = (0..128)
+        .map(|_| TcpStream::connect(("127.0.0.1", s.admin)).unwrap())
+        .collect();
+    for _ in 0..20 {
+        assert_eq!(
+            http_get(s.admin, "/live").map(|(c, _)| c),
+            Some(200),
+            "/live must answer with idle connections held"
+        );
+        assert_eq!(http_get(s.admin, "/ready").map(|(c, _)| c), Some(200));
+    }
+    drop(idle);
+}
+
+/// 500 garbage connections: the metric counts every one, the log holds a bounded number
+/// of lines for that reason plus a summary saying how many were left out.
+#[test]
+fn refusal_log_lines_are_rate_limited_and_summarised() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = EchoServer::start();
+    let (cfg, port) = config(dir.path(), echo.port);
+    let s = Svidcar::start(dir.path(), "flood", &cfg);
+    let series = "svidcar_handshake_failures_total{listener=\"app\",reason=\"protocol_error\"}";
+    for _ in 0..500 {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _ = c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let _ = std::io::Read::read(&mut c, &mut [0u8; 64]);
+    }
+    wait_until("500 refusals counted", Duration::from_secs(20), || {
+        (s.metric(series) == 500.0).then_some(())
+    });
+    let summary = wait_until("a summary line", Duration::from_secs(30), || {
+        s.logs()
+            .lines()
+            .find(|l| l.contains("more log lines suppressed") && l.contains("protocol_error"))
+            .map(str::to_string)
+    });
+    let lines = s
+        .logs()
+        .lines()
+        .filter(|l| l.contains("handshake rejected: TLS protocol error"))
+        .count();
+    assert!(
+        (1..=40).contains(&lines),
+        "at most 20 lines per 10 s window, got {lines}"
+    );
+    let suppressed: u64 = summary
+        .split("suppressed=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("suppressed=N in the summary");
+    assert!(suppressed >= 400, "{summary}");
+}
+
+/// SIGHUP used to kill svidcar at once. Now it is logged and ignored: the process and an
+/// open connection through it keep going.
+#[test]
+fn sighup_is_logged_and_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dev_ca(dir.path(), "example.org");
+    let echo = EchoServer::start();
+    let inbound_port = free_port();
+    let out_port = free_port();
+    let cfg = format!(
+        "identity:\n  dev: {{spiffe_id: \"spiffe://example.org/web\", ca_cert: {}, ca_key: {}}}\ninbound:\n  - name: in\n    listen: 127.0.0.1:{inbound_port}\n    forward: 127.0.0.1:{}\n    allow_any_in_trust_domain: true\noutbound:\n  - name: out\n    listen: 127.0.0.1:{out_port}\n    connect: 127.0.0.1:{inbound_port}\n    allow_any_in_trust_domain: true\n",
+        ca.0.display(),
+        ca.1.display(),
+        echo.port
+    );
+    let mut s = Svidcar::start(dir.path(), "hup", &cfg);
+    let mut conn = connect(out_port);
+    assert_eq!(echo_roundtrip(&mut conn, b"before").unwrap(), b"before");
+    let rc = std::process::Command::new("kill")
+        .args(["-HUP", &s.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(rc.success());
+    s.wait_log(&["SIGHUP received", "ignored"]);
+    assert!(s.try_exit().is_none(), "still running after SIGHUP");
+    assert_eq!(echo_roundtrip(&mut conn, b"after").unwrap(), b"after");
+    assert_eq!(http_get(s.admin, "/ready").map(|(c, _)| c), Some(200));
+}
