@@ -95,11 +95,12 @@ fn write_summary() {
     }
 }
 
-/// Logs one NACK (escaped, truncated, rate-limited).
+/// Logs one NACK (escaped, truncated, rate-limited). `node` is already [`printable`]
+/// (the stream keeps its node id that way for every line it logs).
 pub fn log_nack(node: &str, message: &str) {
     match admit(Instant::now()) {
         Verdict::Log => tracing::warn!(
-            node = %printable(node, MAX_NODE_BYTES),
+            node = %node,
             error = %printable(message, MAX_NACK_BYTES),
             "Envoy rejected SDS response (NACK)"
         ),
