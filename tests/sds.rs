@@ -709,9 +709,7 @@ fn check_refuses_keys_over_wildcard_tcp() {
         )
     };
     for addr in ["0.0.0.0:15010", "[::]:15010", "10.1.2.3:15010"] {
-        let (ok, out) = check(&format!(
-            "  listen: tcp://{addr}\n  tcp_allow_keys: true\n"
-        ));
+        let (ok, out) = check(&format!("  listen: tcp://{addr}\n  tcp_allow_keys: true\n"));
         assert!(!ok, "{addr}: {out}");
         assert!(
             out.contains("sds.tcp_allow_keys")
@@ -761,7 +759,10 @@ fn a_non_socket_at_the_socket_path_is_an_error_and_stays() {
     std::fs::write(&sock, b"precious data").unwrap();
     let err = run();
     assert!(
-        err.contains(&format!("{} is a regular file, not a socket", sock.display())),
+        err.contains(&format!(
+            "{} is a regular file, not a socket",
+            sock.display()
+        )),
         "{err}"
     );
     assert_eq!(std::fs::read(&sock).unwrap(), b"precious data");
