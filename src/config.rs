@@ -73,15 +73,27 @@ pub struct SdsConfig {
     pub default_bundle_name: String,
     #[serde(default = "default_all_bundles_name")]
     pub default_all_bundles_name: String,
-    /// Serve bundles with Envoy's SPIFFE validator instead of `trusted_ca`.
+    /// As SPIRE Agent: bundles go to an Envoy 1.18 or newer with Envoy's SPIFFE
+    /// validator, to older ones (and clients that send no build version) as
+    /// `trusted_ca`. `true` serves `trusted_ca` to every Envoy; a node's metadata key
+    /// `disable_spiffe_cert_validation` overrides this per Envoy.
     #[serde(default)]
-    pub spiffe_cert_validation: bool,
-    /// Allow private keys over TCP (off: keys only over the unix socket).
+    pub disable_spiffe_cert_validation: bool,
+    /// The old switch (before per-Envoy choice). Read only to say what to write instead.
+    #[serde(default)]
+    pub spiffe_cert_validation: Option<serde_norway::Value>,
+    /// Allow private keys over TCP (off: keys only over the unix socket). Only loopback
+    /// TCP addresses may carry keys.
     #[serde(default)]
     pub tcp_allow_keys: bool,
-    /// Open SDS streams at most, over all listeners.
+    /// Open SDS streams at most, per listener: each listener has its own pool, so
+    /// clients of one (say, TCP) can never use up the streams of another (the socket).
     #[serde(default = "default_max_streams")]
     pub max_streams: usize,
+    /// Concurrent streams one connection may open (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS);
+    /// default 128, or `max_streams` when that is smaller.
+    #[serde(default)]
+    pub max_streams_per_connection: Option<u32>,
 }
 
 /// One value or a list of them.
@@ -125,6 +137,12 @@ fn default_max_streams() -> usize {
 }
 
 impl SdsConfig {
+    /// The per-connection stream cap in effect.
+    pub fn streams_per_connection(&self) -> u32 {
+        self.max_streams_per_connection
+            .unwrap_or_else(|| u32::try_from(self.max_streams).unwrap_or(u32::MAX).min(128))
+    }
+
     /// Checks the section; returns the listen addresses and the socket mode.
     pub fn validate(&self) -> Result<(Vec<SdsListen>, u32), ConfigError> {
         let mut out = Vec::new();
@@ -187,6 +205,33 @@ impl SdsConfig {
                 "sds.max_streams",
                 format!("must be from 1 to {MAX_CONNECTIONS}"),
             ));
+        }
+        let per_conn = self.streams_per_connection();
+        if per_conn == 0 || per_conn as usize > self.max_streams {
+            return Err(ConfigError::new(
+                "sds.max_streams_per_connection",
+                format!("must be from 1 to sds.max_streams ({})", self.max_streams),
+            ));
+        }
+        if self.spiffe_cert_validation.is_some() {
+            return Err(ConfigError::new(
+                "sds.spiffe_cert_validation",
+                "was replaced by SPIRE's `disable_spiffe_cert_validation`: the SPIFFE validator now goes to every Envoy 1.18 or newer; write `disable_spiffe_cert_validation: true` to serve trusted_ca to all, or remove the key",
+            ));
+        }
+        if self.tcp_allow_keys {
+            for (i, l) in out.iter().enumerate() {
+                if let SdsListen::Tcp(addr) = l {
+                    if !addr.ip().is_loopback() {
+                        return Err(ConfigError::new(
+                            "sds.tcp_allow_keys",
+                            format!(
+                                "private keys may go over TCP only on a loopback address, but sds.listen[{i}] is tcp://{addr}: listen on 127.0.0.1 or [::1], or serve keys over the unix socket"
+                            ),
+                        ));
+                    }
+                }
+            }
         }
         Ok((out, mode))
     }

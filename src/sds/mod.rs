@@ -3,10 +3,17 @@
 //! they change.
 //!
 //! Private keys travel only over the unix socket (mode and peer credentials checked),
-//! unless `sds.tcp_allow_keys` says otherwise.
+//! unless `sds.tcp_allow_keys` says otherwise (loopback only). Each listener has its
+//! own stream pool and every connection a stream cap, so TCP clients cannot starve the
+//! Envoy on the socket. Bundles go out with Envoy's SPIFFE validator or as
+//! `trusted_ca`, chosen per stream from the Envoy's node as SPIRE Agent does
+//! (validation.rs). Text from clients is escaped, truncated and rate-limited before it
+//! reaches the log (nack_log.rs).
 
 mod delta;
+mod nack_log;
 mod secrets;
+mod validation;
 
 pub use secrets::Naming;
 
@@ -25,6 +32,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::config::{SdsConfig, SdsListen};
 use crate::identity::{IdentityState, Snapshot};
 use crate::metrics;
+use crate::proto::envoy::config::core::v3::Node;
 use crate::proto::envoy::extensions::transport_sockets::tls::v3::Secret;
 use crate::proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
@@ -40,26 +48,46 @@ const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// Settings shared by every SDS listener.
 struct Shared {
     state: Arc<IdentityState>,
+    /// Names; `spiffe_validation` here is unused, each stream decides it from its node.
     naming: Naming,
     allowed_uids: Vec<u32>,
     allowed_gids: Vec<u32>,
-    streams: Arc<Semaphore>,
+    /// `sds.disable_spiffe_cert_validation`.
+    disable_spiffe_validation: bool,
     max_streams: usize,
 }
 
-/// One listener's service: the same state, and whether keys may go out on it.
+/// What a listener is, which decides how callers are checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ListenerKind {
+    /// Callers identified by SO_PEERCRED; without credentials, refused.
+    Unix,
+    /// Callers not identified; no private keys unless `tcp_allow_keys` (loopback).
+    Tcp,
+}
+
+/// One listener's service: the shared state, its kind, whether keys may go out on it,
+/// and its own stream pool.
 #[derive(Clone)]
 struct SdsService {
     shared: Arc<Shared>,
+    kind: ListenerKind,
     keys_allowed: bool,
+    streams: Arc<Semaphore>,
 }
 
 type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 impl SdsService {
-    /// On the unix socket, the caller must be an allowed uid or gid (when a list is set).
+    /// On the unix socket, the caller must be an allowed uid or gid (when a list is
+    /// set). Decided by the listener's kind, never by what the request happens to carry:
+    /// a unix caller whose credentials cannot be read is refused.
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let s = &self.shared;
+        if self.kind == ListenerKind::Tcp {
+            // No credentials to check over TCP; keys are governed by keys_allowed.
+            return Ok(());
+        }
         if s.allowed_uids.is_empty() && s.allowed_gids.is_empty() {
             return Ok(());
         }
@@ -68,16 +96,16 @@ impl SdsService {
             .get::<UdsConnectInfo>()
             .and_then(|i| i.peer_cred)
         else {
-            // TCP: no credentials to check; keys are governed by keys_allowed.
-            return Ok(());
+            count_denied();
+            tracing::warn!("SDS caller refused: no peer credentials on the unix socket");
+            return Err(Status::permission_denied(
+                "peer credentials unavailable; this socket serves only callers in sds.allowed_uids/allowed_gids",
+            ));
         };
         if s.allowed_uids.contains(&cred.uid()) || s.allowed_gids.contains(&cred.gid()) {
             return Ok(());
         }
-        metrics::get()
-            .sds_requests
-            .with_label_values(&["denied"])
-            .inc();
+        count_denied();
         tracing::warn!(
             uid = cred.uid(),
             gid = cred.gid(),
@@ -90,22 +118,41 @@ impl SdsService {
         )))
     }
 
+    /// A slot in this listener's pool; other listeners' pools are untouched.
     fn stream_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
-        self.shared
-            .streams
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| {
-                Status::resource_exhausted(format!(
-                    "too many SDS streams (sds.max_streams: {})",
-                    self.shared.max_streams
-                ))
-            })
+        self.streams.clone().try_acquire_owned().map_err(|_| {
+            metrics::get()
+                .sds_requests
+                .with_label_values(&["exhausted"])
+                .inc();
+            tracing::warn!(
+                listener = ?self.kind,
+                max_streams = self.shared.max_streams,
+                "SDS stream refused: this listener's streams are all in use"
+            );
+            Status::resource_exhausted(format!(
+                "too many SDS streams on this listener (sds.max_streams: {})",
+                self.shared.max_streams
+            ))
+        })
+    }
+
+    /// The naming a request from `node` gets: the validation context chosen for it.
+    fn naming_for(&self, node: Option<&Node>) -> Naming {
+        let mut n = self.shared.naming.clone();
+        n.spiffe_validation =
+            validation::spiffe_validator_for(node, self.shared.disable_spiffe_validation);
+        n
     }
 
     /// The secrets for `names`, minus private keys where they may not go.
-    fn secrets(&self, snap: &Snapshot, names: &[String]) -> Result<Vec<Secret>, Status> {
-        let mut out = resolve_all(snap, names, &self.shared.naming);
+    fn secrets(
+        &self,
+        snap: &Snapshot,
+        names: &[String],
+        naming: &Naming,
+    ) -> Result<Vec<Secret>, Status> {
+        let mut out = resolve_all(snap, names, naming);
         if !self.keys_allowed {
             let explicit = !names.iter().all(|n| n.is_empty());
             if explicit && out.iter().any(has_key) {
@@ -117,11 +164,15 @@ impl SdsService {
     }
 }
 
-fn keys_refused() -> Status {
+fn count_denied() {
     metrics::get()
         .sds_requests
         .with_label_values(&["denied"])
         .inc();
+}
+
+fn keys_refused() -> Status {
+    count_denied();
     Status::permission_denied(
         "private keys are served only over the unix socket; set sds.tcp_allow_keys: true to allow TCP",
     )
@@ -136,7 +187,7 @@ fn log_request_kind(kind: &delta::RequestKind, node: &str) {
         }
         delta::RequestKind::Nack(why) => {
             m.sds_requests.with_label_values(&["nack"]).inc();
-            tracing::warn!(node, error = %why, "Envoy rejected SDS response (NACK)");
+            nack_log::log_nack(node, why);
         }
         delta::RequestKind::Subscription => {}
     }
@@ -202,15 +253,15 @@ impl StreamState {
 /// The requests of both xDS variants carry a type URL and a node.
 trait XdsRequest: Send + 'static {
     fn type_url(&self) -> &str;
-    fn node_id(&self) -> Option<&str>;
+    fn node(&self) -> Option<&Node>;
 }
 
 impl XdsRequest for DiscoveryRequest {
     fn type_url(&self) -> &str {
         &self.type_url
     }
-    fn node_id(&self) -> Option<&str> {
-        self.node.as_ref().map(|n| n.id.as_str())
+    fn node(&self) -> Option<&Node> {
+        self.node.as_ref()
     }
 }
 
@@ -218,23 +269,29 @@ impl XdsRequest for DeltaDiscoveryRequest {
     fn type_url(&self) -> &str {
         &self.type_url
     }
-    fn node_id(&self) -> Option<&str> {
-        self.node.as_ref().map(|n| n.id.as_str())
+    fn node(&self) -> Option<&Node> {
+        self.node.as_ref()
     }
 }
 
 /// One stream's protocol (state of the world or incremental): what a request and an
-/// identity change produce. The stream task around it is the same for both.
+/// identity change produce, with the stream's naming (its validation context choice).
+/// The stream task around it is the same for both.
 trait StreamProtocol: Send + 'static {
     type Req: XdsRequest;
     type Resp: Send + 'static;
     fn on_request(
         &mut self,
         svc: &SdsService,
+        naming: &Naming,
         r: &Self::Req,
         node: &str,
     ) -> Result<Option<Self::Resp>, Status>;
-    fn on_change(&mut self, svc: &SdsService) -> Result<Option<Self::Resp>, Status>;
+    fn on_change(
+        &mut self,
+        svc: &SdsService,
+        naming: &Naming,
+    ) -> Result<Option<Self::Resp>, Status>;
 }
 
 /// State of the world: answers requests with the full set, pushes the full set when it changed.
@@ -244,6 +301,7 @@ impl Sotw {
     fn respond(
         &mut self,
         svc: &SdsService,
+        naming: &Naming,
         force: bool,
         node: &str,
     ) -> Result<Option<DiscoveryResponse>, Status> {
@@ -251,7 +309,7 @@ impl Sotw {
             return Ok(None);
         };
         let snap = svc.shared.state.load();
-        let secrets = svc.secrets(&snap, &names)?;
+        let secrets = svc.secrets(&snap, &names, naming)?;
         // An identity change that does not touch these names is not a push; a request
         // always gets its answer.
         if !force && secrets == self.0.sent {
@@ -262,6 +320,7 @@ impl Sotw {
             node,
             version = snap.version,
             resources = secrets.len(),
+            spiffe_validator = naming.spiffe_validation,
             "SDS response"
         );
         self.0.nonce = Some(resp.nonce.clone());
@@ -277,6 +336,7 @@ impl StreamProtocol for Sotw {
     fn on_request(
         &mut self,
         svc: &SdsService,
+        naming: &Naming,
         r: &DiscoveryRequest,
         node: &str,
     ) -> Result<Option<DiscoveryResponse>, Status> {
@@ -285,11 +345,15 @@ impl StreamProtocol for Sotw {
         if !answer {
             return Ok(None);
         }
-        self.respond(svc, true, node)
+        self.respond(svc, naming, true, node)
     }
 
-    fn on_change(&mut self, svc: &SdsService) -> Result<Option<DiscoveryResponse>, Status> {
-        self.respond(svc, false, "")
+    fn on_change(
+        &mut self,
+        svc: &SdsService,
+        naming: &Naming,
+    ) -> Result<Option<DiscoveryResponse>, Status> {
+        self.respond(svc, naming, false, "")
     }
 }
 
@@ -322,20 +386,21 @@ impl StreamProtocol for Delta {
     fn on_request(
         &mut self,
         svc: &SdsService,
+        naming: &Naming,
         r: &DeltaDiscoveryRequest,
         node: &str,
     ) -> Result<Option<DeltaDiscoveryResponse>, Status> {
-        let (kind, resp) = self
-            .0
-            .on_request(r, &svc.shared.state.load(), &svc.shared.naming);
+        let (kind, resp) = self.0.on_request(r, &svc.shared.state.load(), naming);
         log_request_kind(&kind, node);
         Self::checked(svc, resp)
     }
 
-    fn on_change(&mut self, svc: &SdsService) -> Result<Option<DeltaDiscoveryResponse>, Status> {
-        let resp = self
-            .0
-            .on_change(&svc.shared.state.load(), &svc.shared.naming);
+    fn on_change(
+        &mut self,
+        svc: &SdsService,
+        naming: &Naming,
+    ) -> Result<Option<DeltaDiscoveryResponse>, Status> {
+        let resp = self.0.on_change(&svc.shared.state.load(), naming);
         Self::checked(svc, resp)
     }
 }
@@ -359,16 +424,22 @@ impl SdsService {
             let _permit = permit;
             let active = metrics::get().sds_streams.clone();
             active.inc();
+            // Envoy sends its node on the first request (often only there): the node id
+            // for the log and the validation context choice hold until a request brings
+            // another node.
             let mut node = String::new();
+            let mut naming = this.naming_for(None);
             loop {
                 let out = tokio::select! {
                     _ = tx.closed() => break,
                     msg = inbound.message() => match msg {
                         Ok(Some(r)) => {
-                            if let Some(id) = r.node_id() {
-                                node = id.to_string();
+                            if let Some(n) = r.node() {
+                                node = nack_log::printable(&n.id, nack_log::MAX_NODE_BYTES);
+                                naming = this.naming_for(Some(n));
                             }
-                            check_type(r.type_url()).and_then(|()| proto.on_request(&this, &r, &node))
+                            check_type(r.type_url())
+                                .and_then(|()| proto.on_request(&this, &naming, &r, &node))
                         }
                         Ok(None) => break,
                         Err(e) => {
@@ -378,7 +449,7 @@ impl SdsService {
                     },
                     changed = changes.changed() => {
                         if changed.is_err() { break; }
-                        proto.on_change(&this)
+                        proto.on_change(&this, &naming)
                     },
                 };
                 let sent = match out {
@@ -422,7 +493,8 @@ impl SecretDiscoveryService for SdsService {
         let r = req.into_inner();
         check_type(&r.type_url)?;
         let snap = self.shared.state.load();
-        let secrets = self.secrets(&snap, &r.resource_names)?;
+        let naming = self.naming_for(r.node.as_ref());
+        let secrets = self.secrets(&snap, &r.resource_names, &naming)?;
         let mut resp = response(snap.version, &secrets);
         resp.nonce.clear();
         Ok(Response::new(resp))
@@ -436,7 +508,9 @@ impl SecretDiscoveryService for SdsService {
     }
 }
 
-/// Starts every SDS listener; they stop on `shutdown`.
+/// Starts every SDS listener; they stop on `shutdown`. A unix socket is removed when
+/// its task ends or is dropped (graceful stop, abort after the drain, runtime teardown),
+/// so callers need nothing more than to stop or abort the returned tasks.
 pub async fn start(
     config: &SdsConfig,
     state: Arc<IdentityState>,
@@ -449,38 +523,48 @@ pub async fn start(
             default_svid: config.default_svid_name.clone(),
             default_bundle: config.default_bundle_name.clone(),
             all_bundles: config.default_all_bundles_name.clone(),
-            spiffe_validation: config.spiffe_cert_validation,
+            spiffe_validation: false,
         },
         allowed_uids: config.allowed_uids.clone(),
         allowed_gids: config.allowed_gids.clone(),
-        streams: Arc::new(Semaphore::new(config.max_streams)),
+        disable_spiffe_validation: config.disable_spiffe_cert_validation,
         max_streams: config.max_streams,
     });
+    let per_connection = config.streams_per_connection();
     let mut tasks = Vec::new();
     for l in listens {
-        let keys_allowed = matches!(l, SdsListen::Unix(_)) || config.tcp_allow_keys;
+        let kind = match l {
+            SdsListen::Unix(_) => ListenerKind::Unix,
+            SdsListen::Tcp(_) => ListenerKind::Tcp,
+        };
+        let keys_allowed = kind == ListenerKind::Unix || config.tcp_allow_keys;
         let svc = SecretDiscoveryServiceServer::new(SdsService {
             shared: shared.clone(),
+            kind,
             keys_allowed,
+            streams: Arc::new(Semaphore::new(config.max_streams)),
         })
         .max_decoding_message_size(MAX_REQUEST_BYTES);
         let stop = shutdown.clone();
-        let server = tonic::transport::Server::builder().add_service(svc);
+        // One connection can hold at most `per_connection` streams (HTTP/2 settings), so
+        // a single client cannot take a whole listener's pool by itself.
+        let server = tonic::transport::Server::builder()
+            .max_concurrent_streams(per_connection)
+            .add_service(svc);
         match l {
             SdsListen::Unix(path) => {
                 let listener = crate::unix_socket::bind(&path, mode).context("sds.listen")?;
+                let guard = crate::unix_socket::SocketGuard::new(&path);
                 tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), "SDS listening");
                 tasks.push(tokio::spawn(async move {
+                    let _remove_socket_when_done = guard;
+                    let incoming = UnixListenerStream::new(listener);
                     let r = server
-                        .serve_with_incoming_shutdown(
-                            UnixListenerStream::new(listener),
-                            stop.cancelled_owned(),
-                        )
+                        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                         .await;
                     if let Err(e) = r {
                         tracing::error!(error = %e, "SDS server (unix) failed");
                     }
-                    let _ = std::fs::remove_file(&path);
                 }));
             }
             SdsListen::Tcp(addr) => {
@@ -687,6 +771,38 @@ mod tests {
         assert_ne!(push.nonce, first.nonce);
         assert_ne!(push.resources, first.resources);
         stop.cancel();
+    }
+
+    /// The unix listener fails closed: a request without peer credentials (which tonic
+    /// attaches to every unix connection) is refused, not waved through as TCP.
+    #[test]
+    fn unix_listener_refuses_callers_without_credentials() {
+        let shared = Arc::new(Shared {
+            state: Arc::new(IdentityState::new()),
+            naming: Naming::default(),
+            allowed_uids: vec![0],
+            allowed_gids: vec![],
+            disable_spiffe_validation: false,
+            max_streams: 1,
+        });
+        let svc = |kind| SdsService {
+            shared: shared.clone(),
+            kind,
+            keys_allowed: kind == ListenerKind::Unix,
+            streams: Arc::new(Semaphore::new(1)),
+        };
+        let bare = Request::new(());
+        let e = svc(ListenerKind::Unix).authorize(&bare).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("peer credentials unavailable"), "{e}");
+        let mut no_cred = Request::new(());
+        no_cred.extensions_mut().insert(UdsConnectInfo {
+            peer_addr: None,
+            peer_cred: None,
+        });
+        assert!(svc(ListenerKind::Unix).authorize(&no_cred).is_err());
+        // TCP has no credentials by nature; its keys are governed by keys_allowed.
+        assert!(svc(ListenerKind::Tcp).authorize(&bare).is_ok());
     }
 
     /// Peer credentials are checked on every RPC, streams included.

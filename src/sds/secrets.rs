@@ -24,8 +24,10 @@ pub struct Naming {
     pub default_svid: String,
     pub default_bundle: String,
     pub all_bundles: String,
-    /// Serve every validation context with the SPIFFE validator (SPIRE's default when
-    /// `disable_spiffe_cert_validation` is false); otherwise `trusted_ca`.
+    /// Serve trust-domain and default-bundle validation contexts with the SPIFFE
+    /// validator; otherwise `trusted_ca`. Set per stream from the Envoy's node
+    /// (validation.rs). The all-bundles name always uses the SPIFFE validator: one
+    /// `trusted_ca` cannot keep several trust domains apart.
     pub spiffe_validation: bool,
 }
 
