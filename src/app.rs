@@ -214,14 +214,6 @@ async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
     let mut listeners = tokio::task::JoinSet::new();
     tasks.push(tokio::spawn(source.run(state.clone(), shutdown.clone())));
     tasks.push(tokio::spawn(log_identity_changes(state.clone())));
-    tasks.push(tokio::spawn(async {
-        let limiter = &crate::proxy::REJECTION_LOG;
-        let mut tick = tokio::time::interval(limiter.window() / 10);
-        loop {
-            tick.tick().await;
-            limiter.flush();
-        }
-    }));
 
     if let Some(sds) = &config.sds {
         tasks.extend(crate::sds::start(sds, state.clone(), shutdown.clone()).await?);

@@ -649,7 +649,7 @@ print('sent 20 NACKs', flush=True)
             .count();
         let suppressed: usize = logs
             .lines()
-            .filter(|l| l.contains("NACK log lines suppressed"))
+            .filter(|l| l.contains("SDS NACK: ") && l.contains("more log lines suppressed"))
             .filter_map(|l| l.split("suppressed=").nth(1))
             .filter_map(|v| v.split_whitespace().next()?.parse::<usize>().ok())
             .sum();

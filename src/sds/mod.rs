@@ -435,7 +435,7 @@ impl SdsService {
                     msg = inbound.message() => match msg {
                         Ok(Some(r)) => {
                             if let Some(n) = r.node() {
-                                node = nack_log::printable(&n.id, nack_log::MAX_NODE_BYTES);
+                                node = crate::log_limit::printable(&n.id, nack_log::MAX_NODE_BYTES);
                                 naming = this.naming_for(Some(n));
                             }
                             check_type(r.type_url())
