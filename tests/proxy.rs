@@ -380,7 +380,7 @@ fn rotation_under_load_drops_nothing() {
             other => failures.push(format!("long-lived {msg}: {other:?}")),
         }
         requests += 1;
-        if requests % 20 == 0 {
+        if requests.is_multiple_of(20) {
             let s = presented_serial(in_port, (&probe.0, &probe.1));
             if serials.last() != Some(&s) {
                 serials.push(s);
