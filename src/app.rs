@@ -148,11 +148,13 @@ fn tonic_source(e: &tonic::Status) -> String {
 
 /// `svidcar sds-fetch`.
 pub fn sds_fetch(socket: &str, names: Vec<String>) -> anyhow::Result<()> {
+    let endpoint =
+        crate::config::parse_endpoint(socket, true).map_err(|p| anyhow!("--socket: {p}"))?;
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?
-        .block_on(crate::sds::fetch_and_print(socket, names))
+        .block_on(crate::sds::fetch_and_print(&endpoint, names))
 }
 
 /// `svidcar run`.

@@ -113,13 +113,6 @@ impl OneOrMany {
     }
 }
 
-/// A parsed SDS listen address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SdsListen {
-    Unix(PathBuf),
-    Tcp(SocketAddr),
-}
-
 fn default_socket_mode() -> String {
     "0660".into()
 }
@@ -144,7 +137,7 @@ impl SdsConfig {
     }
 
     /// Checks the section; returns the listen addresses and the socket mode.
-    pub fn validate(&self) -> Result<(Vec<SdsListen>, u32), ConfigError> {
+    pub fn validate(&self) -> Result<(Vec<Endpoint>, u32), ConfigError> {
         let mut out = Vec::new();
         let list = self.listen.to_vec();
         if list.is_empty() {
@@ -152,24 +145,7 @@ impl SdsConfig {
         }
         for (i, a) in list.iter().enumerate() {
             let at = format!("sds.listen[{i}]");
-            let l = if let Some(path) = a.strip_prefix("unix://") {
-                if !path.starts_with('/') {
-                    return Err(ConfigError::new(
-                        at,
-                        format!("{a:?}: the socket path must be absolute (unix:///path)"),
-                    ));
-                }
-                SdsListen::Unix(PathBuf::from(path))
-            } else if let Some(addr) = a.strip_prefix("tcp://") {
-                SdsListen::Tcp(addr.parse().map_err(|_| {
-                    ConfigError::new(at.clone(), format!("{a:?}: expected tcp://IP:PORT"))
-                })?)
-            } else {
-                return Err(ConfigError::new(
-                    at,
-                    format!("{a:?}: expected unix:///path or tcp://IP:PORT"),
-                ));
-            };
+            let l = parse_endpoint(a, true).map_err(|p| ConfigError::new(at, p))?;
             out.push(l);
         }
         let mode = u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
@@ -221,7 +197,7 @@ impl SdsConfig {
         }
         if self.tcp_allow_keys {
             for (i, l) in out.iter().enumerate() {
-                if let SdsListen::Tcp(addr) = l {
+                if let Endpoint::Tcp(addr) = l {
                     if !addr.ip().is_loopback() {
                         return Err(ConfigError::new(
                             "sds.tcp_allow_keys",

@@ -86,7 +86,7 @@ enum Command {
     },
     /// Fetch secrets from an SDS socket as Envoy would, and print them without keys.
     SdsFetch {
-        /// unix:///path/to/sds.sock or tcp://IP:PORT
+        /// unix:///path/to/sds.sock, unix:/path, /path or tcp://IP:PORT
         #[arg(long)]
         socket: String,
         /// Resource names (none: everything).

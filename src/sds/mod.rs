@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::config::{SdsConfig, SdsListen};
+use crate::config::{Endpoint, SdsConfig};
 use crate::identity::{IdentityState, Snapshot};
 use crate::metrics;
 use crate::proto::envoy::config::core::v3::Node;
@@ -534,8 +534,8 @@ pub async fn start(
     let mut tasks = Vec::new();
     for l in listens {
         let kind = match l {
-            SdsListen::Unix(_) => ListenerKind::Unix,
-            SdsListen::Tcp(_) => ListenerKind::Tcp,
+            Endpoint::Unix(_) => ListenerKind::Unix,
+            Endpoint::Tcp(_) => ListenerKind::Tcp,
         };
         let keys_allowed = kind == ListenerKind::Unix || config.tcp_allow_keys;
         let svc = SecretDiscoveryServiceServer::new(SdsService {
@@ -552,7 +552,7 @@ pub async fn start(
             .max_concurrent_streams(per_connection)
             .add_service(svc);
         match l {
-            SdsListen::Unix(path) => {
+            Endpoint::Unix(path) => {
                 let listener = crate::unix_socket::bind(&path, mode).context("sds.listen")?;
                 let guard = crate::unix_socket::SocketGuard::new(&path);
                 tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), "SDS listening");
@@ -567,7 +567,7 @@ pub async fn start(
                     }
                 }));
             }
-            SdsListen::Tcp(addr) => {
+            Endpoint::Tcp(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("sds.listen: cannot bind {addr}"))?;
@@ -591,15 +591,14 @@ pub async fn start(
 
 /// `svidcar sds-fetch`: one FetchSecrets call, printed without key material; for
 /// checking what an Envoy would get from a socket.
-pub async fn fetch_and_print(addr: &str, names: Vec<String>) -> anyhow::Result<()> {
+pub async fn fetch_and_print(endpoint: &Endpoint, names: Vec<String>) -> anyhow::Result<()> {
     use crate::proto::envoy::extensions::transport_sockets::tls::v3::secret::Type;
     use crate::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
-    let channel = if let Some(path) = addr.strip_prefix("unix://") {
-        crate::unix_socket::channel(Path::new(path))?
-    } else if let Some(hp) = addr.strip_prefix("tcp://") {
-        tonic::transport::Endpoint::try_from(format!("http://{hp}"))?.connect_lazy()
-    } else {
-        anyhow::bail!("--socket: {addr:?}: expected unix:///path or tcp://IP:PORT");
+    let channel = match endpoint {
+        Endpoint::Unix(path) => crate::unix_socket::channel(path)?,
+        Endpoint::Tcp(addr) => {
+            tonic::transport::Endpoint::try_from(format!("http://{addr}"))?.connect_lazy()
+        }
     };
     let req = DiscoveryRequest {
         resource_names: names,
@@ -609,7 +608,7 @@ pub async fn fetch_and_print(addr: &str, names: Vec<String>) -> anyhow::Result<(
     let resp = SecretDiscoveryServiceClient::new(channel)
         .fetch_secrets(req)
         .await
-        .map_err(|e| anyhow::anyhow!("{:?}: {}", e.code(), e.message()))?
+        .map_err(|e| crate::app::call_error(endpoint, "Envoy's Secret Discovery Service", &e))?
         .into_inner();
     println!("version {}", resp.version_info);
     for any in resp.resources {
