@@ -29,14 +29,20 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
 }
 
 /// `svidcar dev-ca`: write a fresh CA so several dev sidecars can share a trust domain.
-pub fn dev_ca(td: &str, cert: &Path, key: &Path, lifetime: Duration) -> anyhow::Result<()> {
+pub fn dev_ca(
+    td: &str,
+    cert: &Path,
+    key: &Path,
+    lifetime: Duration,
+    key_type: crate::identity::keys::KeyType,
+) -> anyhow::Result<()> {
     let td = parse_trust_domain(td).context("--trust-domain")?;
-    let ca = dev_ca::DevCa::generate(&td, lifetime)?;
+    let ca = dev_ca::DevCa::generate_with(&td, lifetime, key_type)?;
     let (cert_pem, key_pem) = ca.to_pem();
     dev_ca::write_atomic(cert, cert_pem.as_bytes(), 0o644)?;
     dev_ca::write_atomic(key, key_pem.as_bytes(), 0o600)?;
     println!(
-        "dev CA for {td} written to {} and {}",
+        "dev CA ({key_type}) for {td} written to {} and {}",
         cert.display(),
         key.display()
     );
