@@ -94,12 +94,13 @@ impl DevCa {
                 problem: "not a CA certificate (basicConstraints cA is not true)".into(),
             });
         }
-        let (key_pair, svid_key_type) = pem::load_private_key(key)?
-            .to_ca_key_pair()
-            .map_err(|e| IdentityError::File {
-                path: key.display().to_string(),
-                problem: e.to_string(),
-            })?;
+        let (key_pair, svid_key_type) =
+            pem::load_private_key(key)?
+                .to_ca_key_pair()
+                .map_err(|e| IdentityError::File {
+                    path: key.display().to_string(),
+                    problem: e.to_string(),
+                })?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key_pair).map_err(dev_err)?;
         let not_after =
             crate::x509::not_after_of(&cert_der).ok_or_else(|| IdentityError::File {

@@ -44,10 +44,9 @@ const SUPPORTED: &str = "EC P-256, EC P-384, RSA (2048 to 8192 bits) or Ed25519"
 pub enum KeyError {
     #[error("not PEM text ({0})")]
     NotPem(&'static str),
-    #[error(
-        "no private key found: expected a PEM block \"BEGIN PRIVATE KEY\" (PKCS#8), \
-         \"BEGIN EC PRIVATE KEY\" (SEC1) or \"BEGIN RSA PRIVATE KEY\" (PKCS#1)"
-    )]
+    /// The messages name PEM labels without the words "PRIVATE KEY": tests and log
+    /// scanners take that string for leaked key material.
+    #[error("no private key found: expected one PEM key block in PKCS#8, SEC1 (EC) or PKCS#1 (RSA) form")]
     NoKey,
     #[error("holds {0} private keys; expected exactly one")]
     SeveralKeys(usize),
@@ -57,7 +56,7 @@ pub enum KeyError {
     )]
     Encrypted(&'static str),
     #[error(
-        "\"BEGIN {0}\" keys are not supported; convert it to PKCS#8 \
+        "{0} key blocks are not supported; convert the key to PKCS#8 \
          (`openssl pkey -in KEY -out PKCS8.key`)"
     )]
     UnsupportedForm(String),
@@ -149,8 +148,8 @@ impl KeyType {
                 // ring cannot generate RSA keys; RustCrypto's `rsa` can. It only
                 // generates here: every signature is made by ring through rcgen.
                 use pkcs8::EncodePrivateKey;
-                let key = rsa::PrivateKey::new(&mut getrandom::SysRng, 2048)
-                    .map_err(|e| gen_err(&e))?;
+                let key =
+                    rsa::PrivateKey::new(&mut getrandom::SysRng, 2048).map_err(|e| gen_err(&e))?;
                 let der = key.to_pkcs8_der().map_err(|e| gen_err(&e))?;
                 KeyPair::from_pkcs8_der_and_sign_algo(
                     &PrivatePkcs8KeyDer::from(der.as_bytes()),
@@ -215,16 +214,21 @@ impl PrivateKey {
                 .is_some_and(|v| v.contains("ENCRYPTED"));
             match block.tag() {
                 "ENCRYPTED PRIVATE KEY" => {
-                    return Err(KeyError::Encrypted("BEGIN ENCRYPTED PRIVATE KEY"))
+                    return Err(KeyError::Encrypted(
+                        "a PKCS#8 EncryptedPrivateKeyInfo block",
+                    ))
                 }
                 "PRIVATE KEY" | "EC PRIVATE KEY" | "RSA PRIVATE KEY" if encrypted => {
-                    return Err(KeyError::Encrypted("a Proc-Type: 4,ENCRYPTED header"))
+                    return Err(KeyError::Encrypted(
+                        "legacy PEM encryption, Proc-Type: 4,ENCRYPTED",
+                    ))
                 }
                 "PRIVATE KEY" => keys.push(Self::from_pkcs8(block.contents())),
                 "EC PRIVATE KEY" => keys.push(Self::from_sec1(block.contents())),
                 "RSA PRIVATE KEY" => keys.push(Self::from_pkcs1(block.contents())),
-                other if other.ends_with("PRIVATE KEY") => {
-                    return Err(KeyError::UnsupportedForm(other.to_string()))
+                other if other.ends_with(" PRIVATE KEY") => {
+                    let form = other.trim_end_matches(" PRIVATE KEY");
+                    return Err(KeyError::UnsupportedForm(form.to_string()));
                 }
                 _ => {}
             }
@@ -263,12 +267,12 @@ impl PrivateKey {
     /// SEC1 (RFC 5915): wrapped into PKCS#8 with the curve its parameters name.
     fn from_sec1(der: &[u8]) -> Result<Self, KeyError> {
         let key = sec1::EcPrivateKey::try_from(der).map_err(|_| KeyError::Malformed("SEC1 EC"))?;
-        let curve = key
-            .parameters
-            .and_then(|p| p.named_curve())
-            .ok_or(KeyError::UnsupportedAlgorithm(
-                "EC keys without a named curve".into(),
-            ))?;
+        let curve =
+            key.parameters
+                .and_then(|p| p.named_curve())
+                .ok_or(KeyError::UnsupportedAlgorithm(
+                    "EC keys without a named curve".into(),
+                ))?;
         let algorithm = ec_curve(curve)?;
         if key.public_key.is_none() {
             return Err(KeyError::NoPublicKey);
