@@ -318,6 +318,20 @@ fn dev_agent_with_rsa_ca_gives_rsa_svid_over_workload_api() {
     let client = openssl_leaf(d, &ca, "client", BACKEND, RSA_KEY);
     assert_serves(d, port, &client, &ca.0, RSA_LEAF);
     s.wait_log(&["accepted mTLS connection", BACKEND]);
+    // A SPIFFE client nobody here wrote takes the RSA SVID and its key too.
+    let (ok, out) = python(
+        d,
+        r#"
+from cryptography.hazmat.primitives.asymmetric import rsa
+from spiffe import WorkloadApiClient
+s = WorkloadApiClient(socket_path='unix:agent.sock').fetch_x509_svid()
+print('svid', s.spiffe_id, isinstance(s.private_key, rsa.RSAPrivateKey), s.private_key.key_size)
+"#,
+    );
+    assert!(
+        ok && out.contains(&format!("svid {WEB} True 2048")),
+        "{out}"
+    );
 }
 
 #[test]
@@ -563,6 +577,8 @@ fn encrypted_garbage_and_unsupported_keys_get_clear_errors() {
         .contains("Proc-Type: 4,ENCRYPTED"));
     sh(d, "openssl ecparam -genkey -name secp521r1 -out p521.key");
     sh(d, "openssl genpkey -algorithm ed448 -out ed448.key");
+    sh(d, "openssl ec -in ca.key -no_public -out nopub.key");
+    sh(d, "openssl pkey -in ca.key -outform DER -out der.key");
     std::fs::write(d.join("garbage.key"), "this is not a key\n").unwrap();
     std::fs::write(
         d.join("broken.key"),
@@ -580,12 +596,13 @@ fn encrypted_garbage_and_unsupported_keys_get_clear_errors() {
             vec!["EC P-521 keys are not supported", "EC P-256"],
         ),
         ("ed448.key", vec!["Ed448 keys are not supported"]),
+        ("nopub.key", vec!["lacks its public key"]),
+        ("der.key", vec!["not PEM text"]),
     ];
     let listener = inbound("a", 8443, 8080, BACKEND);
     for (key, expect) in &cases {
         let key_path = d.join(key);
-        let secret = std::fs::read_to_string(&key_path)
-            .unwrap()
+        let secret = String::from_utf8_lossy(&std::fs::read(&key_path).unwrap())
             .contains("-----BEGIN")
             .then(|| key_body_line(&key_path));
         // The same key as a dev CA key and as a `files` SVID key.

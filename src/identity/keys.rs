@@ -206,6 +206,12 @@ impl PrivateKey {
     /// `openssl ecparam -genkey` writes first; certificates) are skipped.
     pub fn from_pem(bytes: &[u8]) -> Result<Self, KeyError> {
         let blocks = ::pem::parse_many(bytes).map_err(|e| KeyError::NotPem(pem_problem(&e)))?;
+        if blocks.is_empty() && bytes.first() == Some(&0x30) {
+            // A DER SEQUENCE: the right key, in the wrong encoding.
+            return Err(KeyError::NotPem(
+                "it looks like binary DER; convert it with `openssl pkey -inform DER -in KEY -out PEM.key`",
+            ));
+        }
         let mut keys = Vec::new();
         for block in &blocks {
             let encrypted = block
