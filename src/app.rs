@@ -34,6 +34,7 @@ pub fn dev_ca(
     cert: &Path,
     key: &Path,
     lifetime: Duration,
+    key_type: crate::identity::keys::KeyType,
     force: bool,
 ) -> anyhow::Result<()> {
     let td = parse_trust_domain(td).context("--trust-domain")?;
@@ -46,12 +47,12 @@ pub fn dev_ca(
             ));
         }
     }
-    let ca = dev_ca::DevCa::generate(&td, lifetime)?;
+    let ca = dev_ca::DevCa::generate_with(&td, lifetime, key_type)?;
     let (cert_pem, key_pem) = ca.to_pem();
     dev_ca::write_atomic(cert, cert_pem.as_bytes(), 0o644)?;
     dev_ca::write_atomic(key, key_pem.as_bytes(), 0o600)?;
     println!(
-        "dev CA for {td} written to {} and {}",
+        "dev CA ({key_type}) for {td} written to {} and {}",
         cert.display(),
         key.display()
     );

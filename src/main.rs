@@ -58,6 +58,10 @@ enum Command {
     },
     /// Create a dev CA (certificate + PKCS#8 key) for `identity.dev.ca_cert`/`ca_key`.
     DevCa {
+        /// The CA's key type, which its SVIDs share (SPIRE's `ca_key_type`):
+        /// ec-p256, ec-p384 or rsa-2048.
+        #[arg(long, default_value = "ec-p256")]
+        key_type: identity::keys::KeyType,
         #[arg(long)]
         trust_domain: String,
         #[arg(long)]
@@ -102,12 +106,13 @@ fn main() -> ExitCode {
         Command::Run { config } => app::run(&config),
         Command::Check { config } => app::check(&config),
         Command::DevCa {
+            key_type,
             trust_domain,
             cert,
             key,
             lifetime,
             force,
-        } => app::dev_ca(&trust_domain, &cert, &key, lifetime, force),
+        } => app::dev_ca(&trust_domain, &cert, &key, lifetime, key_type, force),
         Command::DevAgent { config } => app::dev_agent(&config),
         Command::Workload { socket, call } => app::workload_call(&socket, call),
         Command::SdsFetch { socket, names } => app::sds_fetch(&socket, names),

@@ -1,6 +1,10 @@
-//! The `dev` identity source: an in-process CA for one trust domain that mints an
-//! ECDSA P-256 SVID and re-mints it at half-life. For laptops, demos and tests; the
-//! same CA can be loaded by several processes so they share a trust domain.
+//! The `dev` identity source: an in-process CA for one trust domain that mints an SVID
+//! with the CA's own key algorithm (EC P-256, EC P-384 or RSA-2048) and re-mints it at
+//! half-life. For laptops, demos and tests; the same CA can be loaded by several
+//! processes so they share a trust domain.
+//!
+//! Loading a CA never writes anything: `svidcar check` loads it too. Only
+//! [`DevSource::start`], on the `run` path, writes `bundle_out`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,6 +15,8 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use super::keys::KeyType;
 use tokio_util::sync::CancellationToken;
 
 use super::{pem, Bundle, IdentityError, IdentityState, IdentityUpdate, Svid};
@@ -27,12 +33,24 @@ pub struct DevCa {
     not_after: SystemTime,
     issuer: Issuer<'static, KeyPair>,
     cert: CertificateDer<'static>,
+    /// What the SVIDs' keys are: the CA's own family, as SPIRE does.
+    svid_key_type: KeyType,
 }
 
 impl DevCa {
-    /// Creates a fresh self-signed CA valid for `lifetime`.
+    /// Creates a fresh self-signed EC P-256 CA valid for `lifetime`.
     pub fn generate(trust_domain: &TrustDomain, lifetime: Duration) -> Result<Self, IdentityError> {
-        let key = KeyPair::generate().map_err(dev_err)?;
+        Self::generate_with(trust_domain, lifetime, KeyType::EcP256)
+    }
+
+    /// Creates a fresh self-signed CA valid for `lifetime` whose key (and so its SVIDs'
+    /// keys) is of `key_type`.
+    pub fn generate_with(
+        trust_domain: &TrustDomain,
+        lifetime: Duration,
+        key_type: KeyType,
+    ) -> Result<Self, IdentityError> {
+        let key = key_type.generate().map_err(dev_err)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "svidcar dev CA");
@@ -58,10 +76,12 @@ impl DevCa {
             not_after,
             cert: cert.der().clone(),
             issuer: Issuer::new(params, key),
+            svid_key_type: key_type,
         })
     }
 
-    /// Loads a CA from PEM files (certificate, PKCS#8 key).
+    /// Loads a CA from PEM files: a certificate, and its key as PKCS#8, SEC1 or PKCS#1
+    /// (EC P-256, EC P-384 or RSA).
     pub fn load(
         trust_domain: &TrustDomain,
         cert: &Path,
@@ -74,14 +94,13 @@ impl DevCa {
                 problem: "not a CA certificate (basicConstraints cA is not true)".into(),
             });
         }
-        let key_text = String::from_utf8(pem::read(key)?).map_err(|_| IdentityError::File {
-            path: key.display().to_string(),
-            problem: "not PEM text".into(),
-        })?;
-        let key_pair = KeyPair::from_pem(&key_text).map_err(|_| IdentityError::File {
-            path: key.display().to_string(),
-            problem: "not a usable PKCS#8 private key".into(),
-        })?;
+        let (key_pair, svid_key_type) =
+            pem::load_private_key(key)?
+                .to_ca_key_pair()
+                .map_err(|e| IdentityError::File {
+                    path: key.display().to_string(),
+                    problem: e.to_string(),
+                })?;
         let issuer = Issuer::from_ca_cert_der(&cert_der, key_pair).map_err(dev_err)?;
         let not_after =
             crate::x509::not_after_of(&cert_der).ok_or_else(|| IdentityError::File {
@@ -93,11 +112,15 @@ impl DevCa {
             not_after,
             issuer,
             cert: cert_der,
+            svid_key_type,
         };
         // Prove the key belongs to the certificate before anyone trusts what it signs.
-        let probe = ca.mint(
+        // The probe's own key is P-256 whatever the CA's: only the CA's signature is
+        // checked, and an RSA key would cost a keygen.
+        let probe = ca.mint_with(
             &SpiffeId::from_segments(trust_domain.clone(), &["probe"]).map_err(dev_err)?,
             Duration::from_secs(60),
+            KeyType::EcP256,
         )?;
         let anchor = Bundle::new(trust_domain.clone(), vec![ca.cert.clone()])?;
         let ee = webpki::EndEntityCert::try_from(&probe.chain[0]).map_err(dev_err)?;
@@ -131,9 +154,20 @@ impl DevCa {
         Bundle::new(self.trust_domain.clone(), vec![self.cert.clone()])
     }
 
-    /// Mints an X509-SVID for `id`, valid for `ttl`.
+    /// Mints an X509-SVID for `id`, valid for `ttl`, with a key of the CA's family.
+    /// An RSA key takes a keygen of a few hundred milliseconds: call it off the async
+    /// workers.
     pub fn mint(&self, id: &SpiffeId, ttl: Duration) -> Result<Svid, IdentityError> {
-        let key = KeyPair::generate().map_err(dev_err)?;
+        self.mint_with(id, ttl, self.svid_key_type)
+    }
+
+    fn mint_with(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+        key_type: KeyType,
+    ) -> Result<Svid, IdentityError> {
+        let key = key_type.generate().map_err(dev_err)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params
@@ -143,11 +177,19 @@ impl DevCa {
         // basicConstraints cA=false, written out: SPIFFE clients (the Python `spiffe`
         // package among them) refuse a leaf without the extension.
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-            KeyUsagePurpose::KeyAgreement,
-        ];
+        // keyAgreement means something for EC keys only, keyEncipherment for RSA keys
+        // only; both stay allowed for EC as before (X509-SVID spec: MAY).
+        params.key_usages = match key_type {
+            KeyType::Rsa2048 => vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+            ],
+            KeyType::EcP256 | KeyType::EcP384 => vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+                KeyUsagePurpose::KeyAgreement,
+            ],
+        };
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -222,6 +264,8 @@ pub struct DevSource {
 }
 
 impl DevSource {
+    /// Loads (or generates) the CA and mints the first SVID. No side effects: `svidcar
+    /// check` calls this, and must not overwrite the bundle that running peers trust.
     pub fn load(config: &DevConfig) -> Result<(Self, IdentityUpdate), IdentityError> {
         let ca = match &config.ca {
             Some((cert, key)) => DevCa::load(&config.trust_domain, cert, key)?,
@@ -231,15 +275,22 @@ impl DevSource {
                 Duration::from_secs(365 * 24 * 3600).max(config.svid_ttl * 4),
             )?,
         };
-        if let Some(out) = &config.bundle_out {
-            write_atomic(out, ca.to_pem().0.as_bytes(), 0o644)?;
-        }
         let source = Self {
             ca,
             spiffe_id: config.spiffe_id.clone(),
             ttl: config.svid_ttl,
         };
         let update = source.update()?;
+        Ok((source, update))
+    }
+
+    /// As [`DevSource::load`], then publishes the CA to `bundle_out` for peers to trust:
+    /// the `run` path only.
+    pub fn start(config: &DevConfig) -> Result<(Self, IdentityUpdate), IdentityError> {
+        let (source, update) = Self::load(config)?;
+        if let Some(out) = &config.bundle_out {
+            write_atomic(out, source.ca.to_pem().0.as_bytes(), 0o644)?;
+        }
         Ok((source, update))
     }
 
@@ -251,18 +302,22 @@ impl DevSource {
     }
 
     /// Re-mints at half-life until cancelled.
+    /// Minting runs on the blocking pool: an RSA keygen would stall an async worker.
     pub async fn run(self, state: Arc<IdentityState>, shutdown: CancellationToken) {
         let half_life = self.ttl / 2;
+        let this = Arc::new(self);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(half_life) => {}
             }
-            match self.update() {
-                Ok(update) => {
+            let minter = this.clone();
+            match tokio::task::spawn_blocking(move || minter.update()).await {
+                Ok(Ok(update)) => {
                     state.publish(update);
                 }
-                Err(e) => tracing::error!(error = %e, "dev CA could not mint a new SVID"),
+                Ok(Err(e)) => tracing::error!(error = %e, "dev CA could not mint a new SVID"),
+                Err(e) => tracing::error!(error = %e, "dev CA minting task failed"),
             }
         }
     }

@@ -6,6 +6,7 @@
 
 pub mod dev_ca;
 pub mod files;
+pub mod keys;
 pub mod pem;
 mod snapshot;
 mod state;
@@ -99,7 +100,7 @@ impl IdentitySource {
     pub async fn start(config: &IdentityConfig) -> Result<(Self, IdentityUpdate), IdentityError> {
         match config {
             IdentityConfig::Dev(c) => {
-                let (s, u) = dev_ca::DevSource::load(c)?;
+                let (s, u) = dev_ca::DevSource::start(c)?;
                 Ok((Self::Dev(Box::new(s)), u))
             }
             IdentityConfig::Files(c) => {

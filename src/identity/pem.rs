@@ -1,10 +1,12 @@
 //! Reading certificates and keys from PEM files, with errors that name the file.
+//! What a key's PEM block may hold, and how it becomes PKCS#8, is [`super::keys`].
 
 use std::path::Path;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use super::keys::PrivateKey;
 use super::IdentityError;
 
 fn file_err(path: &Path, problem: impl Into<String>) -> IdentityError {
@@ -46,11 +48,15 @@ pub fn certs(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, 
     Ok(certs)
 }
 
-/// The one private key in a PEM file (PKCS#8, SEC1 or PKCS#1). The error never
-/// carries key bytes.
+/// The one private key in a PEM file (PKCS#8, SEC1 or PKCS#1), as PKCS#8. The error
+/// names the file and the problem, never key bytes.
+pub fn private_key(path: &Path, bytes: &[u8]) -> Result<PrivateKey, IdentityError> {
+    PrivateKey::from_pem(bytes).map_err(|e| file_err(path, e.to_string()))
+}
+
+/// As [`private_key`], in the form rustls takes.
 pub fn key(path: &Path, bytes: &[u8]) -> Result<PrivateKeyDer<'static>, IdentityError> {
-    PrivateKeyDer::from_pem_slice(bytes)
-        .map_err(|_| file_err(path, "no usable PRIVATE KEY block found"))
+    private_key(path, bytes).map(|k| k.to_der())
 }
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
@@ -59,6 +65,10 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, IdentityE
 
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, IdentityError> {
     key(path, &read(path)?)
+}
+
+pub fn load_private_key(path: &Path) -> Result<PrivateKey, IdentityError> {
+    private_key(path, &read(path)?)
 }
 
 /// PEM text of certificates, for writing bundles out.
