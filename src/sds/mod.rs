@@ -473,7 +473,7 @@ pub async fn start(
                 tasks.push(tokio::spawn(async move {
                     let r = server
                         .serve_with_incoming_shutdown(
-                            UnixListenerStream::new(listener),
+                            crate::h2_authority::incoming(UnixListenerStream::new(listener)),
                             stop.cancelled_owned(),
                         )
                         .await;
