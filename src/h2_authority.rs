@@ -83,6 +83,20 @@ pub enum AuthorityFixError {
     Hpack { stream: u32, error: DecoderError },
 }
 
+impl AuthorityFixError {
+    /// The metric label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::BlockTooLarge { .. } => "block_too_large",
+            Self::DecodedTooLarge { .. } => "decoded_too_large",
+            Self::TooManyFields { .. } => "too_many_fields",
+            Self::BadPadding { .. } | Self::ShortPriority { .. } => "bad_headers_frame",
+            Self::ExpectedContinuation { .. } => "expected_continuation",
+            Self::Hpack { .. } => "hpack",
+        }
+    }
+}
+
 /// An IO stream whose client-to-server HTTP/2 header blocks carry only `:authority`
 /// values h2 accepts; see the module doc.
 pub struct FixAuthority<S> {
@@ -355,7 +369,11 @@ impl<S: AsyncRead + Unpin> FixAuthority<S> {
 impl<S> FixAuthority<S> {
     /// Logs why the connection closes and makes every later read fail.
     fn fail(&mut self, e: AuthorityFixError) -> io::Error {
-        tracing::debug!(error = %e, "closing a gRPC connection on the unix socket");
+        tracing::debug!(error = %e, reason = e.reason(), "closing a gRPC connection on the unix socket");
+        crate::metrics::get()
+            .grpc_closed
+            .with_label_values(&[e.reason()])
+            .inc();
         self.state = State::Failed;
         self.open = None;
         self.frame = Vec::new();
