@@ -7,6 +7,7 @@ mod admin;
 mod agent;
 mod app;
 mod config;
+mod h2_authority;
 mod identity;
 mod log_limit;
 mod metrics;

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub sds_streams: IntGauge,
     pub sds_requests: IntCounterVec,
     pub sds_responses: IntCounter,
+    pub grpc_closed: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -121,6 +122,12 @@ impl Metrics {
                 &["kind"],
             ),
             sds_responses,
+            grpc_closed: counter_vec(
+                &r,
+                "svidcar_grpc_connections_closed_total",
+                "Unix-socket gRPC connections closed because a header block could not be repaired, by reason",
+                &["reason"],
+            ),
             registry: r,
         }
     }

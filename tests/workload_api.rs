@@ -12,9 +12,7 @@ use common::*;
 const WEB: &str = "spiffe://example.org/ns/default/sa/web";
 const BACKEND: &str = "spiffe://example.org/ns/default/sa/backend";
 
-/// Runs a Python snippet in `dir`, which must succeed. The Python gRPC library sends the
-/// socket path, percent-encoded, as HTTP/2 :authority, which the h2 crate (under tonic)
-/// refuses; a path relative to the socket's directory gives a plain authority (README).
+/// Runs a Python snippet in `dir`, which must succeed.
 fn python_ok(dir: &std::path::Path, script: &str) -> String {
     let (ok, out) = python(dir, script);
     assert!(ok, "python failed: {out}");
@@ -25,16 +23,16 @@ fn python_ok(dir: &std::path::Path, script: &str) -> String {
 fn python_spiffe_client_fetches_svid_bundles_jwt_and_rotation() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let _agent = DevAgent::start(
+    let agent = DevAgent::start(
         d,
         &format!("trust_domain: example.org\nsvid_ttl: 4s\nentries:\n  - spiffe_id: {WEB}\n    selectors: [\"unix:uid:0\"]\n"),
     );
     let out = python_ok(
         d,
-        r#"
+        &r#"
 import time
 from spiffe import WorkloadApiClient
-c = WorkloadApiClient(socket_path='unix:agent.sock')
+c = WorkloadApiClient(socket_path='SOCKET')
 s = c.fetch_x509_svid()
 print('id', s.spiffe_id)
 first = s.leaf.serial_number
@@ -50,7 +48,8 @@ while time.time() < deadline:
         print('rotated', n)
         break
     time.sleep(0.1)
-"#,
+"#
+        .replace("SOCKET", &agent.url()),
     );
     assert!(out.contains(&format!("id {WEB}")), "{out}");
     assert!(out.contains("roots 1"), "{out}");
@@ -72,10 +71,10 @@ fn status_codes_for_missing_header_and_unregistered_caller() {
     // No security header: InvalidArgument. Registered nowhere: PermissionDenied.
     let out = python_ok(
         d,
-        r#"
+        &r#"
 import grpc
 from spiffe._proto import workload_pb2, workload_pb2_grpc
-ch = grpc.insecure_channel('unix:agent.sock')
+ch = grpc.insecure_channel('SOCKET')
 stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(ch)
 for name, md in (('noheader', None), ('unregistered', [('workload.spiffe.io', 'true')])):
     try:
@@ -83,7 +82,8 @@ for name, md in (('noheader', None), ('unregistered', [('workload.spiffe.io', 't
         print(name, 'OK')
     except grpc.RpcError as e:
         print(name, e.code().name, e.details())
-"#,
+"#
+        .replace("SOCKET", &agent.url()),
     );
     assert!(
         out.contains("noheader INVALID_ARGUMENT security header missing from request"),

@@ -419,7 +419,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let result = tonic::transport::Server::builder()
         .add_service(SpiffeWorkloadApiServer::new(Service(agent)))
         .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listener),
+            crate::h2_authority::incoming(UnixListenerStream::new(listener)),
             crate::app::wait_for_signal(),
         )
         .await;
