@@ -340,8 +340,8 @@ fn envoy_by_spiffe_id_and_trust_domain_names() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("rogue"));
 }
 
-/// Raw gRPC calls from Python against the SDS unix socket (relative path: see README on
-/// the :authority limit of gRPC C-core clients).
+/// Raw gRPC calls from Python (gRPC C-core) against the SDS unix socket, named by its
+/// absolute path as users write it.
 fn python_sds(dir: &Path, body: &str) -> String {
     let script = format!(
         r#"
@@ -354,7 +354,7 @@ def names(*ns):
 def typed(url, *ns):
     url = url.encode()
     return names(*ns) + b'\x22' + bytes([len(url)]) + url
-ch = grpc.insecure_channel('unix:sds.sock')
+ch = grpc.insecure_channel('unix://' + __import__('os').path.abspath('sds.sock'))
 fetch = ch.unary_unary('/envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets')
 stream = ch.stream_stream('/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets')
 def call(label, f):
@@ -394,7 +394,7 @@ def open_stream():
     return q, it
 held = [open_stream() for _ in range(2)]
 # (on a connection of its own: one connection's third stream would wait for a free slot)
-other = grpc.insecure_channel('unix:sds.sock', options=[('grpc.use_local_subchannel_pool', 1)])
+other = grpc.insecure_channel('unix://' + __import__('os').path.abspath('sds.sock'), options=[('grpc.use_local_subchannel_pool', 1)])
 call('third-stream', lambda: next(other.stream_stream('/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets')(iter([names('ROOTCA')]))))
 for q, _ in held: q.put(None)
 call('still-serving', lambda: fetch(names('ROOTCA')))
@@ -587,7 +587,7 @@ more = [Held(b).send(request(['ROOTCA'])) for _ in range(2)]
 for h in more: h.next()
 print('tcp pool full', flush=True)
 outcome('tcp-over-pool', lambda: Held(conn()).send(request(['ROOTCA'])).next())
-u = grpc.insecure_channel('unix:sds.sock')
+u = grpc.insecure_channel('unix://' + __import__('os').path.abspath('sds.sock'))
 outcome('unix-stream', lambda: Held(u).send(request(['default'])).next())
 "#
         ),
@@ -628,7 +628,7 @@ fn nack_text_is_escaped_truncated_and_rate_limited() {
         d,
         r#"
 forged = 'bad secret\n2026-11-23T00:00:00.000000Z  INFO svidcar: FORGED LINE\n' + 'x' * (900 * 1024)
-st = Held(grpc.insecure_channel('unix:sds.sock'))
+st = Held(grpc.insecure_channel('unix://' + __import__('os').path.abspath('sds.sock')))
 n = nonce(st.send(request(['ROOTCA'], node=node('nacker\nFORGED NODE'))).next())
 st.send(request(['ROOTCA'], nonce=n, error=forged))
 # A changed name list is answered: by then the NACK before it was handled.
@@ -790,7 +790,7 @@ fn sds_socket_is_removed_after_sigterm() {
     let mut holder = Command::new("python3")
         .arg("-c")
         .arg(format!(
-            "{XDS_PY}\nst = Held(grpc.insecure_channel('unix:sds.sock')).send(request(['ROOTCA']))\nst.next()\nprint('held', flush=True)\nimport time\ntime.sleep(60)\n"
+            "{XDS_PY}\nst = Held(grpc.insecure_channel('unix://' + __import__('os').path.abspath('sds.sock'))).send(request(['ROOTCA']))\nst.next()\nprint('held', flush=True)\nimport time\ntime.sleep(60)\n"
         ))
         .current_dir(d)
         .stdout(Stdio::piped())
@@ -831,7 +831,7 @@ fn validation_context_is_chosen_per_node_like_spire() {
         sock.display()
     );
     let body = r#"
-ch = grpc.insecure_channel('unix:sds.sock')
+ch = grpc.insecure_channel('unix://' + __import__('os').path.abspath('sds.sock'))
 fetch = ch.unary_unary(SDS + 'FetchSecrets')
 cases = [
     ('no-node', None),
