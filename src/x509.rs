@@ -183,9 +183,17 @@ pub enum ChainError {
     #[error("{id} is not signed by a CA of trust domain {td}")]
     UnknownIssuer { id: String, td: String },
     #[error("root CA {root:?} of trust domain {td} expired at {at}")]
-    RootExpired { root: String, td: String, at: String },
+    RootExpired {
+        root: String,
+        td: String,
+        at: String,
+    },
     #[error("root CA {root:?} of trust domain {td} is not valid until {at}")]
-    RootNotYetValid { root: String, td: String, at: String },
+    RootNotYetValid {
+        root: String,
+        td: String,
+        at: String,
+    },
     #[error("path length exceeded: CA {ca:?} allows {allowed} intermediate CA(s) below it, the chain has {found}")]
     PathLenExceeded {
         ca: String,

@@ -127,9 +127,15 @@ fn fork_exec_spoof_is_refused_and_a_registered_process_still_gets_its_svid() {
         ),
     );
     assert!(ok, "{out}");
-    assert!(out.contains("legit 1 ") && out.contains("legit 3 "), "{out}");
+    assert!(
+        out.contains("legit 1 ") && out.contains("legit 3 "),
+        "{out}"
+    );
     for line in out.lines().filter(|l| l.starts_with("legit")) {
-        assert!(line.ends_with("True open"), "legit call must get BACKEND: {out}");
+        assert!(
+            line.ends_with("True open"),
+            "legit call must get BACKEND: {out}"
+        );
     }
 
     // The spoof: python connects and makes one call (attested as python, it gets
@@ -243,9 +249,11 @@ fn sigterm_with_an_open_stream_exits_within_the_drain_time() {
         .unwrap();
     assert!(killed.success());
     // The drain time is 5 s; a stuck agent stays up for minutes.
-    let status = wait_until("dev-agent exit after SIGTERM", Duration::from_secs(30), || {
-        agent.try_wait().ok().flatten()
-    });
+    let status = wait_until(
+        "dev-agent exit after SIGTERM",
+        Duration::from_secs(30),
+        || agent.try_wait().ok().flatten(),
+    );
     assert!(status.success(), "{status:?}: {}", agent_log(d));
     assert!(!socket.exists(), "socket file removed at exit");
     let ended = wait_until("client saw the stream end", Duration::from_secs(15), || {
@@ -260,7 +268,11 @@ fn sigterm_with_an_open_stream_exits_within_the_drain_time() {
     let _ = client.kill();
     let _ = client.wait();
     let _ = reader.join();
-    assert!(agent_log(d).contains("ending open streams"), "{}", agent_log(d));
+    assert!(
+        agent_log(d).contains("ending open streams"),
+        "{}",
+        agent_log(d)
+    );
 }
 
 #[test]
@@ -299,10 +311,11 @@ fn bad_agent_configs_name_the_key() {
             Duration::from_secs(20),
         );
         let err = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(!out.status.success(), "{name} must fail: {err}");
+        let head: String = err.chars().take(600).collect();
+        assert!(!out.status.success(), "{name} must fail: {head}");
         assert!(!err.contains("panicked"), "{name}: {err}");
         for e in expect {
-            assert!(err.contains(e), "{name}: expected {e:?} in {err:?}");
+            assert!(err.contains(e), "{name}: expected {e:?} in {head:?}");
         }
     }
 }

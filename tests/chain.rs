@@ -126,11 +126,7 @@ struct World {
 fn world(dir: &Path) -> World {
     let now = SystemTime::now();
     let good = Ca::root("example.org root 2026", None, always());
-    let expired = Ca::root(
-        "example.org root 2024",
-        None,
-        (now - 400 * DAY, now - DAY),
-    );
+    let expired = Ca::root("example.org root 2024", None, (now - 400 * DAY, now - DAY));
     let pl0 = Ca::root("example.org issuing root pathlen 0", Some(0), always());
     let bundle = dir.join("bundle.pem");
     std::fs::write(
@@ -165,7 +161,9 @@ fn files_identity(w: &World) -> String {
 /// Each bad chain, with the words its refusal must log and its metric label.
 fn bad_peers(dir: &Path, w: &World) -> Vec<(&'static str, Peer, Vec<String>, &'static str)> {
     let int_good = w.good.intermediate("example.org intermediate", signing());
-    let int_pl0 = w.pl0.intermediate("example.org intermediate under pathlen 0", signing());
+    let int_pl0 = w
+        .pl0
+        .intermediate("example.org intermediate under pathlen 0", signing());
     let int_noks = w.good.intermediate(
         "example.org intermediate without keyCertSign",
         vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::CrlSign],
@@ -203,7 +201,12 @@ fn bad_peers(dir: &Path, w: &World) -> Vec<(&'static str, Peer, Vec<String>, &'s
         ),
         (
             "no-keycertsign",
-            write_peer(dir, "no-keycertsign", int_noks.leaf(PEER), &[&int_noks.cert]),
+            write_peer(
+                dir,
+                "no-keycertsign",
+                int_noks.leaf(PEER),
+                &[&int_noks.cert],
+            ),
             vec![
                 "intermediate CA".into(),
                 "without keyCertSign".into(),
@@ -231,7 +234,10 @@ fn bad_peers(dir: &Path, w: &World) -> Vec<(&'static str, Peer, Vec<String>, &'s
 fn good_peers(dir: &Path, w: &World) -> Vec<(&'static str, Peer)> {
     let int_good = w.good.intermediate("example.org intermediate", signing());
     vec![
-        ("direct", write_peer(dir, "good-direct", w.good.leaf(PEER), &[])),
+        (
+            "direct",
+            write_peer(dir, "good-direct", w.good.leaf(PEER), &[]),
+        ),
         (
             "intermediate",
             write_peer(dir, "good-int", int_good.leaf(PEER), &[&int_good.cert]),

@@ -33,7 +33,9 @@ use crate::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use crate::proto::workload::*;
-use crate::spiffe::{parse_spiffe_id, parse_trust_domain, parse_workload_id, SpiffeId, TrustDomain};
+use crate::spiffe::{
+    parse_spiffe_id, parse_trust_domain, parse_workload_id, SpiffeId, TrustDomain,
+};
 
 /// The shortest `svid_ttl`: SVIDs are re-minted at half-life, so a tiny TTL would spin
 /// the rotation loop and push a new SVID to every stream many times a second.
@@ -277,10 +279,7 @@ impl StreamGuard {
     fn of<T>(agent: &Agent, req: &Request<T>) -> Self {
         Self {
             shutdown: agent.shutdown.clone(),
-            attested: req
-                .extensions()
-                .get::<Arc<attest::Attestation>>()
-                .cloned(),
+            attested: req.extensions().get::<Arc<attest::Attestation>>().cloned(),
         }
     }
 

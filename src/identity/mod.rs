@@ -44,7 +44,8 @@ impl IdentityUpdate {
             .ok_or_else(|| {
                 IdentityError::Svid(format!("no bundle for our own trust domain {td}"))
             })?;
-        let leaf = LeafInfo::parse(&svid.chain[0]).map_err(|e| IdentityError::Svid(e.to_string()))?;
+        let leaf =
+            LeafInfo::parse(&svid.chain[0]).map_err(|e| IdentityError::Svid(e.to_string()))?;
         crate::x509::verify_chain(
             crate::tls::crypto_provider()
                 .signature_verification_algorithms

@@ -133,9 +133,8 @@ impl Bundle {
         let facts = roots
             .iter()
             .map(|r| {
-                RootFacts::parse(r).map_err(|e| {
-                    IdentityError::Svid(format!("bundle for {trust_domain}: {e}"))
-                })
+                RootFacts::parse(r)
+                    .map_err(|e| IdentityError::Svid(format!("bundle for {trust_domain}: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
