@@ -457,6 +457,22 @@ mod tests {
     }
 
     #[test]
+    fn refuses_an_id_without_a_path_and_long_chains() {
+        let root = cert(
+            vec![uri("spiffe://example.org")],
+            false,
+            vec![KeyUsagePurpose::DigitalSignature],
+        );
+        let e = LeafInfo::parse(&root).unwrap_err();
+        assert!(e.to_string().contains("has no path"), "{e}");
+        assert!(check_chain_len(MAX_CHAIN_LEN).is_ok());
+        assert_eq!(
+            check_chain_len(121).unwrap_err().to_string(),
+            "chain too long (121 certificates, at most 8)"
+        );
+    }
+
+    #[test]
     fn serial_is_trimmed_hex() {
         assert_eq!(hex_serial(&[0, 0x0a, 0xff]), "0aff");
         assert_eq!(hex_serial(&[0]), "00");

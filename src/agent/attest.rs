@@ -228,6 +228,34 @@ mod tests {
     }
 
     #[test]
+    fn a_live_unchanged_process_is_still_the_same() {
+        let pid = std::process::id() as i32;
+        let mark = ProcessMark::read(pid).unwrap();
+        let a = Attestation {
+            selectors: vec![],
+            pid: Some(pid),
+            mark: Some(mark.clone()),
+        };
+        assert!(a.still_same().is_ok());
+        let exec_d = Attestation {
+            mark: Some(ProcessMark {
+                exe: "/usr/bin/other".into(),
+                ..mark.clone()
+            }),
+            ..a.clone()
+        };
+        assert!(exec_d.still_same().unwrap_err().contains("exec'd"));
+        let reused = Attestation {
+            mark: Some(ProcessMark {
+                start_time: mark.start_time + 1,
+                ..mark
+            }),
+            ..a
+        };
+        assert!(reused.still_same().unwrap_err().contains("pid was reused"));
+    }
+
+    #[test]
     fn selector_syntax() {
         assert!(validate_selector("unix:uid:1000").is_ok());
         assert!(validate_selector("unix:path:/bin/x").is_ok());
