@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::spiffe::{parse_spiffe_id, parse_trust_domain, SpiffeId, TrustDomain};
+use crate::spiffe::{parse_trust_domain, SpiffeId, TrustDomain};
 
 /// A configuration problem: where it is and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -744,7 +744,7 @@ impl IdentityConfigRaw {
             .dev
             .as_ref()
             .ok_or_else(|| ConfigError::new("identity", "no source"))?;
-        let spiffe_id = parse_spiffe_id(&dev.spiffe_id)
+        let spiffe_id = crate::spiffe::parse_workload_id(&dev.spiffe_id)
             .map_err(|e| ConfigError::new("identity.dev.spiffe_id", e.to_string()))?;
         let trust_domain = match &dev.trust_domain {
             Some(td) => {
@@ -810,7 +810,7 @@ impl WorkloadApiConfigRaw {
         let spiffe_id = self
             .spiffe_id
             .as_deref()
-            .map(parse_spiffe_id)
+            .map(crate::spiffe::parse_workload_id)
             .transpose()
             .map_err(|e| ConfigError::new("identity.workload_api.spiffe_id", e.to_string()))?;
         if spiffe_id.is_some() && self.hint.is_some() {

@@ -4,6 +4,10 @@
 //! case (it lower-cases the scheme and trust domain), so we add one rule on top: an ID
 //! must already be in canonical form. A peer presenting `spiffe://Example.org/x` is
 //! refused rather than silently treated as `spiffe://example.org/x`.
+//!
+//! A second rule applies where an ID names a workload (an X509-SVID, our own identity,
+//! a dev-agent entry): it must have a path. `spiffe://example.org` names the trust
+//! domain itself, and X509-SVID §5.2 forbids it in a leaf.
 
 pub use spiffe::{SpiffeId, TrustDomain};
 
@@ -14,6 +18,8 @@ pub enum IdError {
     Grammar { input: String, reason: String },
     #[error("SPIFFE ID {input:?} is not in canonical form (expected {canonical:?})")]
     NotCanonical { input: String, canonical: String },
+    #[error("SPIFFE ID {input:?} has no path: it names the trust domain, not a workload (X509-SVID §5.2)")]
+    NoPath { input: String },
 }
 
 /// Parses a SPIFFE ID that must be exactly in canonical form.
@@ -27,6 +33,18 @@ pub fn parse_spiffe_id(input: &str) -> Result<SpiffeId, IdError> {
         return Err(IdError::NotCanonical {
             input: input.to_string(),
             canonical,
+        });
+    }
+    Ok(id)
+}
+
+/// Parses the SPIFFE ID of a workload: canonical, and with a non-empty path. Used for
+/// every X509-SVID (ours and peers') and every ID that svidcar or the dev-agent issues.
+pub fn parse_workload_id(input: &str) -> Result<SpiffeId, IdError> {
+    let id = parse_spiffe_id(input)?;
+    if id.path().is_empty() {
+        return Err(IdError::NoPath {
+            input: input.to_string(),
         });
     }
     Ok(id)
@@ -79,6 +97,15 @@ mod tests {
         ] {
             assert!(parse_spiffe_id(bad).is_err(), "{bad} must be refused");
         }
+    }
+
+    #[test]
+    fn workload_ids_need_a_path() {
+        assert!(parse_workload_id("spiffe://example.org/web").is_ok());
+        let e = parse_workload_id("spiffe://example.org").unwrap_err();
+        assert!(matches!(e, IdError::NoPath { .. }), "{e}");
+        assert!(e.to_string().contains("has no path"), "{e}");
+        assert!(parse_workload_id("spiffe://example.org/a//b").is_err());
     }
 
     #[test]

@@ -2,8 +2,11 @@
 //! `workload_api` source (and any SPIFFE client) can be run and tested with no SPIRE.
 //!
 //! Callers are attested from the socket's peer credentials against a small list of
-//! registration entries, as SPIRE Agent does; SVIDs are minted per entry and re-minted
-//! at half-life, and every open stream gets the new ones.
+//! registration entries, as SPIRE Agent does: once per connection, when it is accepted,
+//! and every call checks the attested process is still the one behind it (see
+//! `attest`). SVIDs are minted per entry and re-minted at half-life, and every open
+//! stream gets the new ones. On SIGTERM/SIGINT open streams end and the process exits
+//! within [`DRAIN_TIMEOUT`].
 
 mod attest;
 mod jwt;
@@ -18,7 +21,8 @@ use anyhow::{anyhow, Context};
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
-use tonic::transport::server::UdsConnectInfo;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::config::{duration, ConfigError};
@@ -29,7 +33,16 @@ use crate::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use crate::proto::workload::*;
-use crate::spiffe::{parse_spiffe_id, parse_trust_domain, SpiffeId, TrustDomain};
+use crate::spiffe::{
+    parse_spiffe_id, parse_trust_domain, parse_workload_id, SpiffeId, TrustDomain,
+};
+
+/// The shortest `svid_ttl`: SVIDs are re-minted at half-life, so a tiny TTL would spin
+/// the rotation loop and push a new SVID to every stream many times a second.
+pub const MIN_SVID_TTL: Duration = Duration::from_secs(2);
+
+/// How long shutdown waits for connections to close after open streams were ended.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The dev-agent config file.
 #[derive(Debug, Deserialize)]
@@ -82,13 +95,26 @@ struct Agent {
     bundles: BTreeMap<String, Vec<u8>>,
     jwt: jwt::JwtIssuer,
     issued: watch::Sender<Arc<Issued>>,
+    /// Fired on SIGTERM/SIGINT: ends every open stream so the server can stop.
+    shutdown: CancellationToken,
 }
 
 type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        crate::config::parse_yaml(&crate::config::read_text(path)?)
+        let c: Self = crate::config::parse_yaml(&crate::config::read_text(path)?)?;
+        if c.svid_ttl < MIN_SVID_TTL {
+            return Err(ConfigError::new(
+                "svid_ttl",
+                format!(
+                    "{} is too short: must be at least {} (SVIDs are re-minted at half-life)",
+                    humantime::format_duration(c.svid_ttl),
+                    humantime::format_duration(MIN_SVID_TTL)
+                ),
+            ));
+        }
+        Ok(c)
     }
 }
 
@@ -107,7 +133,7 @@ impl Agent {
         }
         let mut entries = Vec::new();
         for (i, e) in c.entries.iter().enumerate() {
-            let id = parse_spiffe_id(&e.spiffe_id)
+            let id = parse_workload_id(&e.spiffe_id)
                 .map_err(|err| anyhow!("entries[{i}].spiffe_id: {err}"))?;
             if !id.is_member_of(&td) {
                 return Err(anyhow!(
@@ -155,6 +181,7 @@ impl Agent {
             bundles,
             jwt,
             issued,
+            shutdown: CancellationToken::new(),
         };
         agent.rotate()?;
         Ok(agent)
@@ -184,16 +211,21 @@ impl Agent {
                 "security header missing from request",
             ));
         }
-        let cred = req
+        let attested = req
             .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
-            .ok_or_else(|| Status::internal("caller credentials unavailable"))?;
-        let selectors = attest::selectors(&cred);
+            .get::<Arc<attest::Attestation>>()
+            .ok_or_else(|| Status::internal("caller attestation unavailable"))?;
+        if let Err(why) = attested.still_same() {
+            tracing::warn!(pid = ?attested.pid, "call refused: {why}");
+            return Err(Status::permission_denied(format!(
+                "caller is not the process attested for this connection: {why}"
+            )));
+        }
+        let selectors = &attested.selectors;
         let entries: Vec<&Entry> = self
             .entries
             .iter()
-            .filter(|e| attest::matches(&e.selectors, &selectors))
+            .filter(|e| attest::matches(&e.selectors, selectors))
             .collect();
         if entries.is_empty() {
             tracing::info!(?selectors, "caller matches no registration entry");
@@ -237,15 +269,50 @@ impl Agent {
     }
 }
 
-/// Streams a message now and after every rotation, until the caller goes away.
+/// What ends a stream early: shutdown, or the attested process leaving the connection.
+struct StreamGuard {
+    shutdown: CancellationToken,
+    attested: Option<Arc<attest::Attestation>>,
+}
+
+impl StreamGuard {
+    fn of<T>(agent: &Agent, req: &Request<T>) -> Self {
+        Self {
+            shutdown: agent.shutdown.clone(),
+            attested: req.extensions().get::<Arc<attest::Attestation>>().cloned(),
+        }
+    }
+
+    /// Re-checks, before each message, that the attested process is still behind the
+    /// connection: a stream must not outlive it into a forked child's hands.
+    fn check(&self) -> Result<(), Status> {
+        match self.attested.as_ref().map(|a| a.still_same()) {
+            Some(Err(why)) => {
+                tracing::warn!("stream ended: {why}");
+                Err(Status::permission_denied(format!(
+                    "caller is not the process attested for this connection: {why}"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Streams a message now and after every rotation, until the caller goes away, the
+/// attested process is gone, or the agent shuts down.
 fn stream_on_rotation<T: Send + 'static>(
     mut issued: watch::Receiver<Arc<Issued>>,
     build: impl Fn(&Issued) -> T + Send + 'static,
     resend: bool,
+    guard: StreamGuard,
 ) -> Stream<T> {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         loop {
+            if let Err(status) = guard.check() {
+                let _ = tx.try_send(Err(status));
+                return;
+            }
             let msg = build(&issued.borrow_and_update().clone());
             if tx.send(Ok(msg)).await.is_err() {
                 return;
@@ -253,6 +320,10 @@ fn stream_on_rotation<T: Send + 'static>(
             loop {
                 tokio::select! {
                     _ = tx.closed() => return,
+                    _ = guard.shutdown.cancelled() => {
+                        let _ = tx.try_send(Err(Status::unavailable("dev-agent is shutting down")));
+                        return;
+                    }
                     changed = issued.changed() => {
                         if changed.is_err() { return; }
                         if resend { break; }
@@ -281,10 +352,12 @@ impl SpiffeWorkloadApi for Service {
         tracing::info!(ids = ?ids.iter().map(|i| i.to_string()).collect::<Vec<_>>(), "FetchX509SVID");
         let agent = self.0.clone();
         let rx = agent.issued.subscribe();
+        let guard = StreamGuard::of(&agent, &req);
         Ok(Response::new(stream_on_rotation(
             rx,
             move |i| agent.x509_response(&ids, i),
             true,
+            guard,
         )))
     }
 
@@ -302,6 +375,7 @@ impl SpiffeWorkloadApi for Service {
                 bundles: bundles.clone(),
             },
             false,
+            StreamGuard::of(&self.0, &req),
         )))
     }
 
@@ -370,6 +444,7 @@ impl SpiffeWorkloadApi for Service {
                 bundles: bundles.clone(),
             },
             false,
+            StreamGuard::of(&self.0, &req),
         )))
     }
 
@@ -397,9 +472,12 @@ impl SpiffeWorkloadApi for Service {
     }
 }
 
-/// Runs the dev agent until SIGTERM/SIGINT.
+/// Runs the dev agent until SIGTERM/SIGINT. Then open streams end at once, and the
+/// server waits at most [`DRAIN_TIMEOUT`] for connections to close: a client holding a
+/// stream open must not keep the process alive.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let agent = Arc::new(Agent::new(&config)?);
+    let shutdown = agent.shutdown.clone();
     // Any local process may call; attestation decides what it gets (as with SPIRE Agent).
     let listener = crate::unix_socket::bind(&config.socket, 0o777).context("socket")?;
     tracing::info!(socket = %config.socket.display(), trust_domain = %agent.td, entries = agent.entries.len(), "dev-agent serving the Workload API");
@@ -416,14 +494,34 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             }
         })
     };
-    let result = tonic::transport::Server::builder()
+    let signal = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            crate::app::wait_for_signal().await;
+            tracing::info!(drain = ?DRAIN_TIMEOUT, "dev-agent shutting down: ending open streams");
+            shutdown.cancel();
+        })
+    };
+    // Each connection is attested when accepted, before any byte of it is read; then gRPC
+    // C-core's percent-encoded :authority is repaired on its way to h2.
+    let incoming = crate::h2_authority::incoming(
+        UnixListenerStream::new(listener).map(|conn| conn.map(attest::Attested::new)),
+    );
+    let server = tonic::transport::Server::builder()
         .add_service(SpiffeWorkloadApiServer::new(Service(agent)))
-        .serve_with_incoming_shutdown(
-            crate::h2_authority::incoming(UnixListenerStream::new(listener)),
-            crate::app::wait_for_signal(),
-        )
-        .await;
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    let result = tokio::select! {
+        r = server => r.map_err(|e| anyhow!("Workload API server: {e}")),
+        _ = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(DRAIN_TIMEOUT).await;
+        } => {
+            tracing::warn!(drain = ?DRAIN_TIMEOUT, "drain time exceeded; closing the remaining connections");
+            Ok(())
+        }
+    };
     rotator.abort();
+    signal.abort();
     let _ = std::fs::remove_file(&config.socket);
-    result.map_err(|e| anyhow!("Workload API server: {e}"))
+    result
 }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::IdentityConfig;
+use crate::x509::{ChainError, LeafInfo};
 
 /// What a source delivers: a complete new view, replacing the previous one whole.
 #[derive(Debug, Clone)]
@@ -44,27 +45,24 @@ impl IdentityUpdate {
             .ok_or_else(|| {
                 IdentityError::Svid(format!("no bundle for our own trust domain {td}"))
             })?;
-        let leaf = webpki::EndEntityCert::try_from(&svid.chain[0])
-            .map_err(|e| IdentityError::Svid(e.to_string()))?;
-        leaf.verify_for_usage(
+        let leaf =
+            LeafInfo::parse(&svid.chain[0]).map_err(|e| IdentityError::Svid(e.to_string()))?;
+        crate::x509::verify_chain(
             crate::tls::crypto_provider()
                 .signature_verification_algorithms
                 .all,
-            &bundle.anchors,
+            &leaf,
+            &svid.chain[0],
             &svid.chain[1..],
-            crate::tls::unix_now(),
+            bundle.trust(),
+            rustls_pki_types::UnixTime::now(),
             webpki::KeyUsage::client_auth(),
-            None,
-            None,
         )
-        .map(|_| ())
         .map_err(|e| {
             let why = match e {
-                webpki::Error::CertExpired { .. } => "has expired".to_string(),
-                webpki::Error::CertNotValidYet { .. } => "is not valid yet".to_string(),
-                webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
-                    format!("is not signed by the bundle of {td}")
-                }
+                ChainError::LeafExpired(_) => "has expired".to_string(),
+                ChainError::LeafNotYetValid(_) => "is not valid yet".to_string(),
+                ChainError::UnknownIssuer { .. } => format!("is not signed by the bundle of {td}"),
                 other => format!("does not verify against the bundle of {td}: {other}"),
             };
             IdentityError::Svid(format!("our SVID {} {why}", svid.spiffe_id))

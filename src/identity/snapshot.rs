@@ -10,7 +10,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor};
 
 use super::IdentityError;
 use crate::spiffe::{SpiffeId, TrustDomain};
-use crate::x509::LeafInfo;
+use crate::x509::{LeafInfo, RootFacts, Roots};
 
 /// One X.509-SVID: the chain we present and the key that proves it.
 pub struct Svid {
@@ -94,11 +94,13 @@ impl fmt::Debug for Svid {
 }
 
 /// The X.509 roots of one trust domain, pre-parsed into trust anchors so that a
-/// handshake does no parsing of CA certificates.
+/// handshake does no parsing of CA certificates. `facts` keeps, per anchor, the
+/// validity and path length that webpki's anchors drop, so both are enforced too.
 pub struct Bundle {
     pub trust_domain: TrustDomain,
     pub roots: Vec<CertificateDer<'static>>,
     pub anchors: Vec<TrustAnchor<'static>>,
+    pub facts: Vec<RootFacts>,
 }
 
 impl Bundle {
@@ -128,11 +130,27 @@ impl Bundle {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let facts = roots
+            .iter()
+            .map(|r| {
+                RootFacts::parse(r)
+                    .map_err(|e| IdentityError::Svid(format!("bundle for {trust_domain}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             trust_domain,
             roots,
             anchors,
+            facts,
         })
+    }
+
+    /// The roots as the one chain verification takes them.
+    pub fn trust(&self) -> Roots<'_> {
+        Roots {
+            anchors: &self.anchors,
+            facts: &self.facts,
+        }
     }
 }
 
