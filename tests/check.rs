@@ -238,3 +238,32 @@ fn socket_errors_name_the_socket() {
         "{err}"
     );
 }
+
+/// The dev-agent reads its relative paths the same way, and names the key in errors.
+#[test]
+fn dev_agent_relative_paths_follow_its_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf_dir = dir.path().join("agent");
+    std::fs::create_dir(&conf_dir).unwrap();
+    dev_ca(&conf_dir, "example.org");
+    std::fs::remove_file(conf_dir.join("ca.key")).unwrap();
+    let path = conf_dir.join("agent.yaml");
+    std::fs::write(
+        &path,
+        "socket: agent.sock\ntrust_domain: example.org\nca_cert: ca.pem\nca_key: ca.key\nentries:\n  - {spiffe_id: \"spiffe://example.org/web\", selectors: [\"unix:uid:0\"]}\n",
+    )
+    .unwrap();
+    let child = Command::new(BIN)
+        .args(["dev-agent", "--config"])
+        .arg(&path)
+        .current_dir("/")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_output(child, Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let want = format!("ca_key: {}: cannot read", conf_dir.join("ca.key").display());
+    assert!(err.contains(&want), "expected {want:?} in {err}");
+}

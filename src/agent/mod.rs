@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status};
 use crate::config::{duration, ConfigError};
 use crate::identity::dev_ca::DevCa;
 use crate::identity::workload_api::SECURITY_HEADER;
-use crate::identity::{pem, Svid};
+use crate::identity::{pem, IdentityError, Svid};
 use crate::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
@@ -103,7 +103,16 @@ type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Se
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let c: Self = crate::config::parse_yaml(&crate::config::read_text(path)?)?;
+        let mut c: Self = crate::config::parse_yaml(&crate::config::read_text(path)?)?;
+        // Relative paths are read relative to the config file, as in `svidcar run`.
+        let base = crate::config::config_dir(path);
+        crate::config::resolve_path(&base, &mut c.socket);
+        for p in [&mut c.ca_cert, &mut c.ca_key].into_iter().flatten() {
+            crate::config::resolve_path(&base, p);
+        }
+        for p in c.federates_with.values_mut() {
+            crate::config::resolve_path(&base, p);
+        }
         if c.svid_ttl < MIN_SVID_TTL {
             return Err(ConfigError::new(
                 "svid_ttl",
@@ -122,7 +131,11 @@ impl Agent {
     fn new(c: &AgentConfig) -> anyhow::Result<Self> {
         let td = parse_trust_domain(&c.trust_domain).map_err(|e| anyhow!("trust_domain: {e}"))?;
         let ca = match (&c.ca_cert, &c.ca_key) {
-            (Some(cert), Some(key)) => DevCa::load(&td, cert, key)?,
+            (Some(cert), Some(key)) => DevCa::load(&td, cert, key).map_err(|e| {
+                let named = |p: &Path| matches!(&e, IdentityError::File { path, .. } if Path::new(path) == p);
+                let k = if named(key) { "ca_key" } else { "ca_cert" };
+                anyhow!("{k}: {e}")
+            })?,
             (None, None) => DevCa::generate(&td, Duration::from_secs(365 * 24 * 3600))?,
             _ => return Err(anyhow!("ca_cert and ca_key: set both or neither")),
         };
@@ -487,7 +500,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(half).await;
-                match agent.rotate() {
+                // Minting can mean generating RSA keys: off the async workers.
+                let minting = agent.clone();
+                let minted = tokio::task::spawn_blocking(move || minting.rotate())
+                    .await
+                    .unwrap_or_else(|e| Err(anyhow!("minting task failed: {e}")));
+                match minted {
                     Ok(()) => tracing::info!("dev-agent rotated SVIDs"),
                     Err(e) => tracing::error!(error = %e, "dev-agent could not mint SVIDs"),
                 }

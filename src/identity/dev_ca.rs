@@ -123,21 +123,29 @@ impl DevCa {
             KeyType::EcP256,
         )?;
         let anchor = Bundle::new(trust_domain.clone(), vec![ca.cert.clone()])?;
-        let ee = webpki::EndEntityCert::try_from(&probe.chain[0]).map_err(dev_err)?;
-        ee.verify_for_usage(
+        let leaf = crate::x509::LeafInfo::parse(&probe.chain[0]).map_err(dev_err)?;
+        crate::x509::verify_chain(
             crate::tls::crypto_provider()
                 .signature_verification_algorithms
                 .all,
-            &anchor.anchors,
+            &leaf,
+            &probe.chain[0],
             &[],
-            crate::tls::unix_now(),
+            anchor.trust(),
+            rustls_pki_types::UnixTime::now(),
             webpki::KeyUsage::client_auth(),
-            None,
-            None,
         )
-        .map_err(|_| IdentityError::File {
-            path: key.display().to_string(),
-            problem: format!("key does not match the CA certificate {}", cert.display()),
+        .map_err(|e| match e {
+            // The certificate itself is out of date; the key may well be right.
+            crate::x509::ChainError::RootExpired { .. }
+            | crate::x509::ChainError::RootNotYetValid { .. } => IdentityError::File {
+                path: cert.display().to_string(),
+                problem: format!("the CA certificate is not usable now: {e}"),
+            },
+            _ => IdentityError::File {
+                path: key.display().to_string(),
+                problem: format!("key does not match the CA certificate {}", cert.display()),
+            },
         })?;
         Ok(ca)
     }

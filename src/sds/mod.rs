@@ -558,8 +558,7 @@ pub async fn start(
                 tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), "SDS listening");
                 tasks.push(tokio::spawn(async move {
                     let _remove_socket_when_done = guard;
-                    let incoming =
-                        crate::h2_authority::incoming(UnixListenerStream::new(listener));
+                    let incoming = crate::h2_authority::incoming(UnixListenerStream::new(listener));
                     let r = server
                         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                         .await;

@@ -10,7 +10,7 @@ mod verifier;
 
 pub use matcher::SpiffeIdMatcher;
 pub use resolver::SvidResolver;
-pub use verifier::{peer_id, unix_now, SpiffeClientVerifier, SpiffeServerVerifier, SpiffeVerifier};
+pub use verifier::{peer_id, SpiffeClientVerifier, SpiffeServerVerifier, SpiffeVerifier};
 
 use std::io;
 use std::sync::{Arc, OnceLock};

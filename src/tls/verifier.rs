@@ -221,8 +221,3 @@ pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
     let leaf = certs?.first()?;
     LeafInfo::parse(leaf).ok().map(|l| l.spiffe_id.to_string())
 }
-
-/// `now` for code paths outside rustls.
-pub fn unix_now() -> UnixTime {
-    UnixTime::now()
-}
