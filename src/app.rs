@@ -82,7 +82,7 @@ pub fn workload_call(socket: &str, call: crate::WorkloadCall) -> anyhow::Result<
     rt.block_on(async {
         let mut client = WorkloadApiClient::new(&path)?;
         let endpoint = crate::config::Endpoint::Unix(path.clone());
-        let status = |e: tonic::Status| call_error(&endpoint, WORKLOAD_API, &e);
+        let status = |e: tonic::Status| crate::grpc_client::call_error(&endpoint, WORKLOAD_API, &e);
         match call {
             crate::WorkloadCall::Jwt {
                 audience,
@@ -113,39 +113,6 @@ pub fn workload_call(socket: &str, call: crate::WorkloadCall) -> anyhow::Result<
 }
 
 const WORKLOAD_API: &str = "the SPIFFE Workload API";
-
-/// A failed gRPC call from a CLI command, said in words: which socket, what it is not.
-pub fn call_error(
-    endpoint: &crate::config::Endpoint,
-    service: &str,
-    e: &tonic::Status,
-) -> anyhow::Error {
-    let hint = match e.code() {
-        tonic::Code::Unavailable => format!(
-            "cannot reach {endpoint}: {} (is the server running, and is this its socket?)",
-            tonic_source(e)
-        ),
-        tonic::Code::Unimplemented => format!(
-            "{endpoint} does not serve {service} (gRPC UNIMPLEMENTED): is it the socket of another service?"
-        ),
-        code => format!("{endpoint}: {code:?}: {}", tonic_source(e)),
-    };
-    anyhow!(hint)
-}
-
-/// The message of a status, or the transport error under it when the message is empty.
-fn tonic_source(e: &tonic::Status) -> String {
-    if !e.message().is_empty() {
-        return e.message().to_string();
-    }
-    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
-    let mut last = None;
-    while let Some(s) = src {
-        last = Some(s.to_string());
-        src = s.source();
-    }
-    last.unwrap_or_else(|| "no detail".into())
-}
 
 /// `svidcar sds-fetch`.
 pub fn sds_fetch(socket: &str, names: Vec<String>) -> anyhow::Result<()> {
@@ -297,7 +264,7 @@ async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
     tracing::info!(spiffe_id = %id, "svidcar ready");
 
     let failed = tokio::select! {
-        _ = wait_for_signal() => None,
+        _ = crate::signals::wait_for_signal() => None,
         Some(ended) = listeners.join_next() => Some(match ended {
             Ok(name) => format!("listener {name} stopped"),
             Err(e) => format!("a listener failed: {e}"),
@@ -367,26 +334,4 @@ async fn bind(l: &ListenerConfig, at: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(l.listen)
         .await
         .map_err(|e| anyhow!("{at}.listen: cannot bind {}: {e}", l.listen))
-}
-
-/// Waits for SIGTERM or SIGINT. SIGHUP, which by default would kill the process at
-/// once with no drain, is logged and ignored until live reload exists.
-pub async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return,
-            _ = tokio::signal::ctrl_c() => return,
-            _ = hup.recv() => {
-                tracing::warn!("SIGHUP received: live reload is not supported yet; ignored (the process keeps running)");
-            }
-        }
-    }
 }

@@ -515,7 +515,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let signal = {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            crate::app::wait_for_signal().await;
+            crate::signals::wait_for_signal().await;
             tracing::info!(drain = ?DRAIN_TIMEOUT, "dev-agent shutting down: ending open streams");
             shutdown.cancel();
         })

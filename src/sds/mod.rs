@@ -608,7 +608,9 @@ pub async fn fetch_and_print(endpoint: &Endpoint, names: Vec<String>) -> anyhow:
     let resp = SecretDiscoveryServiceClient::new(channel)
         .fetch_secrets(req)
         .await
-        .map_err(|e| crate::app::call_error(endpoint, "Envoy's Secret Discovery Service", &e))?
+        .map_err(|e| {
+            crate::grpc_client::call_error(endpoint, "Envoy's Secret Discovery Service", &e)
+        })?
         .into_inner();
     println!("version {}", resp.version_info);
     for any in resp.resources {
