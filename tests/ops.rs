@@ -112,3 +112,84 @@ fn sighup_is_logged_and_ignored() {
     assert_eq!(echo_roundtrip(&mut conn, b"after").unwrap(), b"after");
     assert_eq!(http_get(s.admin, "/ready").map(|(c, _)| c), Some(200));
 }
+
+/// `sds-fetch` and `workload` read sockets the same way, and pointed at the other
+/// service's socket they say so instead of a bare `Unimplemented:`.
+#[test]
+fn commands_say_which_service_a_socket_does_not_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let agent = DevAgent::start(
+        d,
+        "trust_domain: example.org\nentries:\n  - {spiffe_id: \"spiffe://example.org/web\", selectors: [\"unix:uid:0\"]}\n",
+    );
+    let ca = dev_ca(d, "example.org");
+    let sds = d.join("sds.sock");
+    let s = Svidcar::start(
+        d,
+        "sds",
+        &format!(
+            "identity:\n  dev: {{spiffe_id: \"spiffe://example.org/web\", ca_cert: {}, ca_key: {}}}\nsds: {{listen: \"unix://{}\"}}\n",
+            ca.0.display(),
+            ca.1.display(),
+            sds.display()
+        ),
+    );
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(BIN).args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let agent_sock = agent.socket.display().to_string();
+    let (ok, out) = run(&["sds-fetch", "--socket", &agent_sock, "default"]);
+    assert!(!ok);
+    assert!(
+        out.contains(&format!(
+            "unix://{agent_sock} does not serve Envoy's Secret Discovery Service"
+        )),
+        "{out}"
+    );
+    let sds_sock = sds.display().to_string();
+    let (ok, out) = run(&["workload", "--socket", &sds_sock, "jwt-bundles"]);
+    assert!(!ok);
+    assert!(
+        out.contains(&format!(
+            "unix://{sds_sock} does not serve the SPIFFE Workload API"
+        )),
+        "{out}"
+    );
+    // Every socket form reaches the SDS socket.
+    let serial = s.serial();
+    for form in [
+        sds_sock.clone(),
+        format!("unix:{sds_sock}"),
+        format!("unix://{sds_sock}"),
+    ] {
+        let (ok, out) = run(&["sds-fetch", "--socket", &form, "default"]);
+        assert!(ok && out.contains(&serial), "{form}: {out}");
+    }
+}
+
+/// /certs gives expiry as RFC 3339 text beside the epoch seconds, and both agree.
+#[test]
+fn certs_expiry_in_rfc3339() {
+    let dir = tempfile::tempdir().unwrap();
+    let echo = EchoServer::start();
+    let (cfg, _) = config(dir.path(), echo.port);
+    let s = Svidcar::start(dir.path(), "certs", &cfg);
+    let (_, body) = http_get(s.admin, "/certs").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let epoch = v["svids"][0]["not_after"].as_u64().unwrap();
+    let text = v["svids"][0]["not_after_rfc3339"].as_str().unwrap();
+    let parsed = humantime::parse_rfc3339(text).expect("RFC 3339");
+    assert_eq!(
+        parsed
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+        epoch
+    );
+}
