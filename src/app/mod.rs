@@ -1,8 +1,8 @@
-//! Start-up and shutdown: config → identity → listeners → wait for a signal → drain.
+//! `svidcar run`: start-up and shutdown, config → identity → listeners → admin and SDS →
+//! wait for a signal → drain.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use rustls_pki_types::ServerName;
@@ -11,119 +11,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{split_host_port, Config, IdentityConfig, ListenerConfig};
-use crate::identity::{dev_ca, IdentitySource, IdentityState};
+use crate::identity::{IdentitySource, IdentityState};
 use crate::proxy::{InboundListener, OutboundListener, Timeouts};
-use crate::spiffe::parse_trust_domain;
 use crate::tls::{self, SpiffeIdMatcher};
-
-/// `svidcar check`: parse, validate, and load the identity once.
-pub fn check(path: &Path) -> anyhow::Result<()> {
-    let (config, identity) = Config::load(path)?;
-    let id = IdentitySource::check(&identity).map_err(|e| identity_error(e, &identity))?;
-    println!(
-        "config OK: identity {id}, {} inbound, {} outbound listener(s)",
-        config.inbound.len(),
-        config.outbound.len()
-    );
-    Ok(())
-}
-
-/// `svidcar dev-ca`: write a fresh CA so several dev sidecars can share a trust domain.
-pub fn dev_ca(
-    td: &str,
-    cert: &Path,
-    key: &Path,
-    lifetime: Duration,
-    key_type: crate::identity::keys::KeyType,
-    force: bool,
-) -> anyhow::Result<()> {
-    let td = parse_trust_domain(td).context("--trust-domain")?;
-    if !force {
-        if let Some(existing) = [cert, key].into_iter().find(|p| p.exists()) {
-            return Err(anyhow!(
-                "{} exists: a CA there may be trusted by running sidecars; \
-                 pass --force to replace it",
-                existing.display()
-            ));
-        }
-    }
-    let ca = dev_ca::DevCa::generate_with(&td, lifetime, key_type)?;
-    let (cert_pem, key_pem) = ca.to_pem();
-    dev_ca::write_atomic(cert, cert_pem.as_bytes(), 0o644)?;
-    dev_ca::write_atomic(key, key_pem.as_bytes(), 0o600)?;
-    println!(
-        "dev CA ({key_type}) for {td} written to {} and {}",
-        cert.display(),
-        key.display()
-    );
-    Ok(())
-}
-
-/// `svidcar dev-agent`.
-pub fn dev_agent(path: &Path) -> anyhow::Result<()> {
-    let config = crate::agent::AgentConfig::load(path)?;
-    init_logging(None);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
-    rt.block_on(crate::agent::run(config))
-}
-
-/// `svidcar workload …`: one Workload API call, printed.
-pub fn workload_call(socket: &str, call: crate::WorkloadCall) -> anyhow::Result<()> {
-    use crate::identity::workload_api::WorkloadApiClient;
-    let path =
-        crate::config::parse_workload_socket(socket).map_err(|p| anyhow!("--socket: {p}"))?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
-    rt.block_on(async {
-        let mut client = WorkloadApiClient::new(&path)?;
-        let endpoint = crate::config::Endpoint::Unix(path.clone());
-        let status = |e: tonic::Status| crate::grpc_client::call_error(&endpoint, WORKLOAD_API, &e);
-        match call {
-            crate::WorkloadCall::Jwt {
-                audience,
-                spiffe_id,
-            } => {
-                let id = spiffe_id
-                    .as_deref()
-                    .map(crate::spiffe::parse_spiffe_id)
-                    .transpose()
-                    .context("--spiffe-id")?;
-                for s in client
-                    .jwt_svids(audience, id.as_ref())
-                    .await
-                    .map_err(status)?
-                    .svids
-                {
-                    println!("{} {}", s.spiffe_id, s.svid);
-                }
-            }
-            crate::WorkloadCall::JwtBundles => {
-                for (td, jwks) in client.jwt_bundles().await.map_err(status)? {
-                    println!("{td} {}", String::from_utf8_lossy(&jwks));
-                }
-            }
-        }
-        Ok(())
-    })
-}
-
-const WORKLOAD_API: &str = "the SPIFFE Workload API";
-
-/// `svidcar sds-fetch`.
-pub fn sds_fetch(socket: &str, names: Vec<String>) -> anyhow::Result<()> {
-    let endpoint =
-        crate::config::parse_endpoint(socket, true).map_err(|p| anyhow!("--socket: {p}"))?;
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?
-        .block_on(crate::sds::fetch_and_print(&endpoint, names))
-}
 
 /// `svidcar run`.
 pub fn run(path: &Path) -> anyhow::Result<()> {
@@ -139,7 +29,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
 }
 
 /// An identity error, led by the config key that named the file it is about.
-fn identity_error(e: crate::identity::IdentityError, config: &IdentityConfig) -> anyhow::Error {
+pub fn identity_error(e: crate::identity::IdentityError, config: &IdentityConfig) -> anyhow::Error {
     if let crate::identity::IdentityError::File { path, .. } = &e {
         if let Some(key) = config.key_of(path) {
             return anyhow!("{key}: {e}");
@@ -148,7 +38,7 @@ fn identity_error(e: crate::identity::IdentityError, config: &IdentityConfig) ->
     anyhow!("identity: {e}")
 }
 
-fn init_logging(level: Option<&str>) {
+pub fn init_logging(level: Option<&str>) {
     use tracing_subscriber::EnvFilter;
     // `level` was checked by the config already; RUST_LOG, when set, wins.
     let wanted = level

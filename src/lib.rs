@@ -1,0 +1,22 @@
+//! svidcar: a per-pod sidecar that gives a workload a SPIFFE identity on the wire.
+//!
+//! The library holds the whole sidecar; `main.rs` only calls [`cli::main`]. Integration
+//! tests drive the binary; unit tests and in-process tests use the modules directly.
+
+pub mod admin;
+pub mod agent;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod h2_authority;
+pub mod identity;
+pub mod log_limit;
+pub mod metrics;
+pub mod proto;
+pub mod proxy;
+pub mod sds;
+pub mod signals;
+pub mod spiffe;
+pub mod tls;
+pub mod unix_socket;
+pub mod x509;
