@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod agent;
 pub mod app;
+pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod h2_authority;

@@ -13,7 +13,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::{split_host_port, Config, IdentityConfig, ListenerConfig};
 use crate::identity::{IdentitySource, IdentityState};
 use crate::proxy::{InboundListener, OutboundListener, Timeouts};
-use crate::tls::{self, SpiffeIdMatcher};
+use crate::authz::SpiffeIdMatcher;
+use crate::tls;
 
 /// `svidcar run`.
 pub fn run(path: &Path) -> anyhow::Result<()> {
@@ -209,7 +210,7 @@ fn matcher(
     key: &str,
 ) -> anyhow::Result<SpiffeIdMatcher> {
     let any = l.allow_any_in_trust_domain.then(|| own_td.clone());
-    SpiffeIdMatcher::build(list, any).map_err(|(i, p)| anyhow!("{at}.{key}[{i}]: {p}"))
+    crate::config::build_matcher(list, any).map_err(|(i, p)| anyhow!("{at}.{key}[{i}]: {p}"))
 }
 
 fn timeouts(l: &ListenerConfig) -> Timeouts {

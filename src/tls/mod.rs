@@ -4,11 +4,9 @@
 //! Configs are built once per listener; what changes on rotation (our SVID, the
 //! bundles) is read from [`IdentityState`] inside the resolver and verifier.
 
-mod matcher;
 mod resolver;
 mod verifier;
 
-pub use matcher::SpiffeIdMatcher;
 pub use resolver::SvidResolver;
 pub use verifier::{peer_id, SpiffeClientVerifier, SpiffeServerVerifier, SpiffeVerifier};
 

@@ -15,7 +15,8 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use super::{Rejection, SpiffeIdMatcher};
+use super::Rejection;
+use crate::authz::SpiffeIdMatcher;
 use crate::identity::IdentityState;
 use crate::spiffe::SpiffeId;
 use crate::x509::{ChainError, LeafInfo};
