@@ -1159,7 +1159,7 @@ outbound:
 mod matcher_tests {
     use super::*;
     use crate::spiffe::{parse_spiffe_id, parse_trust_domain, SpiffeId};
-    
+
     fn id(s: &str) -> SpiffeId {
         parse_spiffe_id(s).unwrap()
     }
@@ -1244,12 +1244,7 @@ mod matcher_tests {
             prefix: Some("x".into()),
             ..Default::default()
         };
-        assert_eq!(
-            build_matcher(&[ok.clone(), two], None)
-                .unwrap_err()
-                .0,
-            1
-        );
+        assert_eq!(build_matcher(&[ok.clone(), two], None).unwrap_err().0, 1);
         let bad_re = MatcherConfig {
             safe_regex: Some(SafeRegex { regex: "(".into() }),
             ..Default::default()

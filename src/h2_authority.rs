@@ -87,6 +87,8 @@ pub enum AuthorityFixError {
     ExpectedContinuation { stream: u32, kind: u8, got: u32 },
     #[error("header block on stream {stream}: HPACK: {error}")]
     Hpack { stream: u32, error: DecoderError },
+    #[error("header block on stream {stream}: over the HPACK decoding budget (too many Huffman-coded strings per second)")]
+    DecodeBudget { stream: u32 },
 }
 
 impl AuthorityFixError {
@@ -99,6 +101,7 @@ impl AuthorityFixError {
             Self::BadPadding { .. } | Self::ShortPriority { .. } => "bad_headers_frame",
             Self::ExpectedContinuation { .. } => "expected_continuation",
             Self::Hpack { .. } => "hpack",
+            Self::DecodeBudget { .. } => "decode_budget",
         }
     }
 }
@@ -121,6 +124,8 @@ pub struct FixAuthority<S> {
     open: Option<OpenBlock>,
     /// Follows the client's HPACK encoder across the connection.
     hpack: loona_hpack::Decoder<'static>,
+    /// Decoding work this connection may still do.
+    budget: DecodeBudget,
     /// An authority was replaced on this connection already (logged once).
     replaced: bool,
 }
@@ -185,6 +190,7 @@ impl<S> FixAuthority<S> {
             open: None,
             hpack,
             replaced: false,
+            budget: DecodeBudget::new(HUFFMAN_BURST, HUFFMAN_PER_SECOND),
         }
     }
 
@@ -322,7 +328,11 @@ impl<S: AsyncRead + Unpin> FixAuthority<S> {
                     || (head.kind == TYPE_CONTINUATION && self.open.is_some())
                 {
                     let read = self.open.as_ref().map_or(0, |o| o.read);
-                    if read + FRAME_HEAD_LEN + head.len > MAX_HEADER_BLOCK {
+                    // h2 refuses frames over its SETTINGS_MAX_FRAME_SIZE (16 KiB, left at
+                    // the default): never buffer more than it would accept.
+                    if head.len > OUT_FRAME_MAX
+                        || read + FRAME_HEAD_LEN + head.len > MAX_HEADER_BLOCK
+                    {
                         return Err(self.fail(AuthorityFixError::BlockTooLarge {
                             stream: head.stream,
                         }));
@@ -446,8 +456,20 @@ impl<S> FixAuthority<S> {
     /// again without indexing, with refused `:authority` values replaced.
     fn rewrite(&mut self, open: &OpenBlock) -> Result<Vec<u8>, AuthorityFixError> {
         let stream = open.stream;
-        if count_fields(&open.fragment) > MAX_FIELDS {
+        let counts = count_fields(&open.fragment);
+        if counts.fields > MAX_FIELDS {
             return Err(AuthorityFixError::TooManyFields { stream });
+        }
+        if counts.huffman > 0 {
+            let mine = self.budget.take(counts.huffman);
+            let all = mine
+                && DECODE_BUDGET_ALL
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take(counts.huffman);
+            if !all {
+                return Err(AuthorityFixError::DecodeBudget { stream });
+            }
         }
         let mut block = Vec::with_capacity(open.fragment.len() + 64);
         let mut too_large = false;
@@ -473,6 +495,7 @@ impl<S> FixAuthority<S> {
         if let Some(authority) = refused {
             if !self.replaced {
                 self.replaced = true;
+                let authority = crate::log_limit::printable(&authority, 256);
                 tracing::debug!(
                     %authority,
                     replacement = "localhost",
@@ -484,10 +507,18 @@ impl<S> FixAuthority<S> {
     }
 }
 
-/// The number of header fields in an HPACK block, counted without decoding any
-/// string; stops early past [`MAX_FIELDS`]. A malformed block ends the count where it
-/// breaks: the decoder then says what is wrong with it.
-fn count_fields(mut p: &[u8]) -> usize {
+/// What decoding a block will cost, counted without decoding any string.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct BlockCounts {
+    fields: usize,
+    /// Huffman-coded strings: the costly part of decoding.
+    huffman: usize,
+}
+
+/// The header fields and Huffman-coded strings in an HPACK block, counted without
+/// decoding any string; stops early past [`MAX_FIELDS`]. A malformed block ends the
+/// count where it breaks: the decoder then says what is wrong with it.
+fn count_fields(mut p: &[u8]) -> BlockCounts {
     /// An HPACK integer with `prefix` bits (RFC 7541 §5.1) and the bytes it took.
     fn int(p: &[u8], prefix: u8) -> Option<(usize, usize)> {
         let max = (1usize << prefix) - 1;
@@ -505,14 +536,17 @@ fn count_fields(mut p: &[u8]) -> usize {
         }
         None
     }
-    /// The bytes a string literal takes.
-    fn string(p: &[u8]) -> Option<usize> {
+    /// The bytes a string literal takes, and whether it is Huffman-coded.
+    fn string(p: &[u8]) -> Option<(usize, bool)> {
         let (len, n) = int(p, 7)?;
-        n.checked_add(len).filter(|&end| end <= p.len())
+        let huffman = p[0] & 0x80 != 0;
+        n.checked_add(len)
+            .filter(|&end| end <= p.len())
+            .map(|end| (end, huffman))
     }
-    let mut fields = 0;
+    let mut counts = BlockCounts::default();
     while let Some(&first) = p.first() {
-        if fields > MAX_FIELDS {
+        if counts.fields > MAX_FIELDS {
             break;
         }
         let field = first & 0xe0 != 0x20;
@@ -524,17 +558,72 @@ fn count_fields(mut p: &[u8]) -> usize {
         } else {
             let prefix = if first & 0x40 != 0 { 6 } else { 4 };
             int(p, prefix).and_then(|(index, n)| {
-                let name = if index == 0 { string(&p[n..])? } else { 0 };
-                let value = string(&p[n + name..])?;
+                let (name, name_huffman) = if index == 0 {
+                    string(&p[n..])?
+                } else {
+                    (0, false)
+                };
+                let (value, value_huffman) = string(&p[n + name..])?;
+                counts.huffman += usize::from(name_huffman) + usize::from(value_huffman);
                 Some(n + name + value)
             })
         };
         let Some(used) = used else { break };
-        fields += usize::from(field);
+        counts.fields += usize::from(field);
         p = &p[used..];
     }
-    fields
+    counts
 }
+
+/// Huffman-coded strings a connection may have decoded at once, and per second after
+/// that. Well-behaved clients send a few per request and a few requests per second;
+/// the bound keeps one connection from spending much CPU on the runtime's workers
+/// (about 25 µs a string: at most about 6 ms per second per connection).
+const HUFFMAN_BURST: f64 = 1024.0;
+const HUFFMAN_PER_SECOND: f64 = 256.0;
+/// The same for all connections of the process together, so that many connections
+/// cannot stall the proxy either (at most about 50 ms of CPU per second).
+const HUFFMAN_BURST_ALL: f64 = 8192.0;
+const HUFFMAN_PER_SECOND_ALL: f64 = 2048.0;
+
+/// A token bucket of decoding work.
+#[derive(Debug)]
+struct DecodeBudget {
+    tokens: f64,
+    at: Option<std::time::Instant>,
+    burst: f64,
+    rate: f64,
+}
+
+impl DecodeBudget {
+    const fn new(burst: f64, rate: f64) -> Self {
+        Self {
+            tokens: burst,
+            at: None,
+            burst,
+            rate,
+        }
+    }
+
+    /// Takes `n` units if the bucket holds them.
+    fn take(&mut self, n: usize) -> bool {
+        let now = std::time::Instant::now();
+        if let Some(at) = self.at {
+            let refill = now.duration_since(at).as_secs_f64() * self.rate;
+            self.tokens = (self.tokens + refill).min(self.burst);
+        }
+        self.at = Some(now);
+        let n = n as f64;
+        if self.tokens < n {
+            return false;
+        }
+        self.tokens -= n;
+        true
+    }
+}
+
+static DECODE_BUDGET_ALL: std::sync::Mutex<DecodeBudget> =
+    std::sync::Mutex::new(DecodeBudget::new(HUFFMAN_BURST_ALL, HUFFMAN_PER_SECOND_ALL));
 
 /// Whether h2 turns this `:authority` into a request: it must be UTF-8 and parse as
 /// an `http::uri::Authority` (the check h2 makes, from the same crate).
@@ -1203,9 +1292,12 @@ mod tests {
             .collect();
         let e = error_of(&conn(&[headers(1, &many)])).await;
         assert!(e.contains("more than 512 fields"), "{e}");
-        assert_eq!(count_fields(&many[5..]), MAX_FIELDS);
-        assert_eq!(count_fields(&[0x20, 0x20, 0x82, 0x3f, 0xe1, 0x1f, 0xbe]), 2);
-        assert_eq!(count_fields(&[0x82, 0x00, 0x05, b'a']), 1);
+        assert_eq!(count_fields(&many[5..]).fields, MAX_FIELDS);
+        assert_eq!(
+            count_fields(&[0x20, 0x20, 0x82, 0x3f, 0xe1, 0x1f, 0xbe]).fields,
+            2
+        );
+        assert_eq!(count_fields(&[0x82, 0x00, 0x05, b'a']).fields, 1);
         // Reads after the failure fail too.
         let input = conn(&[headers(1, &[0x80])]);
         let mut fa = FixAuthority::new(&input[..]);

@@ -198,6 +198,50 @@ requests.put(None)
     );
 }
 
+/// Huffman-coded strings are the costly part of HPACK decoding; a client that sends
+/// header blocks full of them is cut off by the decoding budget (it used to stall the
+/// runtime: admin probes took 10 s), and everyone else keeps being served.
+#[test]
+fn hpack_decoding_work_is_bounded_per_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (s, sock) = sds_sidecar(d);
+    let out = python_sds(
+        d,
+        &sock,
+        r#"
+def lit(n, v):
+    return b'\x00' + bytes([len(n)]) + n + bytes([len(v)]) + v
+# 500 fields whose name and value are one Huffman-coded character ('a' = 0x1f).
+block = lit(b':method', b'POST') + lit(b':scheme', b'http') + lit(b':path', b'/x') + b'\x00\x81\x1f\x81\x1f' * 500
+bad = socket.socket(socket.AF_UNIX)
+bad.connect(SOCK)
+bad.sendall(b'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n' + bytes.fromhex('000000040000000000'))
+sent = 0
+try:
+    for i in range(600):
+        sid = 2 * i + 1
+        bad.sendall(len(block).to_bytes(3, 'big') + bytes([1, 5]) + sid.to_bytes(4, 'big') + block)
+        sent += 1
+except OSError as e:
+    print('cut off after', sent, 'blocks:', type(e).__name__)
+print('new', serials(fetch(req('default'), timeout=10)))
+"#,
+    );
+    assert!(out.contains("cut off after"), "{out}");
+    let serial = norm_serial(&s.serial());
+    let l = out
+        .lines()
+        .find(|l| l.starts_with("new "))
+        .unwrap_or_default();
+    assert!(l.split(' ').any(|x| x == serial), "{out}");
+    assert_eq!(
+        s.metric("svidcar_grpc_connections_closed_total{reason=\"decode_budget\"}"),
+        1.0
+    );
+    assert_eq!(http_get(s.admin, "/live").map(|(c, _)| c), Some(200));
+}
+
 /// A running Envoy; killed on drop.
 struct Envoy {
     child: Child,

@@ -10,10 +10,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::authz::SpiffeIdMatcher;
 use crate::config::{split_host_port, Config, IdentityConfig, ListenerConfig};
 use crate::identity::{IdentitySource, IdentityState};
 use crate::proxy::{InboundListener, OutboundListener, Timeouts};
-use crate::authz::SpiffeIdMatcher;
 use crate::tls;
 
 /// `svidcar run`.

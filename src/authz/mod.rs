@@ -12,10 +12,22 @@ use crate::spiffe::{SpiffeId, TrustDomain};
 #[derive(Debug, Clone)]
 pub enum IdRule {
     /// The value is stored lower-cased when `ignore_case` is set.
-    Exact { value: String, ignore_case: bool },
-    Prefix { value: String, ignore_case: bool },
-    Suffix { value: String, ignore_case: bool },
-    Contains { value: String, ignore_case: bool },
+    Exact {
+        value: String,
+        ignore_case: bool,
+    },
+    Prefix {
+        value: String,
+        ignore_case: bool,
+    },
+    Suffix {
+        value: String,
+        ignore_case: bool,
+    },
+    Contains {
+        value: String,
+        ignore_case: bool,
+    },
     /// Envoy's `safe_regex` matches the whole string; `ignore_case` has no effect on it.
     Regex(Regex),
     TrustDomain(TrustDomain),
