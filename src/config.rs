@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::authz::{IdRule, SpiffeIdMatcher};
-use crate::spiffe::{parse_spiffe_id, parse_trust_domain, SpiffeId, TrustDomain};
+use crate::spiffe::{parse_trust_domain, SpiffeId, TrustDomain};
 
 /// A configuration problem: where it is and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -483,7 +483,8 @@ impl MatcherConfig {
         };
         if let Some(x) = &e.exact {
             if !ignore_case {
-                parse_spiffe_id(x).map_err(|err| format!("exact: {err}"))?;
+                // An ID without a path names a trust domain: no SVID can carry it.
+                crate::spiffe::parse_workload_id(x).map_err(|err| format!("exact: {err}"))?;
             }
             let value = fold(x);
             return Ok(IdRule::Exact { value, ignore_case });

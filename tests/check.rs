@@ -88,6 +88,8 @@ fn broken_configs_name_key_and_problem() {
         ("log-level-typo", format!("log: {{level: infro}}\n{dev}{LISTENER}"), vec!["log.level", "\"infro\" is not a log level"]),
         ("log-directive-typo", format!("log: {{level: \"svidcar=debgu\"}}\n{dev}{LISTENER}"), vec!["log.level", "svidcar=debgu"]),
         ("listener-duration-line", format!("{dev}{LISTENER}    idle_timeout: 3 fortnights\n"), vec!["inbound[0].idle_timeout", "3 fortnights", "(line 9, column 19)"]),
+        ("allow-id-without-path", format!("{dev}{}", LISTENER.replace("spiffe://example.org/ns/default/sa/frontend", "spiffe://example.org")), vec!["inbound[0].allow[0]", "exact", "path"]),
+        ("ca-key-is-a-device", format!("identity:\n  dev: {{spiffe_id: \"spiffe://example.org/a\", ca_cert: {}, ca_key: /dev/zero}}\n{LISTENER}", ca_cert.display()), vec!["identity.dev.ca_key", "/dev/zero", "not a regular file"]),
         ("ca-key-missing", format!("identity:\n  dev: {{spiffe_id: \"spiffe://example.org/a\", ca_cert: {}, ca_key: {}}}\n{LISTENER}", ca_cert.display(), d.join("absent.key").display()), vec!["identity.dev.ca_key", "absent.key", "cannot read"]),
     ];
     for (name, yaml, expect) in &cases {
@@ -197,6 +199,31 @@ fn dev_ca_refuses_to_overwrite_without_force() {
         before,
         (std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap()),
         "files untouched"
+    );
+    // The same file for both: refused, nothing written.
+    let out = Command::new(BIN)
+        .args(["dev-ca", "--trust-domain", "example.org", "--cert"])
+        .arg(dir.path().join("same.pem"))
+        .arg("--key")
+        .arg(dir.path().join("same.pem"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("same file"));
+    assert!(!dir.path().join("same.pem").exists());
+    // A missing key directory: refused before the certificate is written.
+    let out = Command::new(BIN)
+        .args(["dev-ca", "--trust-domain", "example.org", "--cert"])
+        .arg(dir.path().join("new.pem"))
+        .arg("--key")
+        .arg(dir.path().join("absent/new.key"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+    assert!(
+        !dir.path().join("new.pem").exists(),
+        "no certificate without its key"
     );
     assert!(again(true).status.success());
     assert_ne!(

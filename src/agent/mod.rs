@@ -29,6 +29,7 @@ use crate::config::{duration, ConfigError};
 use crate::identity::dev_ca::DevCa;
 use crate::identity::workload_api::SECURITY_HEADER;
 use crate::identity::{pem, IdentityError, Svid};
+use crate::log_limit::{printable, LogLimiter};
 use crate::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
@@ -98,6 +99,10 @@ struct Agent {
     /// Fired on SIGTERM/SIGINT: ends every open stream so the server can stop.
     shutdown: CancellationToken,
 }
+
+/// Refusals are caused by local callers, and their text holds paths those callers chose:
+/// escaped (`printable`) and rate-limited.
+static REFUSAL_LOG: LogLimiter = LogLimiter::new("dev-agent refusal", 20, Duration::from_secs(10));
 
 type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
@@ -229,7 +234,10 @@ impl Agent {
             .get::<Arc<attest::Attestation>>()
             .ok_or_else(|| Status::internal("caller attestation unavailable"))?;
         if let Err(why) = attested.still_same() {
-            tracing::warn!(pid = ?attested.pid, "call refused: {why}");
+            if REFUSAL_LOG.allow("process_changed") {
+                let why = printable(&why.to_string(), 512);
+                tracing::warn!(pid = ?attested.pid, "call refused: {why}");
+            }
             return Err(Status::permission_denied(format!(
                 "caller is not the process attested for this connection: {why}"
             )));
@@ -241,7 +249,9 @@ impl Agent {
             .filter(|e| attest::matches(&e.selectors, selectors))
             .collect();
         if entries.is_empty() {
-            tracing::info!(?selectors, "caller matches no registration entry");
+            if REFUSAL_LOG.allow("no_entry") {
+                tracing::info!(?selectors, "caller matches no registration entry");
+            }
             return Err(Status::permission_denied("no identity issued"));
         }
         Ok(entries)
@@ -301,7 +311,10 @@ impl StreamGuard {
     fn check(&self) -> Result<(), Status> {
         match self.attested.as_ref().map(|a| a.still_same()) {
             Some(Err(why)) => {
-                tracing::warn!("stream ended: {why}");
+                if REFUSAL_LOG.allow("stream_ended") {
+                    let why = printable(&why.to_string(), 512);
+                    tracing::warn!("stream ended: {why}");
+                }
                 Err(Status::permission_denied(format!(
                     "caller is not the process attested for this connection: {why}"
                 )))

@@ -149,6 +149,27 @@ pub fn dev_ca(
     force: bool,
 ) -> anyhow::Result<()> {
     let td = parse_trust_domain(td).context("--trust-domain")?;
+    let same = std::path::absolute(cert).ok() == std::path::absolute(key).ok();
+    if same {
+        return Err(anyhow!(
+            "--cert and --key name the same file {}: the key would replace the certificate",
+            cert.display()
+        ));
+    }
+    // Both directories must be there before either file is written, so a failure never
+    // leaves a certificate without its key.
+    for (flag, p) in [("--cert", cert), ("--key", key)] {
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(anyhow!(
+                "{flag}: directory {} does not exist",
+                dir.display()
+            ));
+        }
+    }
     if !force {
         if let Some(existing) = [cert, key].into_iter().find(|p| p.exists()) {
             return Err(anyhow!(

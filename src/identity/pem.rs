@@ -17,8 +17,42 @@ fn file_err(path: &Path, problem: impl Into<String>) -> IdentityError {
 }
 
 /// Reads a file whole, naming it in the error.
+/// The largest certificate or key file read: bundles of many roots fit easily, and a
+/// path pointed at `/dev/zero` or a huge file cannot exhaust memory.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Reads a regular file whole, at most [`MAX_FILE_BYTES`], naming it in the error. A
+/// FIFO, device or directory is refused before it is opened for reading (a FIFO would
+/// block `check` forever).
 pub fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
-    std::fs::read(path).map_err(|e| file_err(path, format!("cannot read: {e}")))
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+    if !meta.is_file() {
+        return Err(file_err(path, "not a regular file"));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(file_err(
+            path,
+            format!(
+                "{} bytes: larger than the {MAX_FILE_BYTES} bytes a PEM file may have",
+                meta.len()
+            ),
+        ));
+    }
+    let file =
+        std::fs::File::open(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+    let mut out = Vec::with_capacity(meta.len() as usize);
+    // The file may grow between the check and the read: read one byte past the limit.
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+    if out.len() as u64 > MAX_FILE_BYTES {
+        return Err(file_err(
+            path,
+            format!("larger than the {MAX_FILE_BYTES} bytes a PEM file may have"),
+        ));
+    }
+    Ok(out)
 }
 
 /// Says what is wrong with PEM text in words, never echoing its contents.

@@ -42,6 +42,10 @@ use crate::proto::envoy::service::secret::v3::secret_discovery_service_server::{
 pub use secrets::SECRET_TYPE;
 use secrets::{has_key, resolve_all};
 
+/// Refusals of SDS callers (any local process, or any TCP client) are rate-limited.
+static REFUSAL_LOG: crate::log_limit::LogLimiter =
+    crate::log_limit::LogLimiter::new("SDS caller refused", 20, std::time::Duration::from_secs(10));
+
 /// Largest request svidcar accepts: SDS requests are a few names, not megabytes.
 const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 
@@ -97,7 +101,9 @@ impl SdsService {
             .and_then(|i| i.peer_cred)
         else {
             count_denied();
-            tracing::warn!("SDS caller refused: no peer credentials on the unix socket");
+            if REFUSAL_LOG.allow("no_credentials") {
+                tracing::warn!("SDS caller refused: no peer credentials on the unix socket");
+            }
             return Err(Status::permission_denied(
                 "peer credentials unavailable; this socket serves only callers in sds.allowed_uids/allowed_gids",
             ));
@@ -106,11 +112,13 @@ impl SdsService {
             return Ok(());
         }
         count_denied();
-        tracing::warn!(
-            uid = cred.uid(),
-            gid = cred.gid(),
-            "SDS caller refused: uid/gid not in sds.allowed_uids/allowed_gids"
-        );
+        if REFUSAL_LOG.allow("uid_not_allowed") {
+            tracing::warn!(
+                uid = cred.uid(),
+                gid = cred.gid(),
+                "SDS caller refused: uid/gid not in sds.allowed_uids/allowed_gids"
+            );
+        }
         Err(Status::permission_denied(format!(
             "uid {} / gid {} may not read secrets from this socket",
             cred.uid(),
@@ -125,11 +133,13 @@ impl SdsService {
                 .sds_requests
                 .with_label_values(&["exhausted"])
                 .inc();
-            tracing::warn!(
-                listener = ?self.kind,
-                max_streams = self.shared.max_streams,
-                "SDS stream refused: this listener's streams are all in use"
-            );
+            if REFUSAL_LOG.allow("streams_exhausted") {
+                tracing::warn!(
+                    listener = ?self.kind,
+                    max_streams = self.shared.max_streams,
+                    "SDS stream refused: this listener's streams are all in use"
+                );
+            }
             Status::resource_exhausted(format!(
                 "too many SDS streams on this listener (sds.max_streams: {})",
                 self.shared.max_streams
