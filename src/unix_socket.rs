@@ -13,27 +13,42 @@ const BACKLOG: u32 = 128;
 
 /// Binds a listening unix socket at `path` with permission bits `mode`.
 ///
-/// The mode is set between `bind` and `listen`: a socket that is not listening refuses
-/// every `connect`, so no caller can get in under the umask's mode before `mode`
-/// applies. A socket file already at `path` is replaced when nothing answers on it;
-/// anything else there (a regular file, a directory, a live socket) is an error naming
-/// the path, and is left alone.
+/// The socket is made in a fresh private directory (0700) beside `path`, given `mode`
+/// there, put into listening, and only then renamed to `path`: nobody can connect under
+/// the umask's mode, and nobody can swap a symlink in for the chmod to follow, since no
+/// one else can write that directory. A socket file already at `path` is replaced when
+/// nothing answers on it; anything else there (a regular file, a directory, a live
+/// socket) is an error naming the path, and is left alone.
 pub fn bind(path: &Path, mode: u32) -> anyhow::Result<tokio::net::UnixListener> {
     remove_stale(path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let private = tempfile::Builder::new()
+        .prefix(".svidcar-sock-")
+        .tempdir_in(dir)
+        .with_context(|| format!("cannot create a private directory in {}", dir.display()))?;
+    let staged = private.path().join("s");
     let socket = tokio::net::UnixSocket::new_stream().context("cannot create a unix socket")?;
     socket
-        .bind(path)
+        .bind(&staged)
         .with_context(|| format!("cannot bind {}", path.display()))?;
-    let not_listening = PendingSocket { path, armed: true };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("cannot set mode {mode:o} on {}", path.display()))?;
     let listener = socket
         .listen(BACKLOG)
         .with_context(|| format!("cannot listen on {}", path.display()))?;
-    not_listening.disarm();
+    // Something may have appeared at `path` since remove_stale looked: never replace it.
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(anyhow!(
+            "{} appeared while the socket was being made; not replacing it",
+            path.display()
+        ));
+    }
+    std::fs::rename(&staged, path)
+        .with_context(|| format!("cannot move the socket into place at {}", path.display()))?;
     Ok(listener)
 }
 
@@ -65,26 +80,6 @@ fn remove_stale(path: &Path) -> anyhow::Result<()> {
     }
     std::fs::remove_file(path)
         .with_context(|| format!("cannot remove stale socket {}", path.display()))
-}
-
-/// Removes the half-made socket file if `bind` fails after creating it.
-struct PendingSocket<'a> {
-    path: &'a Path,
-    armed: bool,
-}
-
-impl PendingSocket<'_> {
-    fn disarm(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for PendingSocket<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = std::fs::remove_file(self.path);
-        }
-    }
 }
 
 /// Removes a server's socket file when dropped, so a stopped server leaves nothing
