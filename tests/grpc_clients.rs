@@ -9,7 +9,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -20,15 +20,6 @@ fn python_ok(dir: &Path, script: &str) -> String {
     let (ok, out) = python(dir, script);
     assert!(ok, "python failed: {out}");
     out
-}
-
-/// Serial numbers as /certs and Envoy print them: lower-case hex, no leading zeros.
-fn norm_serial(s: &str) -> String {
-    let s = s.to_ascii_lowercase().replace(':', "");
-    match s.trim_start_matches('0') {
-        "" => "0".into(),
-        t => t.into(),
-    }
 }
 
 #[test]
@@ -240,84 +231,6 @@ print('new', serials(fetch(req('default'), timeout=10)))
         1.0
     );
     assert_eq!(http_get(s.admin, "/live").map(|(c, _)| c), Some(200));
-}
-
-/// A running Envoy; killed on drop.
-struct Envoy {
-    child: Child,
-    admin: u16,
-    log: PathBuf,
-}
-
-impl Envoy {
-    /// Renders `template` from envoy/ with `vars` and starts Envoy on it.
-    fn start(dir: &Path, template: &str, vars: &[(&str, String)]) -> Self {
-        let admin = free_port();
-        let mut text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("envoy")
-                .join(template),
-        )
-        .unwrap()
-        .replace("${ADMIN_PORT}", &admin.to_string())
-        .replace("${NODE_ID}", template);
-        for (k, v) in vars {
-            text = text.replace(&format!("${{{k}}}"), v);
-        }
-        assert!(
-            !text
-                .lines()
-                .filter(|l| !l.trim_start().starts_with('#'))
-                .any(|l| l.contains("${")),
-            "unfilled placeholder:\n{text}"
-        );
-        let cfg = dir.join(template);
-        std::fs::write(&cfg, text).unwrap();
-        let log = dir.join(format!("{template}.log"));
-        let child = Command::new("envoy")
-            .arg("-c")
-            .arg(&cfg)
-            .args(["--concurrency", "1", "-l", "info", "--base-id"])
-            .arg(free_port().to_string())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("envoy on PATH");
-        let mut e = Self { child, admin, log };
-        wait_until("envoy admin", Duration::from_secs(30), || {
-            if let Ok(Some(st)) = e.child.try_wait() {
-                panic!("envoy exited with {st}: {}", e.logs());
-            }
-            http_get(admin, "/ready").map(|_| ())
-        });
-        e
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Serials of the certificates Envoy holds, by kind ("cert_chain", "ca_cert").
-    fn serials(&self, kind: &str) -> Vec<String> {
-        let Some((_, body)) = http_get(self.admin, "/certs") else {
-            return vec![];
-        };
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        v["certificates"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|c| c[kind].as_array().cloned().unwrap_or_default())
-            .filter_map(|c| c["serial_number"].as_str().map(norm_serial))
-            .collect()
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -370,74 +370,6 @@ fn files_svid_keys_in_sec1_and_pkcs1_form() {
         assert!(ok, "{out}");
         let _s = Svidcar::start(d, &format!("files-{name}"), &cfg);
         assert_serves(d, port, &client, &ca.0, leaf_key);
-    }
-}
-
-/// A running Envoy; killed on drop. (The pieces of tests/sds.rs this file needs.)
-struct Envoy {
-    child: Child,
-    admin: u16,
-    log: PathBuf,
-}
-
-impl Envoy {
-    /// Renders `template` from envoy/ with `vars` and starts Envoy on it.
-    fn start(dir: &Path, template: &str, vars: &[(&str, String)]) -> Self {
-        let admin = free_port();
-        let mut text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("envoy")
-                .join(template),
-        )
-        .unwrap();
-        text = text
-            .replace("${ADMIN_PORT}", &admin.to_string())
-            .replace("${NODE_ID}", template);
-        for (k, v) in vars {
-            text = text.replace(&format!("${{{k}}}"), v);
-        }
-        let cfg = dir.join(template);
-        std::fs::write(&cfg, text).unwrap();
-        let log = dir.join(format!("{template}.log"));
-        let child = Command::new("envoy")
-            .arg("-c")
-            .arg(&cfg)
-            .args(["--concurrency", "1", "-l", "info", "--base-id"])
-            .arg(free_port().to_string())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("envoy on PATH");
-        let mut e = Self { child, admin, log };
-        wait_until("envoy admin", Duration::from_secs(30), || {
-            if let Ok(Some(st)) = e.child.try_wait() {
-                panic!(
-                    "envoy exited with {st}: {}",
-                    std::fs::read_to_string(&e.log).unwrap_or_default()
-                );
-            }
-            http_get(admin, "/ready").map(|_| ())
-        });
-        e
-    }
-
-    /// True once Envoy holds a certificate chain (from SDS).
-    fn has_cert(&self) -> bool {
-        http_get(self.admin, "/certs").is_some_and(|(_, body)| {
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            v["certificates"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| c["cert_chain"].as_array().is_some_and(|a| !a.is_empty()))
-        })
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

