@@ -95,13 +95,18 @@ impl LogLimiter {
     }
 }
 
-/// `text` with control characters and quotes escaped (one line, whatever it holds),
-/// cut at `max` bytes with a note of the original length.
+/// `text` with control characters, backslashes and invisible or direction-changing
+/// characters escaped (one line, whatever it holds; quotes are kept as they are), cut at
+/// `max` bytes with a note of the original length.
 pub fn printable(text: &str, max: usize) -> String {
     let mut out = String::with_capacity(text.len().min(max) + 32);
     for (i, c) in text.char_indices() {
         let before = out.len();
-        out.extend(c.escape_debug());
+        if c == '\'' || c == '"' {
+            out.push(c);
+        } else {
+            out.extend(c.escape_debug());
+        }
         if out.len() > max {
             out.truncate(before);
             out.push_str(&format!(
@@ -161,5 +166,7 @@ mod tests {
         let p = printable(&"é\n".repeat(400), 20);
         assert!(p.starts_with("é\\né\\n"), "{p}");
         assert_eq!(printable("short", 512), "short");
+        assert_eq!(printable("exec'd \"x\" a\\b", 512), "exec'd \"x\" a\\\\b");
+        assert_eq!(printable("a\u{2028}b\u{202e}c", 512), "a\\u{2028}b\\u{202e}c");
     }
 }
