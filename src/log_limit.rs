@@ -167,6 +167,9 @@ mod tests {
         assert!(p.starts_with("é\\né\\n"), "{p}");
         assert_eq!(printable("short", 512), "short");
         assert_eq!(printable("exec'd \"x\" a\\b", 512), "exec'd \"x\" a\\\\b");
-        assert_eq!(printable("a\u{2028}b\u{202e}c", 512), "a\\u{2028}b\\u{202e}c");
+        assert_eq!(
+            printable("a\u{2028}b\u{202e}c", 512),
+            "a\\u{2028}b\\u{202e}c"
+        );
     }
 }
