@@ -193,3 +193,59 @@ fn certs_expiry_in_rfc3339() {
         epoch
     );
 }
+
+/// `/ready` may say 200 only once every listener is bound: admin comes up last, and a
+/// listener that cannot bind stops start-up before admin ever answers.
+#[test]
+fn ready_only_after_every_listener_is_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let echo = EchoServer::start();
+    let (cfg, _) = config(d, echo.port);
+    let s = Svidcar::start(d, "order", &cfg);
+    let logs = s.logs();
+    let pos = |what: &str| {
+        logs.find(what)
+            .unwrap_or_else(|| panic!("no {what:?} in {logs}"))
+    };
+    assert!(pos("inbound listening") < pos("admin listening"), "{logs}");
+    drop(s);
+
+    // A second listener on a port that is taken: svidcar exits with the reason, and its
+    // admin port never answered.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let admin = free_port();
+    let path = d.join("taken.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "admin: {{listen: 127.0.0.1:{admin}}}\n{cfg}  - name: second\n    listen: 127.0.0.1:{taken_port}\n    forward: 127.0.0.1:{}\n    allow_any_in_trust_domain: true\n",
+            echo.port
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut answered = false;
+    let status = wait_until("svidcar exits", Duration::from_secs(20), || {
+        answered |= http_get(admin, "/ready").is_some();
+        child.try_wait().unwrap()
+    });
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("inbound[1].listen: cannot bind"),
+        "the reason names the listener: {err}"
+    );
+    assert!(
+        !answered,
+        "admin must not answer before every listener is bound"
+    );
+    assert!(!err.contains("admin listening"), "{err}");
+}

@@ -70,24 +70,21 @@ async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let mut tasks = Vec::new();
-    // Listener tasks end only at shutdown; one that ends earlier (a panic) stops the
-    // process, so the orchestrator restarts it instead of a half-dead sidecar.
+    // Listener and SDS server tasks end only at shutdown; one that ends earlier (a
+    // panic, a server error) stops the process with the reason logged, so the
+    // orchestrator restarts it instead of keeping a half-dead sidecar.
     let mut listeners = tokio::task::JoinSet::new();
     tasks.push(tokio::spawn(source.run(state.clone(), shutdown.clone())));
     tasks.push(tokio::spawn(log_identity_changes(state.clone())));
 
     if let Some(sds) = &config.sds {
-        tasks.extend(crate::sds::start(sds, state.clone(), shutdown.clone()).await?);
-    }
-
-    if let Some(admin) = &config.admin {
-        let l = crate::admin::bind(admin.listen).await?;
-        tracing::info!(addr = %admin.listen, "admin listening");
-        tasks.push(tokio::spawn(crate::admin::serve(
-            l,
-            state.clone(),
-            shutdown.clone(),
-        )));
+        // SDS servers end only at shutdown, like listeners: supervised the same way.
+        for server in crate::sds::start(sds, state.clone(), shutdown.clone()).await? {
+            listeners.spawn(async move {
+                let _ = server.await;
+                "the SDS server".to_string()
+            });
+        }
     }
 
     for (i, l) in config.inbound.iter().enumerate() {
@@ -105,7 +102,7 @@ async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
         };
         let socket = bind(l, &at).await?;
         tracing::info!(listener = %l.name, listen = %l.listen, forward = %inbound.forward, "inbound listening");
-        let name = l.name.clone();
+        let name = format!("listener {}", l.name);
         let run = inbound.run(socket, shutdown.clone(), tracker.clone());
         listeners.spawn(async move {
             run.await;
@@ -139,12 +136,23 @@ async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
         };
         let socket = bind(l, &at).await?;
         tracing::info!(listener = %l.name, listen = %l.listen, connect = %outbound.connect, "outbound listening");
-        let name = l.name.clone();
+        let name = format!("listener {}", l.name);
         let run = outbound.run(socket, shutdown.clone(), tracker.clone());
         listeners.spawn(async move {
             run.await;
             name
         });
+    }
+
+    // Admin last: /ready must not say 200 before every listener is bound.
+    if let Some(admin) = &config.admin {
+        let l = crate::admin::bind(admin.listen).await?;
+        tracing::info!(addr = %admin.listen, "admin listening");
+        tasks.push(tokio::spawn(crate::admin::serve(
+            l,
+            state.clone(),
+            shutdown.clone(),
+        )));
     }
 
     let id = state
@@ -157,8 +165,8 @@ async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
     let failed = tokio::select! {
         _ = crate::signals::wait_for_signal() => None,
         Some(ended) = listeners.join_next() => Some(match ended {
-            Ok(name) => format!("listener {name} stopped"),
-            Err(e) => format!("a listener failed: {e}"),
+            Ok(name) => format!("{name} stopped"),
+            Err(e) => format!("a listener or server failed: {e}"),
         }),
     };
     if let Some(why) = failed {
