@@ -9,6 +9,7 @@ pub mod app;
 pub mod authz;
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod h2_authority;
 pub mod identity;
 pub mod log_limit;

@@ -125,7 +125,7 @@ impl DevCa {
         let anchor = Bundle::new(trust_domain.clone(), vec![ca.cert.clone()])?;
         let leaf = crate::x509::LeafInfo::parse(&probe.chain[0]).map_err(dev_err)?;
         crate::x509::verify_chain(
-            crate::tls::crypto_provider()
+            crate::crypto::provider()
                 .signature_verification_algorithms
                 .all,
             &leaf,

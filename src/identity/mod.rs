@@ -48,7 +48,7 @@ impl IdentityUpdate {
         let leaf =
             LeafInfo::parse(&svid.chain[0]).map_err(|e| IdentityError::Svid(e.to_string()))?;
         crate::x509::verify_chain(
-            crate::tls::crypto_provider()
+            crate::crypto::provider()
                 .signature_verification_algorithms
                 .all,
             &leaf,

@@ -34,7 +34,7 @@ impl Svid {
             .first()
             .ok_or_else(|| IdentityError::Svid("certificate chain is empty".into()))?;
         let info = LeafInfo::parse(leaf).map_err(|e| IdentityError::Svid(e.to_string()))?;
-        let provider = crate::tls::crypto_provider();
+        let provider = crate::crypto::provider();
         let signing = provider
             .key_provider
             .load_private_key(key.clone_key())

@@ -11,9 +11,8 @@ pub use resolver::SvidResolver;
 pub use verifier::{peer_id, SpiffeClientVerifier, SpiffeServerVerifier, SpiffeVerifier};
 
 use std::io;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use rustls::crypto::CryptoProvider;
 use rustls::{CertificateError, ClientConfig, ServerConfig};
 
 use crate::config::TlsVersion;
@@ -96,14 +95,6 @@ impl Rejection {
     }
 }
 
-/// The process-wide crypto provider (ring).
-pub fn crypto_provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
-        .clone()
-}
-
 fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
     static ALL: &[&rustls::SupportedProtocolVersion] =
         &[&rustls::version::TLS13, &rustls::version::TLS12];
@@ -130,7 +121,7 @@ pub fn server_config(
     alpn: &[String],
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let verifier = SpiffeClientVerifier(verifier);
-    let mut config = ServerConfig::builder_with_provider(crypto_provider())
+    let mut config = ServerConfig::builder_with_provider(crate::crypto::provider())
         .with_protocol_versions(versions(min))?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(SvidResolver::new(state)));
@@ -147,7 +138,7 @@ pub fn client_config(
     alpn: &[String],
 ) -> Result<Arc<ClientConfig>, rustls::Error> {
     let verifier = SpiffeServerVerifier(verifier);
-    let mut config = ClientConfig::builder_with_provider(crypto_provider())
+    let mut config = ClientConfig::builder_with_provider(crate::crypto::provider())
         .with_protocol_versions(versions(min))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))

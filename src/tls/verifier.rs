@@ -34,7 +34,7 @@ impl SpiffeVerifier {
         Self {
             state,
             matcher,
-            algs: super::crypto_provider().signature_verification_algorithms,
+            algs: crate::crypto::provider().signature_verification_algorithms,
         }
     }
 
