@@ -9,23 +9,6 @@ use std::time::{Duration, SystemTime};
 
 use common::*;
 
-fn check(dir: &Path, name: &str, yaml: &str) -> (bool, String) {
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&path)
-        .env_remove("SPIFFE_ENDPOINT_SOCKET")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!stderr.contains("panicked"), "{name}: {stderr}");
-    (
-        out.status.success(),
-        stderr + &String::from_utf8_lossy(&out.stdout),
-    )
-}
-
 const LISTENER: &str = "inbound:\n  - name: web\n    listen: 127.0.0.1:8443\n    forward: 127.0.0.1:8080\n    allow:\n      - exact: spiffe://example.org/ns/default/sa/frontend\n";
 
 #[test]
@@ -93,7 +76,7 @@ fn broken_configs_name_key_and_problem() {
         ("ca-key-missing", format!("identity:\n  dev: {{spiffe_id: \"spiffe://example.org/a\", ca_cert: {}, ca_key: {}}}\n{LISTENER}", ca_cert.display(), d.join("absent.key").display()), vec!["identity.dev.ca_key", "absent.key", "cannot read"]),
     ];
     for (name, yaml, expect) in &cases {
-        let (ok, out) = check(d, name, yaml);
+        let (ok, out) = check_config(d, name, yaml);
         assert!(!ok, "{name} must fail: {out}");
         for e in expect {
             assert!(out.contains(e), "{name}: expected {e:?} in {out:?}");
@@ -110,23 +93,23 @@ fn broken_configs_name_key_and_problem() {
         );
     }
 
-    let (ok, out) = check(d, "good-files", &files(&svid, &svid_key));
+    let (ok, out) = check_config(d, "good-files", &files(&svid, &svid_key));
     assert!(ok, "{out}");
     assert!(
         out.contains("config OK: identity spiffe://example.org/ns/default/sa/web"),
         "{out}"
     );
-    let (ok, out) = check(d, "good-dev", &format!("{dev}{LISTENER}"));
+    let (ok, out) = check_config(d, "good-dev", &format!("{dev}{LISTENER}"));
     assert!(ok, "{out}");
     // Envoy's spelling of the level, and directives.
-    let (ok, out) = check(
+    let (ok, out) = check_config(
         d,
         "log-warning",
         &format!("log: {{level: \"warning,svidcar=debug\"}}\n{dev}{LISTENER}"),
     );
     assert!(ok, "{out}");
     let wl = format!("identity:\n  workload_api: {{socket: \"unix:///run/spire/sockets/agent.sock\"}}\n{LISTENER}");
-    let (ok, out) = check(d, "good-workload-api", &wl);
+    let (ok, out) = check_config(d, "good-workload-api", &wl);
     assert!(
         ok && out.contains("workload_api at unix:///run/spire/sockets/agent.sock"),
         "{out}"

@@ -105,22 +105,6 @@ fn labels(path: &Path) -> Vec<String> {
         .collect()
 }
 
-/// `svidcar check` on `yaml`; (success, stdout + stderr).
-fn check(dir: &Path, name: &str, yaml: &str) -> (bool, String) {
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).unwrap();
-    let out = Command::new(BIN)
-        .args(["check", "--config"])
-        .arg(&path)
-        .env_remove("SPIFFE_ENDPOINT_SOCKET")
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    assert!(!text.contains("panicked"), "{name}: {text}");
-    (out.status.success(), text)
-}
-
 fn dev_identity(id: &str, ca: &(PathBuf, PathBuf)) -> String {
     format!(
         "identity:\n  dev: {{spiffe_id: \"{id}\", ca_cert: {}, ca_key: {}}}\n",
@@ -192,7 +176,7 @@ fn dev_ca_end_to_end(keygen: &str, form: &[&str], leaf_key: &[&str]) {
     let ca = openssl_ca(d, "ca", keygen);
     assert_eq!(labels(&ca.1), form, "openssl wrote another form");
 
-    let (ok, out) = check(
+    let (ok, out) = check_config(
         d,
         "check",
         &format!(
@@ -366,7 +350,7 @@ fn files_svid_keys_in_sec1_and_pkcs1_form() {
             ca.0.display(),
             inbound("app", port, echo.port, BACKEND)
         );
-        let (ok, out) = check(d, &format!("check-{name}"), &cfg);
+        let (ok, out) = check_config(d, &format!("check-{name}"), &cfg);
         assert!(ok, "{out}");
         let _s = Svidcar::start(d, &format!("files-{name}"), &cfg);
         assert_serves(d, port, &client, &ca.0, leaf_key);
@@ -550,7 +534,7 @@ fn encrypted_garbage_and_unsupported_keys_get_clear_errors() {
             ca.0.display()
         );
         for (how, yaml) in [("ca", as_ca), ("svid", as_svid)] {
-            let (ok, out) = check(d, &format!("{key}-{how}"), &yaml);
+            let (ok, out) = check_config(d, &format!("{key}-{how}"), &yaml);
             assert!(!ok, "{key} as {how} must fail: {out}");
             assert!(
                 out.contains(&format!("{}: ", key_path.display())),
@@ -627,7 +611,7 @@ fn check_leaves_bundle_out_alone() {
                 out_path.display(),
                 inbound("a", 8443, 8080, BACKEND)
             );
-            let (ok, out) = check(d, &format!("check-{name}"), &yaml);
+            let (ok, out) = check_config(d, &format!("check-{name}"), &yaml);
             assert!(ok, "{out}");
             assert_eq!(
                 std::fs::read(&existing).unwrap(),

@@ -743,3 +743,21 @@ impl Drop for Envoy {
         let _ = self.child.wait();
     }
 }
+
+/// Writes `yaml` to `dir/NAME.yaml` and runs `svidcar check` on it (with no
+/// SPIFFE_ENDPOINT_SOCKET from the environment); (success, stderr + stdout). A panic is
+/// never an acceptable answer.
+pub fn check_config(dir: &Path, name: &str, yaml: &str) -> (bool, String) {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .env_remove("SPIFFE_ENDPOINT_SOCKET")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("panicked"), "{name}: {text}");
+    (out.status.success(), text)
+}
