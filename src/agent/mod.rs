@@ -505,7 +505,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let agent = Arc::new(Agent::new(&config)?);
     let shutdown = agent.shutdown.clone();
     // Any local process may call; attestation decides what it gets (as with SPIRE Agent).
-    let listener = crate::unix_socket::bind(&config.socket, 0o777).context("socket")?;
+    let listener = crate::net::unix::bind(&config.socket, 0o777).context("socket")?;
     tracing::info!(socket = %config.socket.display(), trust_domain = %agent.td, entries = agent.entries.len(), "dev-agent serving the Workload API");
     let rotator = {
         let agent = agent.clone();

@@ -1,32 +1,35 @@
-//! `svidcar run`: start-up and shutdown, config → identity → listeners → admin and SDS →
-//! wait for a signal → drain.
+//! `svidcar run`: start-up and shutdown. Config → identity → every listener bound →
+//! SDS → admin (so `/ready` cannot say 200 before the listeners are bound) → wait for a
+//! signal or a failed task → drain.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
-use rustls_pki_types::ServerName;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::authz::SpiffeIdMatcher;
-use crate::config::{split_host_port, Config, IdentityConfig, ListenerConfig};
+use crate::authz::PeerPolicy;
+use crate::config::{Config, IdentityConfig, ListenerKind, ListenerSpec};
 use crate::identity::{IdentitySource, IdentityState};
-use crate::proxy::{InboundListener, OutboundListener, Timeouts};
+use crate::proxy::{
+    Connector, Drain, InboundListener, ListenerMetrics, MtlsOriginator, OutboundListener, Target,
+};
+use crate::spiffe::TrustDomain;
 use crate::tls;
 
 /// `svidcar run`.
 pub fn run(path: &Path) -> anyhow::Result<()> {
-    let (config, identity) = Config::load(path)?;
-    init_logging(config.log.level.as_deref());
+    let config = Config::load(path)?;
+    init_logging(config.log_filter.as_deref());
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all().thread_name("svidcar-worker");
     if let Some(n) = config.worker_threads {
         rt.worker_threads(n);
     }
     let rt = rt.build().context("cannot start the runtime")?;
-    rt.block_on(serve(config, identity))
+    rt.block_on(serve(config))
 }
 
 /// An identity error, led by the config key that named the file it is about.
@@ -39,14 +42,11 @@ pub fn identity_error(e: crate::identity::IdentityError, config: &IdentityConfig
     anyhow!("identity: {e}")
 }
 
-pub fn init_logging(level: Option<&str>) {
+/// Logs to stderr through `filter` (a checked `log.level`); RUST_LOG, when set, wins.
+pub fn init_logging(filter: Option<&str>) {
     use tracing_subscriber::EnvFilter;
-    // `level` was checked by the config already; RUST_LOG, when set, wins.
-    let wanted = level
-        .and_then(|l| crate::config::log_filter(l).ok())
-        .unwrap_or_else(|| "info".into());
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&wanted))
+        .or_else(|_| EnvFilter::try_new(filter.unwrap_or("info")))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -55,11 +55,11 @@ pub fn init_logging(level: Option<&str>) {
         .init();
 }
 
-async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
+async fn serve(config: Config) -> anyhow::Result<()> {
     let state = Arc::new(IdentityState::new());
-    let (source, update) = IdentitySource::start(&identity)
+    let (source, update) = IdentitySource::start(&config.identity)
         .await
-        .map_err(|e| identity_error(e, &identity))?;
+        .map_err(|e| identity_error(e, &config.identity))?;
     state.publish(update);
     let own_td = state
         .load()
@@ -67,87 +67,40 @@ async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
         .map(|s| s.spiffe_id.trust_domain().clone())
         .ok_or_else(|| anyhow!("identity: no SVID loaded"))?;
 
-    let shutdown = CancellationToken::new();
+    let drain = Drain::default();
+    let shutdown = drain.draining.clone();
     let tracker = TaskTracker::new();
     let mut tasks = Vec::new();
     // Listener and SDS server tasks end only at shutdown; one that ends earlier (a
     // panic, a server error) stops the process with the reason logged, so the
     // orchestrator restarts it instead of keeping a half-dead sidecar.
-    let mut listeners = tokio::task::JoinSet::new();
+    let mut supervised = tokio::task::JoinSet::new();
     tasks.push(tokio::spawn(source.run(state.clone(), shutdown.clone())));
     tasks.push(tokio::spawn(log_identity_changes(state.clone())));
 
     if let Some(sds) = &config.sds {
-        // SDS servers end only at shutdown, like listeners: supervised the same way.
         for server in crate::sds::start(sds, state.clone(), shutdown.clone()).await? {
-            listeners.spawn(async move {
+            supervised.spawn(async move {
                 let _ = server.await;
                 "the SDS server".to_string()
             });
         }
     }
 
-    for (i, l) in config.inbound.iter().enumerate() {
-        let at = format!("inbound[{i}]");
-        let matcher = matcher(l, &l.allow, &own_td, &at, "allow")?;
-        let verifier = Arc::new(tls::SpiffeVerifier::new(state.clone(), matcher));
-        let server = tls::server_config(state.clone(), verifier, config.min_tls(l), &l.alpn)?;
-        let inbound = InboundListener {
-            name: l.name.as_str().into(),
-            forward: l.forward.clone().unwrap_or_default(),
-            acceptor: server.into(),
-            timeouts: timeouts(l),
-            max_connections: l.max_connections,
-            state: state.clone(),
-        };
-        let socket = bind(l, &at).await?;
-        tracing::info!(listener = %l.name, listen = %l.listen, forward = %inbound.forward, "inbound listening");
-        let name = format!("listener {}", l.name);
-        let run = inbound.run(socket, shutdown.clone(), tracker.clone());
-        listeners.spawn(async move {
-            run.await;
-            name
-        });
-    }
-    for (i, l) in config.outbound.iter().enumerate() {
-        let at = format!("outbound[{i}]");
-        let matcher = matcher(l, &l.expect, &own_td, &at, "expect")?;
-        let verifier = Arc::new(tls::SpiffeVerifier::new(state.clone(), matcher));
-        let client = tls::client_config(state.clone(), verifier, config.min_tls(l), &l.alpn)?;
-        let connect = l.connect.clone().unwrap_or_default();
-        let host = match &l.sni {
-            Some(s) => s.clone(),
-            None => {
-                split_host_port(&connect)
-                    .map_err(|p| anyhow!("{at}.connect: {p}"))?
-                    .0
-            }
-        };
-        let server_name = ServerName::try_from(host.clone())
-            .map_err(|_| anyhow!("{at}.sni: {host:?} is not a valid server name"))?;
-        let outbound = OutboundListener {
-            name: l.name.as_str().into(),
-            connect,
-            server_name,
-            connector: client.into(),
-            timeouts: timeouts(l),
-            max_connections: l.max_connections,
-            state: state.clone(),
-        };
-        let socket = bind(l, &at).await?;
-        tracing::info!(listener = %l.name, listen = %l.listen, connect = %outbound.connect, "outbound listening");
-        let name = format!("listener {}", l.name);
-        let run = outbound.run(socket, shutdown.clone(), tracker.clone());
-        listeners.spawn(async move {
+    for spec in &config.listeners {
+        let bound = BoundListener::bind(spec, state.clone(), &own_td).await?;
+        let name = format!("listener {}", spec.name);
+        let run = bound.run(drain.clone(), tracker.clone());
+        supervised.spawn(async move {
             run.await;
             name
         });
     }
 
     // Admin last: /ready must not say 200 before every listener is bound.
-    if let Some(admin) = &config.admin {
-        let l = crate::admin::bind(admin.listen).await?;
-        tracing::info!(addr = %admin.listen, "admin listening");
+    if let Some(addr) = config.admin {
+        let l = crate::admin::bind(addr).await?;
+        tracing::info!(%addr, "admin listening");
         tasks.push(tokio::spawn(crate::admin::serve(
             l,
             state.clone(),
@@ -164,18 +117,19 @@ async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
 
     let failed = tokio::select! {
         _ = crate::signals::wait_for_signal() => None,
-        Some(ended) = listeners.join_next() => Some(match ended {
+        Some(ended) = supervised.join_next() => Some(match ended {
             Ok(name) => format!("{name} stopped"),
             Err(e) => format!("a listener or server failed: {e}"),
         }),
     };
     if let Some(why) = failed {
         tracing::error!("{why}; exiting");
-        shutdown.cancel();
+        drain.draining.cancel();
+        drain.closing.cancel();
         return Err(anyhow!("{why}"));
     }
     tracing::info!(drain = ?config.drain_timeout, "shutting down: no new connections, draining");
-    shutdown.cancel();
+    drain.draining.cancel();
     tracker.close();
     if tokio::time::timeout(config.drain_timeout, tracker.wait())
         .await
@@ -185,11 +139,115 @@ async fn serve(config: Config, identity: IdentityConfig) -> anyhow::Result<()> {
             open = tracker.len(),
             "drain timeout: closing remaining connections"
         );
+        // Connections end themselves on this signal and record what they moved.
+        drain.closing.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tracker.wait()).await;
     }
     for t in tasks {
         t.abort();
     }
     Ok(())
+}
+
+/// A listener built from its spec and bound to its address, ready to run. Tests use it
+/// to run one listener in-process (bind to port 0, read [`Self::local_addr`]).
+pub struct BoundListener {
+    socket: TcpListener,
+    local_addr: SocketAddr,
+    kind: Bound,
+}
+
+enum Bound {
+    Inbound(InboundListener),
+    Outbound(OutboundListener),
+}
+
+impl BoundListener {
+    /// Builds the TLS config, policy and upstream of `spec`, and binds its socket.
+    pub async fn bind(
+        spec: &ListenerSpec,
+        state: Arc<IdentityState>,
+        own_td: &TrustDomain,
+    ) -> anyhow::Result<Self> {
+        let at = &spec.key;
+        let kind = match &spec.kind {
+            ListenerKind::Inbound(i) => {
+                let policy = PeerPolicy::new(i.allow.matcher(own_td));
+                let verifier = Arc::new(tls::SpiffeVerifier::new(state.clone(), policy));
+                let server = tls::server_config(state.clone(), verifier, &spec.tls)
+                    .with_context(|| format!("{at}.tls_min_version"))?;
+                let metrics = ListenerMetrics::new(&spec.name, "inbound");
+                let upstream = Connector::new(
+                    spec.name.clone(),
+                    Target::Fixed(i.forward.clone()),
+                    spec.timeouts.connect,
+                    metrics.upstream_connect_failed.clone(),
+                );
+                Bound::Inbound(InboundListener {
+                    metrics,
+                    acceptor: server.into(),
+                    upstream,
+                    timeouts: spec.timeouts,
+                    max_connections: spec.max_connections,
+                    state,
+                })
+            }
+            ListenerKind::Outbound(o) => {
+                let policy = PeerPolicy::new(o.expect.matcher(own_td));
+                let verifier = Arc::new(tls::SpiffeVerifier::new(state.clone(), policy));
+                let client = tls::client_config(state.clone(), verifier, &spec.tls)
+                    .with_context(|| format!("{at}.tls_min_version"))?;
+                let metrics = ListenerMetrics::new(&spec.name, "outbound");
+                let upstream = Connector::new(
+                    spec.name.clone(),
+                    Target::Fixed(o.connect.clone()),
+                    spec.timeouts.connect,
+                    metrics.upstream_connect_failed.clone(),
+                );
+                Bound::Outbound(OutboundListener {
+                    metrics,
+                    upstream,
+                    mtls: MtlsOriginator {
+                        connector: client.into(),
+                        server_name: o.server_name.clone(),
+                        handshake_timeout: spec.timeouts.handshake,
+                    },
+                    timeouts: spec.timeouts,
+                    max_connections: spec.max_connections,
+                    state,
+                })
+            }
+        };
+        let socket = TcpListener::bind(spec.listen)
+            .await
+            .map_err(|e| anyhow!("{at}.listen: cannot bind {}: {e}", spec.listen))?;
+        let local_addr = socket.local_addr().unwrap_or(spec.listen);
+        match &kind {
+            Bound::Inbound(l) => {
+                tracing::info!(listener = %spec.name, listen = %local_addr, forward = %l.upstream.describe(), "inbound listening")
+            }
+            Bound::Outbound(l) => {
+                tracing::info!(listener = %spec.name, listen = %local_addr, connect = %l.upstream.describe(), "outbound listening")
+            }
+        }
+        Ok(Self {
+            socket,
+            local_addr,
+            kind,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Accepts until `drain.draining`; connection tasks go to `tracker`.
+    pub async fn run(self, drain: Drain, tracker: TaskTracker) {
+        match self.kind {
+            Bound::Inbound(l) => l.run(self.socket, drain, tracker).await,
+            Bound::Outbound(l) => l.run(self.socket, drain, tracker).await,
+        }
+    }
 }
 
 /// One info line per new snapshot: which SVID is now presented.
@@ -208,29 +266,4 @@ async fn log_identity_changes(state: Arc<IdentityState>) {
             );
         }
     }
-}
-
-fn matcher(
-    l: &ListenerConfig,
-    list: &[crate::config::MatcherConfig],
-    own_td: &crate::spiffe::TrustDomain,
-    at: &str,
-    key: &str,
-) -> anyhow::Result<SpiffeIdMatcher> {
-    let any = l.allow_any_in_trust_domain.then(|| own_td.clone());
-    crate::config::build_matcher(list, any).map_err(|(i, p)| anyhow!("{at}.{key}[{i}]: {p}"))
-}
-
-fn timeouts(l: &ListenerConfig) -> Timeouts {
-    Timeouts {
-        connect: l.connect_timeout,
-        handshake: l.handshake_timeout,
-        idle: l.idle_timeout,
-    }
-}
-
-async fn bind(l: &ListenerConfig, at: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(l.listen)
-        .await
-        .map_err(|e| anyhow!("{at}.listen: cannot bind {}: {e}", l.listen))
 }

@@ -1,11 +1,70 @@
 //! Authorization: whether an authenticated peer may talk to us. The TLS layer proves
-//! who the peer is (its SPIFFE ID, checked against its trust domain's bundle); the rules
-//! here decide what that ID may do. They are typed values built by `config` once; nothing
-//! here reads config types, so a reload can build new rules and swap them.
+//! who the peer is and hands over a [`PeerIdentity`]; the rules here decide what that
+//! identity may do. They are typed values built by `config` once; nothing here reads
+//! config types, and a listener holds its rules in a [`PeerPolicy`] so a reload can
+//! swap them while connections are being accepted.
 
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
 use regex::Regex;
 
 use crate::spiffe::{SpiffeId, TrustDomain};
+
+/// Who an authenticated peer is: what its X509-SVID proved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub spiffe_id: SpiffeId,
+    /// The ID as text (canonical: that is how it was accepted), made once per handshake
+    /// for matching, logs and headers.
+    pub uri: String,
+    /// SHA-256 of the leaf certificate's DER (XFCC's `Hash`).
+    pub leaf_sha256: [u8; 32],
+    pub not_after: SystemTime,
+}
+
+impl PeerIdentity {
+    pub fn new(spiffe_id: SpiffeId, leaf_sha256: [u8; 32], not_after: SystemTime) -> Self {
+        Self {
+            uri: spiffe_id.to_string(),
+            spiffe_id,
+            leaf_sha256,
+            not_after,
+        }
+    }
+}
+
+/// Why a peer was refused by policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("SPIFFE ID {0} not allowed")]
+    NotAllowed(String),
+}
+
+/// The peer rules of one listener, swappable as a whole. A handshake loads them once
+/// (lock-free), so a swap applies to the next connection and never to half of one.
+#[derive(Debug, Clone)]
+pub struct PeerPolicy(Arc<ArcSwap<SpiffeIdMatcher>>);
+
+impl PeerPolicy {
+    pub fn new(matcher: SpiffeIdMatcher) -> Self {
+        Self(Arc::new(ArcSwap::from_pointee(matcher)))
+    }
+
+    /// Replaces the rules for connections accepted from now on.
+    pub fn swap(&self, matcher: SpiffeIdMatcher) {
+        self.0.store(Arc::new(matcher));
+    }
+
+    pub fn check(&self, peer: &PeerIdentity) -> Result<(), Denied> {
+        if self.0.load().matches(peer) {
+            Ok(())
+        } else {
+            Err(Denied::NotAllowed(peer.uri.clone()))
+        }
+    }
+}
 
 /// One allowlist entry, with Envoy's `StringMatcher` semantics on the SPIFFE ID text
 /// (so entries can be pasted from `match_subject_alt_names`), or a whole trust domain.
@@ -33,6 +92,26 @@ pub enum IdRule {
     TrustDomain(TrustDomain),
 }
 
+/// An allowlist as configured. "Any ID of our own trust domain" stays symbolic until
+/// our SVID is loaded: with the `files` and `workload_api` sources the config does not
+/// say which trust domain we are in.
+#[derive(Debug, Clone, Default)]
+pub struct AllowList {
+    pub rules: Vec<IdRule>,
+    pub any_in_own_trust_domain: bool,
+}
+
+impl AllowList {
+    /// The matcher for a workload in `own`.
+    pub fn matcher(&self, own: &TrustDomain) -> SpiffeIdMatcher {
+        let mut rules = self.rules.clone();
+        if self.any_in_own_trust_domain {
+            rules.push(IdRule::TrustDomain(own.clone()));
+        }
+        SpiffeIdMatcher::new(rules)
+    }
+}
+
 /// An ordered list of rules; a peer is allowed when any rule matches its SPIFFE ID.
 #[derive(Debug, Clone, Default)]
 pub struct SpiffeIdMatcher {
@@ -44,9 +123,19 @@ impl SpiffeIdMatcher {
         Self { rules }
     }
 
-    pub fn matches(&self, id: &SpiffeId) -> bool {
-        let text = id.to_string();
-        self.rules.iter().any(|r| r.matches(id, &text))
+    pub fn matches(&self, peer: &PeerIdentity) -> bool {
+        self.rules
+            .iter()
+            .any(|r| r.matches(&peer.spiffe_id, &peer.uri))
+    }
+
+    /// [`Self::matches`] for an ID alone (tests, tools).
+    pub fn matches_id(&self, id: &SpiffeId) -> bool {
+        self.matches(&PeerIdentity::new(
+            id.clone(),
+            [0; 32],
+            SystemTime::UNIX_EPOCH,
+        ))
     }
 }
 

@@ -129,12 +129,13 @@ pub fn main() -> ExitCode {
 
 /// `svidcar check`: parse, validate, and load the identity once.
 pub fn check(path: &Path) -> anyhow::Result<()> {
-    let (config, identity) = Config::load(path)?;
-    let id = IdentitySource::check(&identity).map_err(|e| identity_error(e, &identity))?;
+    let config = Config::load(path)?;
+    let identity = &config.identity;
+    let id = IdentitySource::check(identity).map_err(|e| identity_error(e, identity))?;
     println!(
         "config OK: identity {id}, {} inbound, {} outbound listener(s)",
-        config.inbound.len(),
-        config.outbound.len()
+        config.count(true),
+        config.count(false)
     );
     Ok(())
 }

@@ -16,7 +16,7 @@ pub async fn fetch_and_print(endpoint: &Endpoint, names: Vec<String>) -> anyhow:
     use crate::proto::envoy::extensions::transport_sockets::tls::v3::secret::Type;
     use crate::proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
     let channel = match endpoint {
-        Endpoint::Unix(path) => crate::unix_socket::channel(path)?,
+        Endpoint::Unix(path) => crate::net::unix::channel(path)?,
         Endpoint::Tcp(addr) => {
             tonic::transport::Endpoint::try_from(format!("http://{addr}"))?.connect_lazy()
         }

@@ -57,7 +57,7 @@ pub struct WorkloadApiClient {
 
 impl WorkloadApiClient {
     pub fn new(socket: &Path) -> Result<Self, IdentityError> {
-        let channel = crate::unix_socket::channel(socket)
+        let channel = crate::net::unix::channel(socket)
             .map_err(|e| IdentityError::WorkloadApi(e.to_string()))?;
         Ok(Self {
             inner: SpiffeWorkloadApiClient::with_interceptor(channel, SecurityHeader),

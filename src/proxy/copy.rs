@@ -1,21 +1,26 @@
-//! Bidirectional byte copy with half-close, an idle timeout and byte counts.
+//! Bidirectional byte copy with half-close, an idle timeout, a stop signal and byte
+//! counts.
 //!
-//! tokio's `copy_bidirectional` already does half-close right (EOF on one side shuts
-//! down the write half of the other, then the other direction runs on); we add the
-//! idle timer it lacks and counts that survive an error.
+//! Half-close: EOF read on one side shuts down the write half of the other, and the
+//! other direction runs on. Each direction's buffer starts small and doubles when a read
+//! fills it, so ten thousand quiet connections hold 4 KiB per direction, not 32 KiB,
+//! while a bulk transfer still moves up to 32 KiB per read.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// Bytes per direction buffered in flight; one TLS record is at most 16 KiB.
-const BUF: usize = 32 * 1024;
+/// First buffer size per direction.
+const MIN_BUF: usize = 4 * 1024;
+/// Largest buffer per direction; one TLS record is at most 16 KiB.
+const MAX_BUF: usize = 32 * 1024;
 
 /// How the copy ended.
 #[derive(Debug)]
@@ -23,7 +28,128 @@ pub enum CopyEnd {
     /// Both sides closed cleanly.
     Done,
     Idle,
+    /// The stop signal came first (the drain time is over).
+    Stopped,
     Error(io::Error),
+}
+
+/// One direction: read into the buffer, write it all out, repeat; at EOF flush and
+/// shut down the writer.
+struct Pipe {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    read_done: bool,
+    need_flush: bool,
+    shut_down: bool,
+}
+
+impl Pipe {
+    fn new() -> Self {
+        Self {
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            read_done: false,
+            need_flush: false,
+            shut_down: false,
+        }
+    }
+
+    /// Ready(Ok) once the reader hit EOF and the writer is shut down.
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.start == self.end && !self.read_done {
+                if self.buf.is_empty() {
+                    self.buf = vec![0; MIN_BUF];
+                }
+                let mut rb = ReadBuf::new(&mut self.buf);
+                match reader.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Pending => {
+                        // Nothing more to read for now: push out what was written.
+                        if self.need_flush {
+                            ready!(writer.as_mut().poll_flush(cx))?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        self.start = 0;
+                        self.end = n;
+                        self.read_done = n == 0;
+                    }
+                }
+            }
+            while self.start < self.end {
+                let n = ready!(writer
+                    .as_mut()
+                    .poll_write(cx, &self.buf[self.start..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.start += n;
+                self.need_flush = true;
+            }
+            // A read that filled the buffer says more is coming: take bigger bites.
+            if self.end == self.buf.len() && self.buf.len() < MAX_BUF {
+                self.buf.resize(self.buf.len() * 2, 0);
+            }
+            self.end = 0;
+            self.start = 0;
+            if self.read_done {
+                if !self.shut_down {
+                    ready!(writer.as_mut().poll_flush(cx))?;
+                    ready!(writer.as_mut().poll_shutdown(cx))?;
+                    self.shut_down = true;
+                    // The buffer is not needed any more.
+                    self.buf = Vec::new();
+                }
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+/// Both directions between `a` and `b`, until both have seen EOF or one fails.
+struct Bidirectional<'a, A: ?Sized, B: ?Sized> {
+    a: &'a mut A,
+    b: &'a mut B,
+    a_to_b: Pipe,
+    b_to_a: Pipe,
+}
+
+impl<A, B> Future for Bidirectional<'_, A, B>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    type Output = io::Result<()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let ab = this
+            .a_to_b
+            .poll_copy(cx, Pin::new(&mut *this.a), Pin::new(&mut *this.b))?;
+        let ba = this
+            .b_to_a
+            .poll_copy(cx, Pin::new(&mut *this.b), Pin::new(&mut *this.a))?;
+        if ab.is_ready() && ba.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 /// Bytes received from and sent to the downstream.
@@ -95,8 +221,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 }
 
 /// Copies both ways between `downstream` and `upstream` until both are closed, an
-/// error occurs, or nothing has been read for `idle`.
-pub async fn proxy<D, U>(downstream: D, upstream: U, idle: Duration) -> (CopyEnd, Transferred)
+/// error occurs, nothing has been read for `idle`, or `stop` resolves.
+pub async fn proxy<D, U>(
+    downstream: D,
+    upstream: U,
+    idle: Duration,
+    stop: impl Future<Output = ()>,
+) -> (CopyEnd, Transferred)
 where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
@@ -118,15 +249,22 @@ where
         written: 0,
     };
     let end = {
-        let copy = tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, BUF, BUF);
+        let copy = Bidirectional {
+            a: &mut down,
+            b: &mut up,
+            a_to_b: Pipe::new(),
+            b_to_a: Pipe::new(),
+        };
         tokio::pin!(copy);
+        tokio::pin!(stop);
         let mut deadline = activity.last() + idle;
         loop {
             tokio::select! {
                 res = &mut copy => break match res {
-                    Ok(_) => CopyEnd::Done,
+                    Ok(()) => CopyEnd::Done,
                     Err(e) => CopyEnd::Error(e),
                 },
+                () = &mut stop => break CopyEnd::Stopped,
                 _ = tokio::time::sleep_until(deadline) => {
                     let next = activity.last() + idle;
                     if next <= Instant::now() {
@@ -155,7 +293,12 @@ mod tests {
     async fn half_close_both_ways_and_counts() {
         let (client, proxy_down) = tokio::io::duplex(1024);
         let (proxy_up, server) = tokio::io::duplex(1024);
-        let task = tokio::spawn(proxy(proxy_down, proxy_up, Duration::from_secs(5)));
+        let task = tokio::spawn(proxy(
+            proxy_down,
+            proxy_up,
+            Duration::from_secs(5),
+            std::future::pending(),
+        ));
         let (mut cr, mut cw) = tokio::io::split(client);
         let (mut sr, mut sw) = tokio::io::split(server);
         cw.write_all(b"request").await.unwrap();
@@ -179,7 +322,7 @@ mod tests {
         let (mut client, proxy_down) = tokio::io::duplex(64);
         let (proxy_up, mut server) = tokio::io::duplex(64);
         let idle = Duration::from_millis(300);
-        let task = tokio::spawn(proxy(proxy_down, proxy_up, idle));
+        let task = tokio::spawn(proxy(proxy_down, proxy_up, idle, std::future::pending()));
         // Traffic every 100 ms for 600 ms: twice the idle timeout, and still open.
         let mut buf = [0u8; 1];
         for _ in 0..6 {
@@ -191,5 +334,57 @@ mod tests {
         let (end, t) = task.await.unwrap();
         assert!(matches!(end, CopyEnd::Idle), "{end:?}");
         assert_eq!(t.rx, 6);
+    }
+
+    #[tokio::test]
+    async fn large_transfers_arrive_whole_while_buffers_grow() {
+        let (client, proxy_down) = tokio::io::duplex(100_000);
+        let (proxy_up, server) = tokio::io::duplex(100_000);
+        let task = tokio::spawn(proxy(
+            proxy_down,
+            proxy_up,
+            Duration::from_secs(5),
+            std::future::pending(),
+        ));
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let (mut sr, mut sw) = tokio::io::split(server);
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            cw.write_all(&sent).await.unwrap();
+            cw.shutdown().await.unwrap();
+        });
+        // The server echoes everything back, then closes.
+        let echo = tokio::spawn(async move {
+            let mut got = Vec::new();
+            sr.read_to_end(&mut got).await.unwrap();
+            sw.write_all(&got).await.unwrap();
+            sw.shutdown().await.unwrap();
+            got
+        });
+        let mut back = Vec::new();
+        cr.read_to_end(&mut back).await.unwrap();
+        writer.await.unwrap();
+        assert!(echo.await.unwrap() == data);
+        assert!(back == data);
+        let (end, t) = task.await.unwrap();
+        assert!(matches!(end, CopyEnd::Done), "{end:?}");
+        assert_eq!((t.rx, t.tx), (1_000_000, 1_000_000));
+    }
+
+    #[tokio::test]
+    async fn the_stop_signal_ends_a_live_connection() {
+        let (_client, proxy_down) = tokio::io::duplex(64);
+        let (proxy_up, _server) = tokio::io::duplex(64);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(proxy(
+            proxy_down,
+            proxy_up,
+            Duration::from_secs(60),
+            stop.clone().cancelled_owned(),
+        ));
+        stop.cancel();
+        let (end, _) = task.await.unwrap();
+        assert!(matches!(end, CopyEnd::Stopped), "{end:?}");
     }
 }

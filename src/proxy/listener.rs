@@ -1,10 +1,12 @@
-//! The accept loop shared by every listener: connection limit, metrics, graceful stop.
+//! The accept loop shared by every listener: connection limit, metric handles looked
+//! up once, and a context handed to each connection (addresses, drain signals).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::{IntCounter, IntGauge};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -12,30 +14,83 @@ use tokio_util::task::TaskTracker;
 
 use crate::metrics;
 
-/// Accepts until `shutdown`, handing each connection to `handle` on its own task.
-/// Over `max_connections`, a new connection is closed at once and counted.
+/// How a connection learns that the process is stopping. `draining`: no new
+/// connections are accepted and long-lived protocols should say goodbye (HTTP/2
+/// GOAWAY); `closing`: the drain time is over and the connection must end now.
+#[derive(Debug, Clone, Default)]
+pub struct Drain {
+    pub draining: CancellationToken,
+    pub closing: CancellationToken,
+}
+
+impl Drain {
+    /// Resolves when the connection must end at once.
+    pub async fn closed(&self) {
+        self.closing.cancelled().await
+    }
+}
+
+/// One accepted connection and what is known about it.
+#[derive(Debug)]
+pub struct Accepted {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// Where the client meant to go, when a redirect rule sent it here.
+    pub original_dst: Option<SocketAddr>,
+    pub drain: Drain,
+}
+
+/// The metric series of one listener, looked up when it starts (not per connection).
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    pub name: Arc<str>,
+    pub accepted: IntCounter,
+    pub active: IntGauge,
+    pub over_limit: IntCounter,
+    pub rx: IntCounter,
+    pub tx: IntCounter,
+    pub idle_timeout: IntCounter,
+    pub upstream_connect_failed: IntCounter,
+}
+
+impl ListenerMetrics {
+    pub fn new(name: &Arc<str>, direction: &str) -> Self {
+        let m = metrics::get();
+        let name_label: &str = name;
+        let errors = |reason: &str| m.connection_errors.with_label_values(&[name_label, reason]);
+        Self {
+            name: name.clone(),
+            accepted: m.connections.with_label_values(&[name_label, direction]),
+            active: m.active.with_label_values(&[name_label]),
+            over_limit: errors("over_limit"),
+            rx: m.bytes.with_label_values(&[name_label, "rx"]),
+            tx: m.bytes.with_label_values(&[name_label, "tx"]),
+            idle_timeout: errors("idle_timeout"),
+            upstream_connect_failed: errors("upstream_connect_failed"),
+        }
+    }
+}
+
+/// Accepts until `drain.draining`, handing each connection to `handle` on its own
+/// task. Over `max_connections`, a new connection is closed at once and counted.
 pub async fn accept_loop<H, F>(
     listener: TcpListener,
-    name: Arc<str>,
-    direction: &'static str,
+    metrics: ListenerMetrics,
     max_connections: usize,
-    shutdown: CancellationToken,
+    drain: Drain,
     tracker: TaskTracker,
     handle: H,
 ) where
-    H: Fn(TcpStream, SocketAddr) -> F,
+    H: Fn(Accepted) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
     let limit = Arc::new(Semaphore::new(max_connections));
-    let m = metrics::get();
-    let accepted = m.connections.with_label_values(&[&name, direction]);
-    let active = m.active.with_label_values(&[&name]);
-    let over_limit = m
-        .connection_errors
-        .with_label_values(&[&name, "over_limit"]);
+    let name = metrics.name.clone();
+    let local = listener.local_addr().ok();
     loop {
         let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = drain.draining.cancelled() => break,
             res = listener.accept() => match res {
                 Ok(s) => s,
                 Err(e) => {
@@ -47,15 +102,26 @@ pub async fn accept_loop<H, F>(
             },
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            over_limit.inc();
+            metrics.over_limit.inc();
             tracing::warn!(listener = %name, %peer, max_connections, "connection refused: listener at its connection limit");
             continue;
         };
         let _ = stream.set_nodelay(true);
-        accepted.inc();
-        active.inc();
-        let active = active.clone();
-        let work = handle(stream, peer);
+        metrics.accepted.inc();
+        metrics.active.inc();
+        let active = metrics.active.clone();
+        // A listener on a wildcard address learns its local address per connection.
+        let local = match local {
+            Some(a) if !a.ip().is_unspecified() => a,
+            _ => stream.local_addr().unwrap_or(peer),
+        };
+        let work = handle(Accepted {
+            stream,
+            peer,
+            local,
+            original_dst: None,
+            drain: drain.clone(),
+        });
         tracker.spawn(async move {
             work.await;
             active.dec();

@@ -1,30 +1,27 @@
-//! Listeners that carry traffic: `inbound` terminates mTLS in front of the local app,
-//! `outbound` originates mTLS for the app's calls. Both read identity per handshake
-//! from the shared state, so rotation needs no restart.
+//! Listeners that carry traffic. `listener` accepts and hands each connection its
+//! context; `inbound` terminates mTLS in front of the local app; `outbound` originates
+//! mTLS for the app's calls through `upstream`; `copy` moves the bytes. Identity is
+//! read per handshake from the shared state, so rotation needs no restart.
 
 mod copy;
 mod inbound;
 mod listener;
 mod outbound;
+mod upstream;
 
 pub use inbound::InboundListener;
+pub use listener::{Accepted, Drain, ListenerMetrics};
 pub use outbound::OutboundListener;
+pub use upstream::{Connector, MtlsOriginator, Target};
 
-use std::sync::Arc;
+use std::future::Future;
+use std::io;
 use std::time::Duration;
 
 use crate::log_limit::LogLimiter;
 use crate::metrics;
 use crate::tls::Rejection;
 use copy::{CopyEnd, Transferred};
-
-/// Per-listener settings shared by both directions.
-#[derive(Debug, Clone)]
-pub struct Timeouts {
-    pub connect: Duration,
-    pub handshake: Duration,
-    pub idle: Duration,
-}
 
 /// Log lines for refused handshakes: unauthenticated peers cause them, so they are
 /// limited per reason (20 per 10 s) with a summary of the rest; the metric counts all.
@@ -44,45 +41,40 @@ fn reject(listener: &str, peer: std::net::SocketAddr, why: &Rejection) {
     }
 }
 
-/// Runs the copy and records how it ended.
-async fn relay<D, U>(listener: &Arc<str>, downstream: D, upstream: U, idle: Duration)
+/// One TLS handshake, either direction, within `timeout`; a failure says why.
+async fn handshake<T>(
+    timeout: Duration,
+    handshake: impl Future<Output = io::Result<T>>,
+) -> Result<T, Rejection> {
+    match tokio::time::timeout(timeout, handshake).await {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) => Err(Rejection::from_handshake_error(&e)),
+        Err(_) => Err(Rejection::Timeout),
+    }
+}
+
+/// Runs the copy until it ends or the drain time is over, and records how it ended.
+async fn relay<D, U>(m: &ListenerMetrics, downstream: D, upstream: U, idle: Duration, drain: &Drain)
 where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let (end, Transferred { rx, tx }) = copy::proxy(downstream, upstream, idle).await;
-    let m = metrics::get();
-    m.bytes.with_label_values(&[listener, "rx"]).inc_by(rx);
-    m.bytes.with_label_values(&[listener, "tx"]).inc_by(tx);
+    let listener = &m.name;
+    let (end, Transferred { rx, tx }) =
+        copy::proxy(downstream, upstream, idle, drain.closed()).await;
+    m.rx.inc_by(rx);
+    m.tx.inc_by(tx);
     match end {
         CopyEnd::Done => tracing::trace!(listener = %listener, rx, tx, "connection closed"),
         CopyEnd::Idle => {
-            m.connection_errors
-                .with_label_values(&[listener, "idle_timeout"])
-                .inc();
+            m.idle_timeout.inc();
             tracing::debug!(listener = %listener, rx, tx, "connection closed: idle timeout");
+        }
+        CopyEnd::Stopped => {
+            tracing::debug!(listener = %listener, rx, tx, "connection closed: drain time over")
         }
         CopyEnd::Error(e) => {
             tracing::debug!(listener = %listener, rx, tx, error = %e, "connection ended with error")
         }
     }
-}
-
-/// Connects to `addr` (host:port, DNS allowed) within `timeout`.
-async fn connect(listener: &str, addr: &str, timeout: Duration) -> Option<tokio::net::TcpStream> {
-    let res = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await;
-    let err = match res {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            return Some(s);
-        }
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("timed out after {timeout:?}"),
-    };
-    metrics::get()
-        .connection_errors
-        .with_label_values(&[listener, "upstream_connect_failed"])
-        .inc();
-    tracing::warn!(listener, upstream = addr, "cannot connect upstream: {err}");
-    None
 }

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::config::{Endpoint, SdsConfig};
+use crate::config::{Endpoint, SdsSpec};
 use crate::identity::{IdentityState, Snapshot};
 use crate::metrics;
 use crate::proto::envoy::config::core::v3::Node;
@@ -522,17 +522,17 @@ impl SecretDiscoveryService for SdsService {
 /// its task ends or is dropped (graceful stop, abort after the drain, runtime teardown),
 /// so callers need nothing more than to stop or abort the returned tasks.
 pub async fn start(
-    config: &SdsConfig,
+    config: &SdsSpec,
     state: Arc<IdentityState>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let (listens, mode) = config.validate()?;
+    let mode = config.socket_mode;
     let shared = Arc::new(Shared {
         state,
         naming: Naming {
             default_svid: config.default_svid_name.clone(),
             default_bundle: config.default_bundle_name.clone(),
-            all_bundles: config.default_all_bundles_name.clone(),
+            all_bundles: config.all_bundles_name.clone(),
             spiffe_validation: false,
         },
         allowed_uids: config.allowed_uids.clone(),
@@ -540,9 +540,9 @@ pub async fn start(
         disable_spiffe_validation: config.disable_spiffe_cert_validation,
         max_streams: config.max_streams,
     });
-    let per_connection = config.streams_per_connection();
+    let per_connection = config.streams_per_connection;
     let mut tasks = Vec::new();
-    for l in listens {
+    for l in config.listen.iter().cloned() {
         let kind = match l {
             Endpoint::Unix(_) => ListenerKind::Unix,
             Endpoint::Tcp(_) => ListenerKind::Tcp,
@@ -563,8 +563,8 @@ pub async fn start(
             .add_service(svc);
         match l {
             Endpoint::Unix(path) => {
-                let listener = crate::unix_socket::bind(&path, mode).context("sds.listen")?;
-                let guard = crate::unix_socket::SocketGuard::new(&path);
+                let listener = crate::net::unix::bind(&path, mode).context("sds.listen")?;
+                let guard = crate::net::unix::SocketGuard::new(&path);
                 tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), "SDS listening");
                 tasks.push(tokio::spawn(async move {
                     let _remove_socket_when_done = guard;
@@ -678,12 +678,13 @@ mod tests {
         state.publish(update(&ca));
         let sock = dir.path().join("sds.sock");
         let yaml = format!("listen: unix://{}", sock.display());
-        let config: SdsConfig = serde_norway::from_str(&yaml).unwrap();
+        let config: crate::config::raw::SdsConfig = serde_norway::from_str(&yaml).unwrap();
+        let config = config.spec().unwrap();
         let stop = CancellationToken::new();
         let _tasks = start(&config, state.clone(), stop.clone()).await.unwrap();
 
         let mut client =
-            SecretDiscoveryServiceClient::new(crate::unix_socket::channel(&sock).unwrap());
+            SecretDiscoveryServiceClient::new(crate::net::unix::channel(&sock).unwrap());
         let (tx, rx) = mpsc::channel(4);
         tx.send(DiscoveryRequest {
             resource_names: vec!["default".into()],
@@ -770,11 +771,12 @@ mod tests {
             sock.display(),
             me + 4242
         );
-        let config: SdsConfig = serde_norway::from_str(&yaml).unwrap();
+        let config: crate::config::raw::SdsConfig = serde_norway::from_str(&yaml).unwrap();
+        let config = config.spec().unwrap();
         let stop = CancellationToken::new();
         let _tasks = start(&config, state, stop.clone()).await.unwrap();
         let mut client =
-            SecretDiscoveryServiceClient::new(crate::unix_socket::channel(&sock).unwrap());
+            SecretDiscoveryServiceClient::new(crate::net::unix::channel(&sock).unwrap());
         let req = || DiscoveryRequest {
             resource_names: vec!["default".into()],
             ..Default::default()

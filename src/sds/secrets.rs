@@ -34,9 +34,9 @@ pub struct Naming {
 impl Default for Naming {
     fn default() -> Self {
         Self {
-            default_svid: "default".into(),
-            default_bundle: "ROOTCA".into(),
-            all_bundles: "ALL".into(),
+            default_svid: crate::config::DEFAULT_SVID_NAME.into(),
+            default_bundle: crate::config::DEFAULT_BUNDLE_NAME.into(),
+            all_bundles: crate::config::DEFAULT_ALL_BUNDLES_NAME.into(),
             spiffe_validation: false,
         }
     }

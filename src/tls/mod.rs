@@ -1,5 +1,6 @@
-//! rustls glue: SPIFFE verifiers, hot-swapping certificate resolvers, allowlists, and
-//! the one place that says why a handshake was refused.
+//! rustls glue: SPIFFE verifiers (authentication; they ask `authz` for the decision),
+//! hot-swapping certificate resolvers, and the one place that says why a handshake was
+//! refused.
 //!
 //! Configs are built once per listener; what changes on rotation (our SVID, the
 //! bundles) is read from [`IdentityState`] inside the resolver and verifier.
@@ -8,14 +9,14 @@ mod resolver;
 mod verifier;
 
 pub use resolver::SvidResolver;
-pub use verifier::{peer_id, SpiffeClientVerifier, SpiffeServerVerifier, SpiffeVerifier};
+pub use verifier::{peer_identity_of, SpiffeClientVerifier, SpiffeServerVerifier, SpiffeVerifier};
 
 use std::io;
 use std::sync::Arc;
 
 use rustls::{CertificateError, ClientConfig, ServerConfig};
 
-use crate::config::TlsVersion;
+use crate::config::{TlsSpec, TlsVersion};
 use crate::identity::IdentityState;
 
 /// Why a connection was refused. `label()` is the metric label; `Display` is the log text.
@@ -117,15 +118,14 @@ fn no_resumption_server(config: &mut ServerConfig) {
 pub fn server_config(
     state: Arc<IdentityState>,
     verifier: Arc<SpiffeVerifier>,
-    min: TlsVersion,
-    alpn: &[String],
+    tls: &TlsSpec,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let verifier = SpiffeClientVerifier(verifier);
     let mut config = ServerConfig::builder_with_provider(crate::crypto::provider())
-        .with_protocol_versions(versions(min))?
+        .with_protocol_versions(versions(tls.min_version))?
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(SvidResolver::new(state)));
-    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    config.alpn_protocols = tls.alpn.clone();
     no_resumption_server(&mut config);
     Ok(Arc::new(config))
 }
@@ -134,16 +134,15 @@ pub fn server_config(
 pub fn client_config(
     state: Arc<IdentityState>,
     verifier: Arc<SpiffeVerifier>,
-    min: TlsVersion,
-    alpn: &[String],
+    tls: &TlsSpec,
 ) -> Result<Arc<ClientConfig>, rustls::Error> {
     let verifier = SpiffeServerVerifier(verifier);
     let mut config = ClientConfig::builder_with_provider(crate::crypto::provider())
-        .with_protocol_versions(versions(min))?
+        .with_protocol_versions(versions(tls.min_version))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(SvidResolver::new(state)));
-    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    config.alpn_protocols = tls.alpn.clone();
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }

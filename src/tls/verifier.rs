@@ -1,9 +1,11 @@
 //! SPIFFE peer verification for rustls, both directions.
 //!
-//! The peer's leaf must be an X509-SVID; its chain is validated against the bundle of
-//! the trust domain named in its own SPIFFE ID (never another domain's roots), with no
-//! DNS name check; then the SPIFFE ID must pass the listener's allowlist. The bundle is
-//! read from the current snapshot at every handshake, so a rotated CA applies at once.
+//! Authentication: the peer's leaf must be an X509-SVID, and its chain is validated
+//! against the bundle of the trust domain named in its own SPIFFE ID (never another
+//! domain's roots), with no DNS name check; the result is a [`PeerIdentity`]. The
+//! bundle is read from the current snapshot at every handshake, so a rotated CA applies
+//! at once. Authorization is not decided here: the listener's [`PeerPolicy`] is asked,
+//! inside the handshake, so a refused peer gets a TLS alert and no byte of the app.
 
 use std::sync::Arc;
 
@@ -16,36 +18,48 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use super::Rejection;
-use crate::authz::SpiffeIdMatcher;
+use crate::authz::{Denied, PeerIdentity, PeerPolicy};
 use crate::identity::IdentityState;
-use crate::spiffe::SpiffeId;
 use crate::x509::{ChainError, LeafInfo};
 
-/// Validates a peer's X509-SVID and checks its SPIFFE ID. One per listener.
+/// Authenticates a peer's X509-SVID, then asks the listener's policy. One per listener.
 #[derive(Debug)]
 pub struct SpiffeVerifier {
     state: Arc<IdentityState>,
-    matcher: SpiffeIdMatcher,
+    policy: PeerPolicy,
     algs: WebPkiSupportedAlgorithms,
 }
 
 impl SpiffeVerifier {
-    pub fn new(state: Arc<IdentityState>, matcher: SpiffeIdMatcher) -> Self {
+    pub fn new(state: Arc<IdentityState>, policy: PeerPolicy) -> Self {
         Self {
             state,
-            matcher,
+            policy,
             algs: crate::crypto::provider().signature_verification_algorithms,
         }
     }
 
-    /// Everything but the handshake signature: SVID shape, chain, allowlist.
+    /// Authentication, then authorization; everything but the handshake signature.
     pub fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
         usage: webpki::KeyUsage,
-    ) -> Result<SpiffeId, Rejection> {
+    ) -> Result<PeerIdentity, Rejection> {
+        let peer = self.authenticate(end_entity, intermediates, now, usage)?;
+        self.policy.check(&peer).map_err(Rejection::from)?;
+        Ok(peer)
+    }
+
+    /// SVID shape and chain: who the peer is.
+    pub fn authenticate(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<PeerIdentity, Rejection> {
         // Before anything else: a long chain costs path building, and the peer is not
         // authenticated yet.
         crate::x509::check_chain_len(intermediates.len() + 1).map_err(Rejection::from)?;
@@ -66,10 +80,7 @@ impl SpiffeVerifier {
             usage,
         )
         .map_err(Rejection::from)?;
-        if !self.matcher.matches(&leaf.spiffe_id) {
-            return Err(Rejection::NotAllowed(leaf.spiffe_id.to_string()));
-        }
-        Ok(leaf.spiffe_id)
+        Ok(peer_identity(leaf, end_entity))
     }
 
     fn verify_rustls(
@@ -111,6 +122,14 @@ impl From<ChainError> for Rejection {
             ChainError::LeafExpired(id) => Self::Expired(id),
             ChainError::LeafNotYetValid(id) => Self::NotYetValid(id),
             other => Self::ChainInvalid(other.to_string()),
+        }
+    }
+}
+
+impl From<Denied> for Rejection {
+    fn from(d: Denied) -> Self {
+        match d {
+            Denied::NotAllowed(id) => Self::NotAllowed(id),
         }
     }
 }
@@ -217,8 +236,18 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-/// The peer's SPIFFE ID from an established connection's certificates (for logs).
-pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
+fn peer_identity(leaf: LeafInfo, der: &[u8]) -> PeerIdentity {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let mut sha = [0u8; 32];
+    sha.copy_from_slice(digest.as_ref());
+    PeerIdentity::new(leaf.spiffe_id, sha, leaf.not_after)
+}
+
+/// The identity of the peer of an established connection, from the leaf its handshake
+/// authenticated (rustls cannot hand the verifier's result over, so it is read again;
+/// only where something needs it: logs, headers).
+pub fn peer_identity_of(certs: Option<&[CertificateDer<'_>]>) -> Option<PeerIdentity> {
     let leaf = certs?.first()?;
-    LeafInfo::parse(leaf).ok().map(|l| l.spiffe_id.to_string())
+    let info = LeafInfo::parse(leaf).ok()?;
+    Some(peer_identity(info, leaf))
 }

@@ -1,0 +1,429 @@
+//! Listeners: each `inbound` / `outbound` entry checked once and turned into a
+//! [`ListenerSpec`] that holds everything a listener needs, typed: its upstream, its
+//! allowlist, its server name, timeouts and TLS settings. Nothing downstream parses
+//! again.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::ServerName;
+
+use super::raw::{ListenerConfig, MatcherConfig, TlsVersion};
+use super::ConfigError;
+use crate::authz::{AllowList, IdRule};
+use crate::net::HostPort;
+use crate::spiffe::parse_trust_domain;
+
+/// One listener, ready to bind.
+#[derive(Debug, Clone)]
+pub struct ListenerSpec {
+    pub name: Arc<str>,
+    /// Where it sits in the file (`inbound[0]`), for messages about it.
+    pub key: String,
+    pub listen: SocketAddr,
+    pub kind: ListenerKind,
+    pub tls: TlsSpec,
+    pub timeouts: Timeouts,
+    pub max_connections: usize,
+}
+
+/// What a listener does with a connection.
+#[derive(Debug, Clone)]
+pub enum ListenerKind {
+    Inbound(InboundSpec),
+    Outbound(OutboundSpec),
+}
+
+/// Terminates mTLS from peers and forwards the plaintext to the local app.
+#[derive(Debug, Clone)]
+pub struct InboundSpec {
+    pub forward: HostPort,
+    pub allow: AllowList,
+}
+
+/// Takes plaintext from the app and originates mTLS to a peer.
+#[derive(Debug, Clone)]
+pub struct OutboundSpec {
+    pub connect: HostPort,
+    /// `sni`, or the host of `connect`.
+    pub server_name: ServerName<'static>,
+    pub expect: AllowList,
+}
+
+/// TLS settings of one listener.
+#[derive(Debug, Clone)]
+pub struct TlsSpec {
+    pub min_version: TlsVersion,
+    pub alpn: Vec<Vec<u8>>,
+}
+
+/// Time limits of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub handshake: Duration,
+    pub idle: Duration,
+}
+
+impl MatcherConfig {
+    /// The typed rule this entry means; the problem in words otherwise.
+    fn to_rule(&self) -> Result<IdRule, String> {
+        let e = self;
+        let kinds = [
+            e.exact.is_some(),
+            e.prefix.is_some(),
+            e.suffix.is_some(),
+            e.contains.is_some(),
+            e.safe_regex.is_some(),
+            e.trust_domain.is_some(),
+        ];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            return Err(
+                "set exactly one of exact, prefix, suffix, contains, safe_regex, trust_domain"
+                    .into(),
+            );
+        }
+        let ignore_case = e.ignore_case;
+        if ignore_case && (e.safe_regex.is_some() || e.trust_domain.is_some()) {
+            return Err(
+                "ignore_case has no effect on safe_regex or trust_domain (use (?i) in the regex)"
+                    .into(),
+            );
+        }
+        let fold = |s: &str| {
+            if ignore_case {
+                s.to_ascii_lowercase()
+            } else {
+                s.to_string()
+            }
+        };
+        if let Some(x) = &e.exact {
+            if !ignore_case {
+                // An ID without a path names a trust domain: no SVID can carry it.
+                crate::spiffe::parse_workload_id(x).map_err(|err| format!("exact: {err}"))?;
+            }
+            let value = fold(x);
+            return Ok(IdRule::Exact { value, ignore_case });
+        }
+        if let Some(x) = &e.prefix {
+            let value = fold(x);
+            return Ok(IdRule::Prefix { value, ignore_case });
+        }
+        if let Some(x) = &e.suffix {
+            let value = fold(x);
+            return Ok(IdRule::Suffix { value, ignore_case });
+        }
+        if let Some(x) = &e.contains {
+            let value = fold(x);
+            return Ok(IdRule::Contains { value, ignore_case });
+        }
+        if let Some(r) = &e.safe_regex {
+            let re = regex::Regex::new(&format!("^(?:{})$", r.regex)).map_err(|err| {
+                // regex errors draw a caret over several lines; keep the last one.
+                let text = err.to_string();
+                let why = text.lines().last().unwrap_or_default().trim().to_string();
+                format!(
+                    "safe_regex.regex: {:?} is not a valid regex: {why}",
+                    r.regex
+                )
+            })?;
+            return Ok(IdRule::Regex(re));
+        }
+        let td = e.trust_domain.as_deref().unwrap_or_default();
+        let td = parse_trust_domain(td).map_err(|err| format!("trust_domain: {err}"))?;
+        Ok(IdRule::TrustDomain(td))
+    }
+}
+
+/// Builds an allowlist from config entries. An error carries the index of the bad
+/// entry and the problem.
+pub fn allow_list(
+    entries: &[MatcherConfig],
+    any_in_own_trust_domain: bool,
+) -> Result<AllowList, (usize, String)> {
+    let rules = entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| e.to_rule().map_err(|p| (i, p)))
+        .collect::<Result<_, _>>()?;
+    Ok(AllowList {
+        rules,
+        any_in_own_trust_domain,
+    })
+}
+
+impl ListenerConfig {
+    /// Checks an `inbound` entry and types it.
+    pub(super) fn inbound_spec(
+        &self,
+        at: &str,
+        tls: TlsVersion,
+    ) -> Result<ListenerSpec, ConfigError> {
+        self.refuse_keys(
+            at,
+            "inbound",
+            "forward/allow",
+            [
+                ("connect", self.connect.is_some()),
+                ("expect", !self.expect.is_empty()),
+                ("sni", self.sni.is_some()),
+            ],
+        )?;
+        let forward = self.target(at, "forward", &self.forward)?;
+        let allow = self.allow_list(at, "allow", &self.allow)?;
+        self.spec(
+            at,
+            tls,
+            ListenerKind::Inbound(InboundSpec { forward, allow }),
+        )
+    }
+
+    /// Checks an `outbound` entry and types it.
+    pub(super) fn outbound_spec(
+        &self,
+        at: &str,
+        tls: TlsVersion,
+    ) -> Result<ListenerSpec, ConfigError> {
+        self.refuse_keys(
+            at,
+            "outbound",
+            "connect/expect",
+            [
+                ("forward", self.forward.is_some()),
+                ("allow", !self.allow.is_empty()),
+            ],
+        )?;
+        let connect = self.target(at, "connect", &self.connect)?;
+        let expect = self.allow_list(at, "expect", &self.expect)?;
+        let (key, host) = match &self.sni {
+            Some(sni) => ("sni", sni.clone()),
+            None => ("connect", connect.host().to_string()),
+        };
+        let server_name = ServerName::try_from(host.clone()).map_err(|_| {
+            ConfigError::new(
+                format!("{at}.{key}"),
+                format!("{host:?} is not a valid server name"),
+            )
+        })?;
+        self.spec(
+            at,
+            tls,
+            ListenerKind::Outbound(OutboundSpec {
+                connect,
+                server_name,
+                expect,
+            }),
+        )
+    }
+
+    /// Keys that belong to the other direction are an error, not ignored.
+    fn refuse_keys<const N: usize>(
+        &self,
+        at: &str,
+        kind: &str,
+        instead: &str,
+        wrong: [(&str, bool); N],
+    ) -> Result<(), ConfigError> {
+        match wrong.into_iter().find(|(_, present)| *present) {
+            Some((key, _)) => Err(ConfigError::new(
+                format!("{at}.{key}"),
+                format!("not used by {kind} listeners (use {instead})"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    fn target(&self, at: &str, key: &str, value: &Option<String>) -> Result<HostPort, ConfigError> {
+        let value = value
+            .as_deref()
+            .ok_or_else(|| ConfigError::new(format!("{at}.{key}"), "missing (host:port)"))?;
+        HostPort::parse(value).map_err(|p| ConfigError::new(format!("{at}.{key}"), p))
+    }
+
+    fn allow_list(
+        &self,
+        at: &str,
+        key: &str,
+        list: &[MatcherConfig],
+    ) -> Result<AllowList, ConfigError> {
+        if list.is_empty() && !self.allow_any_in_trust_domain {
+            return Err(ConfigError::new(
+                format!("{at}.{key}"),
+                "empty: it would refuse every peer; list SPIFFE IDs or set allow_any_in_trust_domain: true",
+            ));
+        }
+        allow_list(list, self.allow_any_in_trust_domain)
+            .map_err(|(i, p)| ConfigError::new(format!("{at}.{key}[{i}]"), p))
+    }
+
+    /// The settings both directions share.
+    fn spec(
+        &self,
+        at: &str,
+        tls: TlsVersion,
+        kind: ListenerKind,
+    ) -> Result<ListenerSpec, ConfigError> {
+        if self.max_connections == 0 || self.max_connections > super::MAX_CONNECTIONS {
+            return Err(ConfigError::new(
+                format!("{at}.max_connections"),
+                format!("must be from 1 to {}", super::MAX_CONNECTIONS),
+            ));
+        }
+        for (i, p) in self.alpn.iter().enumerate() {
+            if p.is_empty() || p.len() > 255 {
+                return Err(ConfigError::new(
+                    format!("{at}.alpn[{i}]"),
+                    "must be 1 to 255 bytes",
+                ));
+            }
+        }
+        Ok(ListenerSpec {
+            name: self.name.as_str().into(),
+            key: at.to_string(),
+            listen: self.listen,
+            kind,
+            tls: TlsSpec {
+                min_version: self.tls_min_version.unwrap_or(tls),
+                alpn: self.alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
+            },
+            timeouts: Timeouts {
+                connect: self.connect_timeout,
+                handshake: self.handshake_timeout,
+                idle: self.idle_timeout,
+            },
+            max_connections: self.max_connections,
+        })
+    }
+}
+
+#[cfg(test)]
+mod matcher_tests {
+    use super::*;
+    use crate::authz::SpiffeIdMatcher;
+    use crate::config::raw::SafeRegex;
+    use crate::spiffe::{parse_spiffe_id, SpiffeId, TrustDomain};
+
+    fn build_matcher(
+        entries: &[MatcherConfig],
+        any_in: Option<TrustDomain>,
+    ) -> Result<SpiffeIdMatcher, (usize, String)> {
+        let own = any_in
+            .clone()
+            .unwrap_or_else(|| parse_trust_domain("unused.test").unwrap());
+        allow_list(entries, any_in.is_some()).map(|l| l.matcher(&own))
+    }
+
+    fn id(s: &str) -> SpiffeId {
+        parse_spiffe_id(s).unwrap()
+    }
+
+    fn m(e: MatcherConfig) -> SpiffeIdMatcher {
+        build_matcher(&[e], None).unwrap()
+    }
+
+    #[test]
+    fn envoy_string_matcher_semantics() {
+        let web = id("spiffe://example.org/ns/prod/sa/web");
+        let exact = |s: &str, ic| MatcherConfig {
+            exact: Some(s.into()),
+            ignore_case: ic,
+            ..Default::default()
+        };
+        assert!(m(exact("spiffe://example.org/ns/prod/sa/web", false)).matches_id(&web));
+        assert!(!m(exact("spiffe://example.org/ns/prod/sa/WEB", true))
+            .matches_id(&id("spiffe://example.org/ns/prod/sa/api")));
+        assert!(m(exact("spiffe://example.org/ns/prod/sa/WEB", true)).matches_id(&web));
+        let prefix = MatcherConfig {
+            prefix: Some("spiffe://example.org/ns/prod/".into()),
+            ..Default::default()
+        };
+        assert!(m(prefix.clone()).matches_id(&web));
+        assert!(!m(prefix).matches_id(&id("spiffe://example.org/ns/dev/sa/web")));
+        let suffix = MatcherConfig {
+            suffix: Some("/sa/web".into()),
+            ..Default::default()
+        };
+        assert!(m(suffix).matches_id(&web));
+        let contains = MatcherConfig {
+            contains: Some("/PROD/".into()),
+            ignore_case: true,
+            ..Default::default()
+        };
+        assert!(m(contains).matches_id(&web));
+        let contains_cs = MatcherConfig {
+            contains: Some("/PROD/".into()),
+            ..Default::default()
+        };
+        assert!(!m(contains_cs).matches_id(&web));
+        // safe_regex is a full match, as RE2 FullMatch in Envoy.
+        let re = |r: &str| MatcherConfig {
+            safe_regex: Some(SafeRegex { regex: r.into() }),
+            ..Default::default()
+        };
+        assert!(m(re(r"spiffe://example\.org/ns/[^/]+/sa/web")).matches_id(&web));
+        assert!(!m(re("sa/web")).matches_id(&web));
+        let td = MatcherConfig {
+            trust_domain: Some("example.org".into()),
+            ..Default::default()
+        };
+        assert!(m(td.clone()).matches_id(&web));
+        assert!(!m(td).matches_id(&id("spiffe://example.com/ns/prod/sa/web")));
+    }
+
+    #[test]
+    fn prefix_does_not_cross_trust_domains_by_accident() {
+        // A prefix without the trailing slash would match example.org.evil; users are
+        // expected to write the slash, as with Envoy. Show the difference.
+        let loose = MatcherConfig {
+            prefix: Some("spiffe://example.org".into()),
+            ..Default::default()
+        };
+        assert!(m(loose).matches_id(&id("spiffe://example.org.evil/x")));
+        let strict = MatcherConfig {
+            prefix: Some("spiffe://example.org/".into()),
+            ..Default::default()
+        };
+        assert!(!m(strict).matches_id(&id("spiffe://example.org.evil/x")));
+    }
+
+    #[test]
+    fn bad_entries_are_reported_with_their_index() {
+        let ok = MatcherConfig {
+            suffix: Some("/x".into()),
+            ..Default::default()
+        };
+        let two = MatcherConfig {
+            exact: Some("spiffe://a/b".into()),
+            prefix: Some("x".into()),
+            ..Default::default()
+        };
+        assert_eq!(build_matcher(&[ok.clone(), two], None).unwrap_err().0, 1);
+        let bad_re = MatcherConfig {
+            safe_regex: Some(SafeRegex { regex: "(".into() }),
+            ..Default::default()
+        };
+        assert!(build_matcher(&[bad_re], None)
+            .unwrap_err()
+            .1
+            .contains("safe_regex"));
+        let bad_exact = MatcherConfig {
+            exact: Some("spiffe://example.org/a/../b".into()),
+            ..Default::default()
+        };
+        assert!(build_matcher(&[bad_exact], None).is_err());
+        let none = MatcherConfig::default();
+        assert!(build_matcher(&[none], None).is_err());
+    }
+
+    #[test]
+    fn any_in_trust_domain() {
+        let td = crate::spiffe::parse_trust_domain("example.org").unwrap();
+        let all = build_matcher(&[], Some(td)).unwrap();
+        assert!(all.matches_id(&id("spiffe://example.org/anything")));
+        assert!(!all.matches_id(&id("spiffe://other.org/anything")));
+        assert!(!build_matcher(&[], None)
+            .unwrap()
+            .matches_id(&id("spiffe://example.org/a")));
+    }
+}

@@ -1,0 +1,246 @@
+//! The configuration: the YAML file (`raw`) is read once, checked once and turned into
+//! typed values (`Config`, `ListenerSpec`, `SdsSpec`, `IdentityConfig`) that the rest
+//! of svidcar uses as they are. Every problem is a [`ConfigError`] that names the key
+//! and says what is wrong (`inbound[0].listen: invalid socket address syntax`).
+
+mod file;
+mod identity;
+mod listener;
+pub mod raw;
+mod sds;
+mod values;
+
+pub use file::{config_dir, parse_yaml, read_text, resolve_path};
+pub use identity::{DevConfig, IdentityConfig, WorkloadApiConfig};
+pub use listener::{
+    allow_list, InboundSpec, ListenerKind, ListenerSpec, OutboundSpec, Timeouts, TlsSpec,
+};
+pub use raw::{FilesConfig, RawConfig, TlsVersion};
+pub use sds::{SdsSpec, DEFAULT_ALL_BUNDLES_NAME, DEFAULT_BUNDLE_NAME, DEFAULT_SVID_NAME};
+pub use values::{
+    duration, log_filter, parse_duration, parse_endpoint, parse_workload_socket, Endpoint,
+    MAX_DURATION,
+};
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// A configuration problem: where it is and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub(crate) fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Most connections one listener may hold; also bounds the semaphore behind it.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
+
+/// The whole configuration, checked and typed.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file as written: a reload compares the new one with it.
+    pub raw: RawConfig,
+    pub identity: IdentityConfig,
+    /// Runtime worker threads; `None`: one per core.
+    pub worker_threads: Option<usize>,
+    /// The tracing filter `log.level` means.
+    pub log_filter: Option<String>,
+    pub admin: Option<SocketAddr>,
+    pub drain_timeout: Duration,
+    /// Inbound listeners first, then outbound, each in file order.
+    pub listeners: Vec<ListenerSpec>,
+    pub sds: Option<SdsSpec>,
+}
+
+impl Config {
+    /// Reads, parses and checks a config file.
+    /// Relative paths in the file are read relative to the file's own directory, so a
+    /// config works the same from any working directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let mut raw: RawConfig = parse_yaml(&read_text(path)?)?;
+        raw.identity.resolve_paths(&config_dir(path));
+        Self::from_raw(raw)
+    }
+
+    /// Parses and checks YAML text (relative paths stay relative to the working directory).
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        Self::from_raw(parse_yaml(text)?)
+    }
+
+    /// Checks a parsed file and types it.
+    pub fn from_raw(raw: RawConfig) -> Result<Self, ConfigError> {
+        if raw.worker_threads == Some(0) {
+            return Err(ConfigError::new("worker_threads", "must be at least 1"));
+        }
+        let log_filter = raw
+            .log
+            .level
+            .as_deref()
+            .map(log_filter)
+            .transpose()
+            .map_err(|p| ConfigError::new("log.level", p))?;
+        let identity = raw.identity.validate()?;
+        let sds = raw.sds.as_ref().map(|s| s.spec()).transpose()?;
+        if raw.inbound.is_empty() && raw.outbound.is_empty() && raw.sds.is_none() {
+            return Err(ConfigError::new(
+                "config",
+                "nothing to serve: add an `inbound` or `outbound` listener, or `sds`",
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        if let Some(admin) = &raw.admin {
+            addrs.insert(admin.listen);
+        }
+        let mut listeners = Vec::with_capacity(raw.inbound.len() + raw.outbound.len());
+        for (kind, list) in [("inbound", &raw.inbound), ("outbound", &raw.outbound)] {
+            for (i, l) in list.iter().enumerate() {
+                let at = format!("{kind}[{i}]");
+                if l.name.is_empty() {
+                    return Err(ConfigError::new(format!("{at}.name"), "must not be empty"));
+                }
+                if !names.insert(l.name.clone()) {
+                    return Err(ConfigError::new(
+                        format!("{at}.name"),
+                        format!("listener name {:?} is used twice", l.name),
+                    ));
+                }
+                if !addrs.insert(l.listen) {
+                    return Err(ConfigError::new(
+                        format!("{at}.listen"),
+                        format!("address {} is used by another listener", l.listen),
+                    ));
+                }
+                let tls = raw.tls.min_version;
+                listeners.push(if kind == "inbound" {
+                    l.inbound_spec(&at, tls)?
+                } else {
+                    l.outbound_spec(&at, tls)?
+                });
+            }
+        }
+        Ok(Self {
+            identity,
+            worker_threads: raw.worker_threads,
+            log_filter,
+            admin: raw.admin.as_ref().map(|a| a.listen),
+            drain_timeout: raw.drain_timeout,
+            listeners,
+            sds,
+            raw,
+        })
+    }
+
+    /// Listeners of one kind, for a summary.
+    pub fn count(&self, inbound: bool) -> usize {
+        self.listeners
+            .iter()
+            .filter(|l| matches!(l.kind, ListenerKind::Inbound(_)) == inbound)
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+identity:
+  dev: {trust_domain: example.org, spiffe_id: "spiffe://example.org/ns/default/sa/web", svid_ttl: 1h}
+inbound:
+  - name: web
+    listen: 0.0.0.0:8443
+    forward: 127.0.0.1:8080
+    allow:
+      - exact: spiffe://example.org/ns/default/sa/frontend
+      - prefix: spiffe://example.org/ns/prod/
+      - trust_domain: partner.example
+outbound:
+  - name: backend
+    listen: 127.0.0.1:9001
+    connect: backend.default.svc:8443
+    expect:
+      - exact: spiffe://example.org/ns/default/sa/backend
+"#;
+
+    fn err(yaml: &str) -> String {
+        Config::parse(yaml).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_the_documented_shape() {
+        let c = Config::parse(GOOD).unwrap();
+        let ListenerKind::Inbound(inbound) = &c.listeners[0].kind else {
+            panic!("{:?}", c.listeners[0]);
+        };
+        assert_eq!(inbound.allow.rules.len(), 3);
+        let ListenerKind::Outbound(outbound) = &c.listeners[1].kind else {
+            panic!("{:?}", c.listeners[1]);
+        };
+        assert_eq!(outbound.connect.to_string(), "backend.default.svc:8443");
+        assert_eq!(
+            outbound.server_name,
+            rustls_pki_types::ServerName::try_from("backend.default.svc").unwrap()
+        );
+        assert!(matches!(c.identity, IdentityConfig::Dev(_)));
+        assert_eq!(c.listeners[0].timeouts.idle, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = err(&GOOD.replace("0.0.0.0:8443", "nowhere"));
+        assert!(e.starts_with("inbound[0].listen:"), "{e}");
+        let e = err(&GOOD.replace("svid_ttl: 1h", "svid_ttl: 1 fortnight"));
+        assert!(
+            e.starts_with("identity.dev.svid_ttl:") && e.contains("invalid duration"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("prefix:", "prefx:"));
+        assert!(
+            e.contains("inbound[0].allow[1]") && e.contains("prefx"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("name: backend", "name: web"));
+        assert!(
+            e.starts_with("outbound[0].name:") && e.contains("twice"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("backend.default.svc:8443", "backend"));
+        assert!(e.starts_with("outbound[0].connect:"), "{e}");
+        let e = err(&GOOD.replace("ns/default/sa/web", "ns/../web"));
+        assert!(e.starts_with("identity.dev.spiffe_id:"), "{e}");
+    }
+
+    #[test]
+    fn identity_needs_exactly_one_source() {
+        let e = err(&GOOD.replace("identity:\n", "identity:\n  files: {cert: a, key: b}\n"));
+        assert!(e.contains("exactly one") && e.contains("dev, files"), "{e}");
+    }
+
+    #[test]
+    fn empty_allowlist_is_refused_unless_explicit() {
+        let yaml = GOOD
+            .replace(
+                "    allow:\n      - exact: spiffe://example.org/ns/default/sa/frontend\n      - prefix: spiffe://example.org/ns/prod/\n      - trust_domain: partner.example\n",
+                "",
+            );
+        assert!(err(&yaml).starts_with("inbound[0].allow:"));
+        let ok = yaml.replace(
+            "forward: 127.0.0.1:8080",
+            "forward: 127.0.0.1:8080\n    allow_any_in_trust_domain: true",
+        );
+        Config::parse(&ok).unwrap();
+    }
+}

@@ -1,0 +1,285 @@
+//! The config file as written: serde structs that mirror the YAML, with defaults.
+//! Nothing here is validated; `config::Config` is built from these once, and a reload
+//! compares two of them (hence `PartialEq`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::sds::{DEFAULT_ALL_BUNDLES_NAME, DEFAULT_BUNDLE_NAME, DEFAULT_SVID_NAME};
+use super::values::duration;
+
+/// The whole file as written.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Runtime worker threads; default: the cores available. `1` pins the proxy to
+    /// one core, as Envoy's `--concurrency 1`.
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
+    pub identity: IdentityConfigRaw,
+    #[serde(default)]
+    pub inbound: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub outbound: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    /// How long live connections may finish after SIGTERM before they are closed.
+    #[serde(default = "default_drain", deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Envoy's Secret Discovery Service, served from the same identity.
+    #[serde(default)]
+    pub sds: Option<SdsConfig>,
+}
+
+/// `sds`: where and how to serve SDS.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SdsConfig {
+    /// `unix:///run/svidcar/sds.sock` and/or `tcp://127.0.0.1:15010`.
+    pub listen: OneOrMany,
+    /// Mode of the unix socket, octal text: "0660" (default).
+    #[serde(default = "default_socket_mode")]
+    pub socket_mode: String,
+    /// Callers (SO_PEERCRED) allowed on the unix socket; empty: any that can open it.
+    #[serde(default)]
+    pub allowed_uids: Vec<u32>,
+    #[serde(default)]
+    pub allowed_gids: Vec<u32>,
+    #[serde(default = "default_svid_name")]
+    pub default_svid_name: String,
+    #[serde(default = "default_bundle_name")]
+    pub default_bundle_name: String,
+    #[serde(default = "default_all_bundles_name")]
+    pub default_all_bundles_name: String,
+    /// As SPIRE Agent: bundles go to an Envoy 1.18 or newer with Envoy's SPIFFE
+    /// validator, to older ones (and clients that send no build version) as
+    /// `trusted_ca`. `true` serves `trusted_ca` to every Envoy; a node's metadata key
+    /// `disable_spiffe_cert_validation` overrides this per Envoy.
+    #[serde(default)]
+    pub disable_spiffe_cert_validation: bool,
+    /// The old switch (before per-Envoy choice). Read only to say what to write instead.
+    #[serde(default)]
+    pub spiffe_cert_validation: Option<serde_norway::Value>,
+    /// Allow private keys over TCP (off: keys only over the unix socket). Only loopback
+    /// TCP addresses may carry keys.
+    #[serde(default)]
+    pub tcp_allow_keys: bool,
+    /// Open SDS streams at most, per listener: each listener has its own pool, so
+    /// clients of one (say, TCP) can never use up the streams of another (the socket).
+    #[serde(default = "default_max_streams")]
+    pub max_streams: usize,
+    /// Concurrent streams one connection may open (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS);
+    /// default 128, or `max_streams` when that is smaller.
+    #[serde(default)]
+    pub max_streams_per_connection: Option<u32>,
+}
+
+/// One value or a list of them.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            Self::One(s) => vec![s.clone()],
+            Self::Many(v) => v.clone(),
+        }
+    }
+}
+
+fn default_socket_mode() -> String {
+    "0660".into()
+}
+fn default_svid_name() -> String {
+    DEFAULT_SVID_NAME.into()
+}
+fn default_bundle_name() -> String {
+    DEFAULT_BUNDLE_NAME.into()
+}
+fn default_all_bundles_name() -> String {
+    DEFAULT_ALL_BUNDLES_NAME.into()
+}
+fn default_max_streams() -> usize {
+    1024
+}
+
+#[derive(Debug, Deserialize, Default, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `svidcar=debug`); `RUST_LOG` overrides it.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Lowest TLS version accepted or offered: `"1.3"` (default) or `"1.2"`.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[default]
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+/// The `identity` key as written: exactly one of its sources must be set.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfigRaw {
+    #[serde(default)]
+    pub dev: Option<DevConfigRaw>,
+    #[serde(default)]
+    pub files: Option<FilesConfig>,
+    #[serde(default)]
+    pub workload_api: Option<WorkloadApiConfigRaw>,
+}
+
+/// `identity.workload_api` as written.
+#[derive(Debug, Deserialize, Default, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadApiConfigRaw {
+    /// `unix:///path`, `unix:/path` or `/path`; default: `SPIFFE_ENDPOINT_SOCKET`.
+    #[serde(default)]
+    pub socket: Option<String>,
+    /// Use this SVID as the default instead of the first one.
+    #[serde(default)]
+    pub spiffe_id: Option<String>,
+    /// Or select the default SVID by its hint.
+    #[serde(default)]
+    pub hint: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DevConfigRaw {
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+    pub spiffe_id: String,
+    #[serde(default = "default_svid_ttl", deserialize_with = "duration")]
+    pub svid_ttl: Duration,
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub ca_key: Option<PathBuf>,
+    #[serde(default)]
+    pub bundle_out: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FilesConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The bundle of our own trust domain.
+    #[serde(default)]
+    pub bundle: Option<PathBuf>,
+    /// Further bundles keyed by trust domain name (federation).
+    #[serde(default)]
+    pub bundles: BTreeMap<String, PathBuf>,
+}
+
+/// One listener, inbound or outbound. Inbound uses `forward` and `allow`; outbound
+/// uses `connect`, `expect` and `sni`.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub forward: Option<String>,
+    #[serde(default)]
+    pub connect: Option<String>,
+    #[serde(default)]
+    pub allow: Vec<MatcherConfig>,
+    #[serde(default)]
+    pub expect: Vec<MatcherConfig>,
+    /// Accept any SPIFFE ID of our own trust domain (when the list is empty).
+    #[serde(default)]
+    pub allow_any_in_trust_domain: bool,
+    /// Server name sent by an outbound listener; default: the host of `connect`.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// ALPN protocols to offer (outbound) or accept (inbound).
+    #[serde(default)]
+    pub alpn: Vec<String>,
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Overrides the top-level `tls.min_version` for this listener.
+    #[serde(default)]
+    pub tls_min_version: Option<TlsVersion>,
+}
+
+/// An Envoy `StringMatcher` applied to the peer's SPIFFE ID, or `trust_domain`.
+#[derive(Debug, Deserialize, Clone, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MatcherConfig {
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub contains: Option<String>,
+    #[serde(default)]
+    pub safe_regex: Option<SafeRegex>,
+    #[serde(default)]
+    pub ignore_case: bool,
+    #[serde(default)]
+    pub trust_domain: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SafeRegex {
+    pub regex: String,
+}
+
+fn default_drain() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_svid_ttl() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
