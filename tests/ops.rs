@@ -249,3 +249,49 @@ fn ready_only_after_every_listener_is_bound() {
     );
     assert!(!err.contains("admin listening"), "{err}");
 }
+
+/// A task that serves (an SDS server, a listener) and dies stops the process with the
+/// reason, instead of leaving a sidecar whose /ready says 200 while it serves nothing.
+/// The listening socket is destroyed from outside with `ss -K`; accept() then fails
+/// for good (EINVAL) and would otherwise spin.
+#[test]
+fn a_dead_sds_server_or_listener_stops_the_process() {
+    for victim in ["sds", "inbound"] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let echo = EchoServer::start();
+        let (cfg, inbound_port) = config(d, echo.port);
+        let sds_port = free_port();
+        let cfg = format!("{cfg}sds:\n  listen: tcp://127.0.0.1:{sds_port}\n");
+        let mut s = Svidcar::start(d, victim, &cfg);
+        let (port, reason) = match victim {
+            "sds" => (
+                sds_port,
+                format!("SDS server tcp://127.0.0.1:{sds_port} failed: cannot accept"),
+            ),
+            _ => (
+                inbound_port,
+                "listener app failed: cannot accept".to_string(),
+            ),
+        };
+        let out = std::process::Command::new("ss")
+            .args([
+                "-K",
+                "state",
+                "listening",
+                "sport",
+                "=",
+                &format!(":{port}"),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ss -K: {out:?}");
+        let code = wait_until("svidcar exits", Duration::from_secs(10), || s.try_exit());
+        assert!(code != Some(0), "{victim}: exit {code:?}: {}", s.logs());
+        let logs = s.logs();
+        assert!(
+            logs.contains(&reason) && logs.contains("Invalid argument") && logs.contains("exiting"),
+            "{victim}: the log says which task died and why: {logs}"
+        );
+    }
+}

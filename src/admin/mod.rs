@@ -30,23 +30,29 @@ struct Open {
     conns: std::collections::VecDeque<(u64, CancellationToken)>,
 }
 
-pub async fn serve(listener: TcpListener, state: Arc<IdentityState>, shutdown: CancellationToken) {
+/// Serves until `shutdown`; an error: the listening socket is gone.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<IdentityState>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let open = Arc::new(std::sync::Mutex::new(Open::default()));
     loop {
         let (stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return Ok(()),
             res = listener.accept() => match res {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    crate::net::accept::recover("admin", e).await?;
                     continue;
                 }
             },
         };
         let close = CancellationToken::new();
         let id = {
-            let Ok(mut o) = open.lock() else { return };
+            let Ok(mut o) = open.lock() else {
+                return Ok(());
+            };
             if o.conns.len() >= MAX_ADMIN_CONNECTIONS {
                 if let Some((_, oldest)) = o.conns.pop_front() {
                     oldest.cancel();

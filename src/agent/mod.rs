@@ -538,11 +538,13 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let incoming = crate::h2_authority::incoming(
         UnixListenerStream::new(listener).map(|conn| conn.map(attest::Attested::new)),
     );
+    let (incoming, fatal) = crate::net::accept::guard("workload-api", incoming);
     let server = tonic::transport::Server::builder()
         .add_service(SpiffeWorkloadApiServer::new(Service(agent)))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let result = tokio::select! {
         r = server => r.map_err(|e| anyhow!("Workload API server: {e}")),
+        Ok(e) = fatal => Err(anyhow!("Workload API server: cannot accept: {e}")),
         _ = async {
             shutdown.cancelled().await;
             tokio::time::sleep(DRAIN_TIMEOUT).await;

@@ -81,19 +81,22 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(sds) = &config.sds {
         for server in crate::sds::start(sds, state.clone(), shutdown.clone()).await? {
             supervised.spawn(async move {
-                let _ = server.await;
-                "the SDS server".to_string()
+                server
+                    .await
+                    .unwrap_or_else(|e| format!("an SDS server failed: {e}"))
             });
         }
     }
 
     for spec in &config.listeners {
         let bound = BoundListener::bind(spec, state.clone(), &own_td).await?;
-        let name = format!("listener {}", spec.name);
+        let name = spec.name.clone();
         let run = bound.run(drain.clone(), tracker.clone());
         supervised.spawn(async move {
-            run.await;
-            name
+            match run.await {
+                Ok(()) => format!("listener {name} stopped"),
+                Err(e) => format!("listener {name} failed: cannot accept: {e}"),
+            }
         });
     }
 
@@ -101,11 +104,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(addr) = config.admin {
         let l = crate::admin::bind(addr).await?;
         tracing::info!(%addr, "admin listening");
-        tasks.push(tokio::spawn(crate::admin::serve(
-            l,
-            state.clone(),
-            shutdown.clone(),
-        )));
+        let admin = crate::admin::serve(l, state.clone(), shutdown.clone());
+        supervised.spawn(async move {
+            match admin.await {
+                Ok(()) => "the admin server stopped".to_string(),
+                Err(e) => format!("the admin server failed: cannot accept: {e}"),
+            }
+        });
     }
 
     let id = state
@@ -118,7 +123,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let failed = tokio::select! {
         _ = crate::signals::wait_for_signal() => None,
         Some(ended) = supervised.join_next() => Some(match ended {
-            Ok(name) => format!("{name} stopped"),
+            Ok(why) => why,
             Err(e) => format!("a listener or server failed: {e}"),
         }),
     };
@@ -241,8 +246,9 @@ impl BoundListener {
         self.local_addr
     }
 
-    /// Accepts until `drain.draining`; connection tasks go to `tracker`.
-    pub async fn run(self, drain: Drain, tracker: TaskTracker) {
+    /// Accepts until `drain.draining`; connection tasks go to `tracker`. An error: the
+    /// listening socket is gone.
+    pub async fn run(self, drain: Drain, tracker: TaskTracker) -> std::io::Result<()> {
         match self.kind {
             Bound::Inbound(l) => l.run(self.socket, drain, tracker).await,
             Bound::Outbound(l) => l.run(self.socket, drain, tracker).await,

@@ -1,6 +1,7 @@
-//! Addresses and sockets: `host:port` targets, unix sockets (bind safely, connect as a
-//! gRPC channel).
+//! Addresses and sockets: `host:port` targets, accept errors told apart, unix sockets
+//! (bind safely, connect as a gRPC channel).
 
+pub mod accept;
 pub mod unix;
 
 use std::fmt;

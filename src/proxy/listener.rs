@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use prometheus::{IntCounter, IntGauge};
 use tokio::net::{TcpListener, TcpStream};
@@ -73,7 +72,8 @@ impl ListenerMetrics {
 }
 
 /// Accepts until `drain.draining`, handing each connection to `handle` on its own
-/// task. Over `max_connections`, a new connection is closed at once and counted.
+/// task. Over `max_connections`, a new connection is closed at once and counted. Ends
+/// early, with the error, only when the listening socket is gone.
 pub async fn accept_loop<H, F>(
     listener: TcpListener,
     metrics: ListenerMetrics,
@@ -81,7 +81,8 @@ pub async fn accept_loop<H, F>(
     drain: Drain,
     tracker: TaskTracker,
     handle: H,
-) where
+) -> std::io::Result<()>
+where
     H: Fn(Accepted) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
@@ -94,9 +95,7 @@ pub async fn accept_loop<H, F>(
             res = listener.accept() => match res {
                 Ok(s) => s,
                 Err(e) => {
-                    // Out of file descriptors and the like: do not spin.
-                    tracing::warn!(listener = %name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    crate::net::accept::recover(&name, e).await?;
                     continue;
                 }
             },
@@ -129,4 +128,5 @@ pub async fn accept_loop<H, F>(
         });
     }
     tracing::info!(listener = %name, "stopped accepting");
+    Ok(())
 }

@@ -22,7 +22,12 @@ pub struct OutboundListener {
 }
 
 impl OutboundListener {
-    pub async fn run(self, listener: TcpListener, drain: Drain, tracker: TaskTracker) {
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        drain: Drain,
+        tracker: TaskTracker,
+    ) -> std::io::Result<()> {
         let this = Arc::new(self);
         let (m, max) = (this.metrics.clone(), this.max_connections);
         accept_loop(listener, m, max, drain, tracker, move |conn| {

@@ -525,7 +525,7 @@ pub async fn start(
     config: &SdsSpec,
     state: Arc<IdentityState>,
     shutdown: CancellationToken,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<String>>> {
     let mode = config.socket_mode;
     let shared = Arc::new(Shared {
         state,
@@ -566,15 +566,11 @@ pub async fn start(
                 let listener = crate::net::unix::bind(&path, mode).context("sds.listen")?;
                 let guard = crate::net::unix::SocketGuard::new(&path);
                 tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), "SDS listening");
+                let at = format!("unix://{}", path.display());
                 tasks.push(tokio::spawn(async move {
                     let _remove_socket_when_done = guard;
                     let incoming = crate::h2_authority::incoming(UnixListenerStream::new(listener));
-                    let r = server
-                        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                        .await;
-                    if let Err(e) = r {
-                        tracing::error!(error = %e, "SDS server (unix) failed");
-                    }
+                    serve_until_stopped(server, incoming, at, stop).await
                 }));
             }
             Endpoint::Tcp(addr) => {
@@ -582,21 +578,44 @@ pub async fn start(
                     .await
                     .with_context(|| format!("sds.listen: cannot bind {addr}"))?;
                 tracing::info!(%addr, keys = keys_allowed, "SDS listening");
-                tasks.push(tokio::spawn(async move {
-                    let r = server
-                        .serve_with_incoming_shutdown(
-                            TcpListenerStream::new(listener),
-                            stop.cancelled_owned(),
-                        )
-                        .await;
-                    if let Err(e) = r {
-                        tracing::error!(error = %e, "SDS server (tcp) failed");
-                    }
-                }));
+                let incoming = TcpListenerStream::new(listener);
+                let at = format!("tcp://{addr}");
+                tasks.push(tokio::spawn(serve_until_stopped(
+                    server, incoming, at, stop,
+                )));
             }
         }
     }
     Ok(tasks)
+}
+
+/// Runs one SDS server until `stop`; returns why it ended, for the supervisor (a server
+/// that ends before `stop` stops the process).
+async fn serve_until_stopped<I, IO>(
+    server: tonic::transport::server::Router,
+    incoming: I,
+    at: String,
+    stop: CancellationToken,
+) -> String
+where
+    I: tokio_stream::Stream<Item = std::io::Result<IO>> + Unpin,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+{
+    let (incoming, fatal) = crate::net::accept::guard("sds", incoming);
+    let serve = server.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
+    tokio::select! {
+        r = serve => match r {
+            Ok(()) if stop.is_cancelled() => format!("SDS server {at} stopped"),
+            Ok(()) => format!("SDS server {at} stopped unexpectedly"),
+            Err(e) => format!("SDS server {at} failed: {e}"),
+        },
+        Ok(e) = fatal => format!("SDS server {at} failed: cannot accept: {e}"),
+    }
 }
 
 #[cfg(test)]
