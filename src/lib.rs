@@ -20,5 +20,7 @@ pub mod proxy;
 pub mod sds;
 pub mod signals;
 pub mod spiffe;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tls;
 pub mod x509;

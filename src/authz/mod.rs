@@ -158,3 +158,44 @@ impl IdRule {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spiffe::parse_workload_id;
+
+    fn peer(id: &str) -> PeerIdentity {
+        PeerIdentity::new(parse_workload_id(id).unwrap(), [0; 32], SystemTime::now())
+    }
+
+    #[test]
+    fn a_swapped_policy_applies_to_the_next_check() {
+        let only = |id: &str| {
+            SpiffeIdMatcher::new(vec![IdRule::Exact {
+                value: id.into(),
+                ignore_case: false,
+            }])
+        };
+        let policy = PeerPolicy::new(only("spiffe://example.org/a"));
+        let shared = policy.clone();
+        assert!(policy.check(&peer("spiffe://example.org/a")).is_ok());
+        shared.swap(only("spiffe://example.org/b"));
+        assert_eq!(
+            policy.check(&peer("spiffe://example.org/a")),
+            Err(Denied::NotAllowed("spiffe://example.org/a".into()))
+        );
+        assert!(policy.check(&peer("spiffe://example.org/b")).is_ok());
+    }
+
+    #[test]
+    fn own_trust_domain_is_bound_when_the_matcher_is_made() {
+        let list = AllowList {
+            rules: Vec::new(),
+            any_in_own_trust_domain: true,
+        };
+        let td = crate::spiffe::parse_trust_domain("example.org").unwrap();
+        let m = list.matcher(&td);
+        assert!(m.matches(&peer("spiffe://example.org/x")));
+        assert!(!m.matches(&peer("spiffe://other.org/x")));
+    }
+}
