@@ -4,12 +4,13 @@
 //! tests drive the binary; unit tests and in-process tests use the modules directly.
 
 pub mod admin;
-pub mod agent;
 pub mod app;
+pub mod atomic_file;
 pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod crypto;
+pub mod dev_agent;
 pub mod h2_authority;
 pub mod identity;
 pub mod log_limit;

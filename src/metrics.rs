@@ -2,13 +2,10 @@
 //! reasons, never certificate or key material.
 
 use std::sync::OnceLock;
-use std::time::UNIX_EPOCH;
 
 use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-
-use crate::identity::Snapshot;
 
 pub struct Metrics {
     registry: Registry,
@@ -142,18 +139,4 @@ impl Metrics {
 pub fn get() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::new)
-}
-
-pub fn record_snapshot(s: &Snapshot) {
-    let m = get();
-    m.identity_version.set(s.version as i64);
-    m.identity_updates.inc();
-    if let Some(svid) = s.default_svid() {
-        let t = svid
-            .not_after
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        m.svid_expiry.set(t);
-    }
 }

@@ -182,8 +182,10 @@ pub fn dev_ca(
     }
     let ca = dev_ca::DevCa::generate_with(&td, lifetime, key_type)?;
     let (cert_pem, key_pem) = ca.to_pem();
-    dev_ca::write_atomic(cert, cert_pem.as_bytes(), 0o644)?;
-    dev_ca::write_atomic(key, key_pem.as_bytes(), 0o600)?;
+    crate::atomic_file::write(cert, cert_pem.as_bytes(), 0o644)
+        .with_context(|| format!("--cert: {}", cert.display()))?;
+    crate::atomic_file::write(key, key_pem.as_bytes(), 0o600)
+        .with_context(|| format!("--key: {}", key.display()))?;
     println!(
         "dev CA ({key_type}) for {td} written to {} and {}",
         cert.display(),
@@ -194,13 +196,13 @@ pub fn dev_ca(
 
 /// `svidcar dev-agent`.
 pub fn dev_agent(path: &Path) -> anyhow::Result<()> {
-    let config = crate::agent::AgentConfig::load(path)?;
+    let config = crate::dev_agent::AgentConfig::load(path)?;
     init_logging(None);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    rt.block_on(crate::agent::run(config))
+    rt.block_on(crate::dev_agent::run(config))
 }
 
 /// `svidcar workload …`: one Workload API call, printed.

@@ -15,8 +15,11 @@ pub use identity::{DevConfig, IdentityConfig, WorkloadApiConfig};
 pub use listener::{
     allow_list, InboundSpec, ListenerKind, ListenerSpec, OutboundSpec, Timeouts, TlsSpec,
 };
-pub use raw::{FilesConfig, RawConfig, TlsVersion};
-pub use sds::{SdsSpec, DEFAULT_ALL_BUNDLES_NAME, DEFAULT_BUNDLE_NAME, DEFAULT_SVID_NAME};
+pub use raw::{
+    FilesConfig, RawConfig, TlsVersion, DEFAULT_ALL_BUNDLES_NAME, DEFAULT_BUNDLE_NAME,
+    DEFAULT_SVID_NAME,
+};
+pub use sds::SdsSpec;
 pub use values::{
     duration, log_filter, parse_duration, parse_endpoint, parse_workload_socket, Endpoint,
     MAX_DURATION,

@@ -9,8 +9,16 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::sds::{DEFAULT_ALL_BUNDLES_NAME, DEFAULT_BUNDLE_NAME, DEFAULT_SVID_NAME};
 use super::values::duration;
+
+// SPIRE Agent's default resource names: the one place they are spelled (the SDS
+// server's own defaults use these too).
+/// SPIRE Agent's name for "the default SVID".
+pub const DEFAULT_SVID_NAME: &str = "default";
+/// SPIRE Agent's name for "our own trust domain's bundle".
+pub const DEFAULT_BUNDLE_NAME: &str = "ROOTCA";
+/// SPIRE Agent's name for "every bundle, with the SPIFFE validator".
+pub const DEFAULT_ALL_BUNDLES_NAME: &str = "ALL";
 
 /// The whole file as written.
 #[derive(Debug, Deserialize, Clone, PartialEq)]

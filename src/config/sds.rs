@@ -1,16 +1,8 @@
-//! `sds`: the typed SDS settings, and the one source of SPIRE Agent's default resource
-//! names (the SDS server's own defaults use these too).
+//! `sds`: the typed SDS settings.
 
 use super::raw::SdsConfig;
 use super::values::{parse_endpoint, Endpoint};
 use super::{ConfigError, MAX_CONNECTIONS};
-
-/// SPIRE Agent's name for "the default SVID".
-pub const DEFAULT_SVID_NAME: &str = "default";
-/// SPIRE Agent's name for "our own trust domain's bundle".
-pub const DEFAULT_BUNDLE_NAME: &str = "ROOTCA";
-/// SPIRE Agent's name for "every bundle, with the SPIFFE validator".
-pub const DEFAULT_ALL_BUNDLES_NAME: &str = "ALL";
 
 /// SDS as it will be served.
 #[derive(Debug, Clone, PartialEq)]

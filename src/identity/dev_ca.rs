@@ -241,29 +241,6 @@ fn dev_err(e: impl std::fmt::Display) -> IdentityError {
     IdentityError::DevCa(e.to_string())
 }
 
-/// Writes `contents` atomically: a fresh temp file (O_EXCL, random name) in the same
-/// directory, given `mode` before any byte is written, then renamed over `path`.
-pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityError> {
-    use std::io::Write;
-    use std::os::unix::fs::PermissionsExt;
-    let file_err = |e: std::io::Error| IdentityError::File {
-        path: path.display().to_string(),
-        problem: format!("cannot write: {e}"),
-    };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(file_err)?;
-    tmp.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(file_err)?;
-    tmp.write_all(contents).map_err(file_err)?;
-    tmp.as_file().sync_all().map_err(file_err)?;
-    tmp.persist(path).map_err(|e| file_err(e.error))?;
-    Ok(())
-}
-
 /// The running `dev` source.
 pub struct DevSource {
     ca: DevCa,
@@ -297,7 +274,12 @@ impl DevSource {
     pub fn start(config: &DevConfig) -> Result<(Self, IdentityUpdate), IdentityError> {
         let (source, update) = Self::load(config)?;
         if let Some(out) = &config.bundle_out {
-            write_atomic(out, source.ca.to_pem().0.as_bytes(), 0o644)?;
+            crate::atomic_file::write(out, source.ca.to_pem().0.as_bytes(), 0o644).map_err(
+                |e| IdentityError::File {
+                    path: out.display().to_string(),
+                    problem: format!("cannot write: {e}"),
+                },
+            )?;
         }
         Ok((source, update))
     }

@@ -77,6 +77,8 @@ pub enum IdentityError {
     File { path: String, problem: String },
     #[error("{0}")]
     Svid(String),
+    #[error("{0}")]
+    Bundle(String),
     #[error("dev CA: {0}")]
     DevCa(String),
     #[error("Workload API: {0}")]

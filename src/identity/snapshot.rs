@@ -109,12 +109,12 @@ impl Bundle {
         roots: Vec<CertificateDer<'static>>,
     ) -> Result<Self, IdentityError> {
         if let Some(i) = roots.iter().position(|r| !crate::x509::is_ca(r)) {
-            return Err(IdentityError::Svid(format!(
+            return Err(IdentityError::Bundle(format!(
                 "bundle for trust domain {trust_domain}: certificate {i} is not a CA (basicConstraints cA is not true)"
             )));
         }
         if roots.is_empty() {
-            return Err(IdentityError::Svid(format!(
+            return Err(IdentityError::Bundle(format!(
                 "bundle for trust domain {trust_domain} has no certificates"
             )));
         }
@@ -124,7 +124,7 @@ impl Bundle {
                 webpki::anchor_from_trusted_cert(r)
                     .map(|a| a.to_owned())
                     .map_err(|e| {
-                        IdentityError::Svid(format!(
+                        IdentityError::Bundle(format!(
                             "bundle for {trust_domain}: a certificate is not a usable trust anchor: {e}"
                         ))
                     })
@@ -134,7 +134,7 @@ impl Bundle {
             .iter()
             .map(|r| {
                 RootFacts::parse(r)
-                    .map_err(|e| IdentityError::Svid(format!("bundle for {trust_domain}: {e}")))
+                    .map_err(|e| IdentityError::Bundle(format!("bundle for {trust_domain}: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {

@@ -71,7 +71,7 @@ impl IdentityState {
                 .collect(),
         });
         self.current.store(next.clone());
-        crate::metrics::record_snapshot(&next);
+        record_snapshot(&next);
         self.changed.send_replace(next);
         Some(version)
     }
@@ -102,6 +102,22 @@ impl IdentityState {
     /// True once the SVID we hold has expired with no successor: handshakes must stop.
     pub fn identity_expired(&self) -> bool {
         self.ready() == Err(NotReady::IdentityExpired)
+    }
+}
+
+/// The identity gauges follow each published snapshot.
+fn record_snapshot(s: &Snapshot) {
+    use std::time::UNIX_EPOCH;
+    let m = crate::metrics::get();
+    m.identity_version.set(s.version as i64);
+    m.identity_updates.inc();
+    if let Some(svid) = s.default_svid() {
+        let t = svid
+            .not_after
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        m.svid_expiry.set(t);
     }
 }
 

@@ -222,7 +222,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 
 /// Copies both ways between `downstream` and `upstream` until both are closed, an
 /// error occurs, nothing has been read for `idle`, or `stop` resolves.
-pub async fn proxy<D, U>(
+pub async fn bidirectional<D, U>(
     downstream: D,
     upstream: U,
     idle: Duration,
@@ -293,7 +293,7 @@ mod tests {
     async fn half_close_both_ways_and_counts() {
         let (client, proxy_down) = tokio::io::duplex(1024);
         let (proxy_up, server) = tokio::io::duplex(1024);
-        let task = tokio::spawn(proxy(
+        let task = tokio::spawn(bidirectional(
             proxy_down,
             proxy_up,
             Duration::from_secs(5),
@@ -322,7 +322,12 @@ mod tests {
         let (mut client, proxy_down) = tokio::io::duplex(64);
         let (proxy_up, mut server) = tokio::io::duplex(64);
         let idle = Duration::from_millis(300);
-        let task = tokio::spawn(proxy(proxy_down, proxy_up, idle, std::future::pending()));
+        let task = tokio::spawn(bidirectional(
+            proxy_down,
+            proxy_up,
+            idle,
+            std::future::pending(),
+        ));
         // Traffic every 100 ms for 600 ms: twice the idle timeout, and still open.
         let mut buf = [0u8; 1];
         for _ in 0..6 {
@@ -340,7 +345,7 @@ mod tests {
     async fn large_transfers_arrive_whole_while_buffers_grow() {
         let (client, proxy_down) = tokio::io::duplex(100_000);
         let (proxy_up, server) = tokio::io::duplex(100_000);
-        let task = tokio::spawn(proxy(
+        let task = tokio::spawn(bidirectional(
             proxy_down,
             proxy_up,
             Duration::from_secs(5),
@@ -377,7 +382,7 @@ mod tests {
         let (_client, proxy_down) = tokio::io::duplex(64);
         let (proxy_up, _server) = tokio::io::duplex(64);
         let stop = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(proxy(
+        let task = tokio::spawn(bidirectional(
             proxy_down,
             proxy_up,
             Duration::from_secs(60),

@@ -61,7 +61,7 @@ where
 {
     let listener = &m.name;
     let (end, Transferred { rx, tx }) =
-        copy::proxy(downstream, upstream, idle, drain.closed()).await;
+        copy::bidirectional(downstream, upstream, idle, drain.closed()).await;
     m.rx.inc_by(rx);
     m.tx.inc_by(tx);
     match end {
