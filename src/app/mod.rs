@@ -176,6 +176,9 @@ impl BoundListener {
     ) -> anyhow::Result<Self> {
         let at = &spec.key;
         let kind = match &spec.kind {
+            ListenerKind::TransparentInbound(_) | ListenerKind::TransparentOutbound(_) => {
+                return Err(anyhow!("{at}: transparent listeners are not built yet"));
+            }
             ListenerKind::Inbound(i) => {
                 let policy = PeerPolicy::new(i.allow.matcher(own_td));
                 let verifier = Arc::new(tls::SpiffeVerifier::new(state.clone(), policy));

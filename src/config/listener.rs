@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rustls_pki_types::ServerName;
 
-use super::raw::{ListenerConfig, MatcherConfig, TlsVersion};
+use super::raw::{ListenerConfig, MatcherConfig, Mode, Otherwise, TlsVersion};
 use super::ConfigError;
 use crate::authz::{AllowList, IdRule};
 use crate::net::HostPort;
@@ -33,6 +33,76 @@ pub struct ListenerSpec {
 pub enum ListenerKind {
     Inbound(InboundSpec),
     Outbound(OutboundSpec),
+    /// Connections redirected to the pod's ports: mTLS from peers (or plaintext, in
+    /// permissive mode) forwarded to the app on `127.0.0.1:<original port>`.
+    TransparentInbound(TransparentInboundSpec),
+    /// The app's connections, redirected: mTLS to the original destination when a
+    /// route matches it, else passed through or denied.
+    TransparentOutbound(TransparentOutboundSpec),
+}
+
+/// The transparent inbound listener's rules, by original destination port.
+#[derive(Debug, Clone)]
+pub struct TransparentInboundSpec {
+    pub default: PortPolicy,
+    pub ports: std::collections::BTreeMap<u16, PortPolicy>,
+    pub detect_timeout: Duration,
+    pub server_first_ports: Vec<u16>,
+}
+
+impl TransparentInboundSpec {
+    /// The policy for connections to original port `port`.
+    pub fn policy(&self, port: u16) -> &PortPolicy {
+        self.ports.get(&port).unwrap_or(&self.default)
+    }
+}
+
+/// Mode and allowlist for one original destination port (or the default).
+#[derive(Debug, Clone)]
+pub struct PortPolicy {
+    pub mode: Mode,
+    pub allow: AllowList,
+}
+
+/// The transparent outbound listener's routes.
+#[derive(Debug, Clone)]
+pub struct TransparentOutboundSpec {
+    pub routes: Vec<Route>,
+    pub otherwise: Otherwise,
+}
+
+impl TransparentOutboundSpec {
+    /// The first route that covers `dst`.
+    pub fn route(&self, dst: SocketAddr) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(dst))
+    }
+}
+
+/// Destinations reached over mTLS.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub to: Vec<ipnet::IpNet>,
+    /// Empty: every port.
+    pub ports: Vec<u16>,
+    pub expect: AllowList,
+    pub sni: Option<ServerName<'static>>,
+}
+
+impl Route {
+    pub fn matches(&self, dst: SocketAddr) -> bool {
+        let ip = canonical_ip(dst.ip());
+        (self.ports.is_empty() || self.ports.contains(&dst.port()))
+            && self.to.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`, how a dual-stack socket shows IPv4
+/// peers) as the IPv4 address it is.
+pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
 }
 
 /// Terminates mTLS from peers and forwards the plaintext to the local app.
@@ -247,14 +317,7 @@ impl ListenerConfig {
         key: &str,
         list: &[MatcherConfig],
     ) -> Result<AllowList, ConfigError> {
-        if list.is_empty() && !self.allow_any_in_trust_domain {
-            return Err(ConfigError::new(
-                format!("{at}.{key}"),
-                "empty: it would refuse every peer; list SPIFFE IDs or set allow_any_in_trust_domain: true",
-            ));
-        }
-        allow_list(list, self.allow_any_in_trust_domain)
-            .map_err(|(i, p)| ConfigError::new(format!("{at}.{key}[{i}]"), p))
+        checked_allow_list(&format!("{at}.{key}"), list, self.allow_any_in_trust_domain)
     }
 
     /// The settings both directions share.
@@ -264,12 +327,6 @@ impl ListenerConfig {
         tls: TlsVersion,
         kind: ListenerKind,
     ) -> Result<ListenerSpec, ConfigError> {
-        if self.max_connections == 0 || self.max_connections > super::MAX_CONNECTIONS {
-            return Err(ConfigError::new(
-                format!("{at}.max_connections"),
-                format!("must be from 1 to {}", super::MAX_CONNECTIONS),
-            ));
-        }
         for (i, p) in self.alpn.iter().enumerate() {
             if p.is_empty() || p.len() > 255 {
                 return Err(ConfigError::new(
@@ -278,11 +335,10 @@ impl ListenerConfig {
                 ));
             }
         }
-        Ok(ListenerSpec {
-            name: self.name.as_str().into(),
-            key: at.to_string(),
+        let common = Common {
+            name: &self.name,
+            at,
             listen: self.listen,
-            kind,
             tls: TlsSpec {
                 min_version: self.tls_min_version.unwrap_or(tls),
                 alpn: self.alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
@@ -292,6 +348,54 @@ impl ListenerConfig {
                 handshake: self.handshake_timeout,
                 idle: self.idle_timeout,
             },
+            max_connections: self.max_connections,
+        };
+        common.spec(kind)
+    }
+}
+
+/// An allowlist at `key`: empty is an error unless any ID of our trust domain is allowed
+/// (a listener that refuses every peer is a mistake).
+pub(super) fn checked_allow_list(
+    key: &str,
+    list: &[MatcherConfig],
+    any_in_own_trust_domain: bool,
+) -> Result<AllowList, ConfigError> {
+    if list.is_empty() && !any_in_own_trust_domain {
+        return Err(ConfigError::new(
+            key,
+            "empty: it would refuse every peer; list SPIFFE IDs or set allow_any_in_trust_domain: true",
+        ));
+    }
+    allow_list(list, any_in_own_trust_domain)
+        .map_err(|(i, p)| ConfigError::new(format!("{key}[{i}]"), p))
+}
+
+/// What every kind of listener has, before it is checked.
+pub(super) struct Common<'a> {
+    pub name: &'a str,
+    pub at: &'a str,
+    pub listen: SocketAddr,
+    pub tls: TlsSpec,
+    pub timeouts: Timeouts,
+    pub max_connections: usize,
+}
+
+impl Common<'_> {
+    pub(super) fn spec(self, kind: ListenerKind) -> Result<ListenerSpec, ConfigError> {
+        if self.max_connections == 0 || self.max_connections > super::MAX_CONNECTIONS {
+            return Err(ConfigError::new(
+                format!("{}.max_connections", self.at),
+                format!("must be from 1 to {}", super::MAX_CONNECTIONS),
+            ));
+        }
+        Ok(ListenerSpec {
+            name: self.name.into(),
+            key: self.at.to_string(),
+            listen: self.listen,
+            kind,
+            tls: self.tls,
+            timeouts: self.timeouts,
             max_connections: self.max_connections,
         })
     }

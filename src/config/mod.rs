@@ -8,18 +8,23 @@ mod identity;
 mod listener;
 pub mod raw;
 mod sds;
+mod transparent;
 mod values;
 
 pub use file::{config_dir, parse_yaml, read_text, resolve_path};
 pub use identity::{DevConfig, IdentityConfig, WorkloadApiConfig};
 pub use listener::{
-    allow_list, InboundSpec, ListenerKind, ListenerSpec, OutboundSpec, Timeouts, TlsSpec,
+    allow_list, canonical_ip, InboundSpec, ListenerKind, ListenerSpec, OutboundSpec, PortPolicy,
+    Route, Timeouts, TlsSpec, TransparentInboundSpec, TransparentOutboundSpec,
 };
 pub use raw::{
-    FilesConfig, RawConfig, TlsVersion, DEFAULT_ALL_BUNDLES_NAME, DEFAULT_BUNDLE_NAME,
-    DEFAULT_SVID_NAME,
+    FilesConfig, Mode, Otherwise, RawConfig, TlsVersion, DEFAULT_ALL_BUNDLES_NAME,
+    DEFAULT_BUNDLE_NAME, DEFAULT_SVID_NAME,
 };
 pub use sds::SdsSpec;
+pub use transparent::{
+    RedirectInbound, RedirectOutbound, RedirectSpec, INBOUND_NAME, OUTBOUND_NAME,
+};
 pub use values::{
     duration, log_filter, parse_duration, parse_endpoint, parse_workload_socket, Endpoint,
     MAX_DURATION,
@@ -62,9 +67,12 @@ pub struct Config {
     pub log_filter: Option<String>,
     pub admin: Option<SocketAddr>,
     pub drain_timeout: Duration,
-    /// Inbound listeners first, then outbound, each in file order.
+    /// Inbound listeners first, then outbound, each in file order; then the
+    /// transparent pair.
     pub listeners: Vec<ListenerSpec>,
     pub sds: Option<SdsSpec>,
+    /// The rules `svidcar redirect` installs, when the config has `transparent`.
+    pub redirect: Option<RedirectSpec>,
 }
 
 impl Config {
@@ -96,10 +104,14 @@ impl Config {
             .map_err(|p| ConfigError::new("log.level", p))?;
         let identity = raw.identity.validate()?;
         let sds = raw.sds.as_ref().map(|s| s.spec()).transpose()?;
-        if raw.inbound.is_empty() && raw.outbound.is_empty() && raw.sds.is_none() {
+        if raw.inbound.is_empty()
+            && raw.outbound.is_empty()
+            && raw.sds.is_none()
+            && raw.transparent.is_none()
+        {
             return Err(ConfigError::new(
                 "config",
-                "nothing to serve: add an `inbound` or `outbound` listener, or `sds`",
+                "nothing to serve: add an `inbound` or `outbound` listener, `transparent` or `sds`",
             ));
         }
         let mut names = HashSet::new();
@@ -134,6 +146,28 @@ impl Config {
                 });
             }
         }
+        let mut redirect = None;
+        if let Some(tr) = &raw.transparent {
+            let (mut spec, pair) = tr.specs(raw.tls.min_version)?;
+            for l in pair {
+                if !addrs.insert(l.listen) {
+                    return Err(ConfigError::new(
+                        format!("{}.listen", l.key),
+                        format!("address {} is used by another listener", l.listen),
+                    ));
+                }
+                listeners.push(l);
+            }
+            let sds_ports = sds.iter().flat_map(|s| &s.listen).filter_map(|e| match e {
+                Endpoint::Tcp(a) => Some(a.port()),
+                Endpoint::Unix(_) => None,
+            });
+            let mut own: Vec<u16> = addrs.iter().map(|a| a.port()).chain(sds_ports).collect();
+            own.sort_unstable();
+            own.dedup();
+            spec.own_ports = own;
+            redirect = Some(spec);
+        }
         Ok(Self {
             identity,
             worker_threads: raw.worker_threads,
@@ -142,15 +176,22 @@ impl Config {
             drain_timeout: raw.drain_timeout,
             listeners,
             sds,
+            redirect,
             raw,
         })
     }
 
-    /// Listeners of one kind, for a summary.
+    /// Listeners that take connections from peers (`inbound`) or from the app, for a
+    /// summary.
     pub fn count(&self, inbound: bool) -> usize {
         self.listeners
             .iter()
-            .filter(|l| matches!(l.kind, ListenerKind::Inbound(_)) == inbound)
+            .filter(|l| {
+                matches!(
+                    l.kind,
+                    ListenerKind::Inbound(_) | ListenerKind::TransparentInbound(_)
+                ) == inbound
+            })
             .count()
     }
 }

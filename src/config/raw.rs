@@ -45,6 +45,9 @@ pub struct RawConfig {
     /// Envoy's Secret Discovery Service, served from the same identity.
     #[serde(default)]
     pub sds: Option<SdsConfig>,
+    /// Transparent mTLS: the pod's traffic redirected to svidcar (`svidcar redirect`).
+    #[serde(default)]
+    pub transparent: Option<TransparentConfig>,
 }
 
 /// `sds`: where and how to serve SDS.
@@ -290,4 +293,144 @@ fn default_idle_timeout() -> Duration {
 }
 fn default_max_connections() -> usize {
     10_000
+}
+
+/// `transparent`: a pair of listeners fed by redirect rules, and what the rules need.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TransparentConfig {
+    /// The uid svidcar runs as: its own traffic is never redirected (the loop breaker).
+    pub proxy_uid: u32,
+    /// The gid excluded likewise; default: `proxy_uid`.
+    #[serde(default)]
+    pub proxy_gid: Option<u32>,
+    #[serde(default)]
+    pub inbound: Option<TransparentInboundConfig>,
+    #[serde(default)]
+    pub outbound: Option<TransparentOutboundConfig>,
+}
+
+/// `strict`: mTLS only; `permissive`: mTLS when the client speaks TLS, else plaintext.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Strict,
+    Permissive,
+}
+
+/// `transparent.inbound`: connections redirected from the pod's ports.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TransparentInboundConfig {
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub allow: Vec<MatcherConfig>,
+    #[serde(default)]
+    pub allow_any_in_trust_domain: bool,
+    /// Overrides by original destination port (`"9090": {mode: permissive}`).
+    #[serde(default)]
+    pub ports: BTreeMap<String, PortConfig>,
+    /// Ports never redirected (ssh, a port the app must serve itself).
+    #[serde(default)]
+    pub exclude_ports: Vec<u16>,
+    /// How long permissive mode waits for a client's first bytes before it treats the
+    /// connection as plaintext (server-speaks-first protocols send nothing first).
+    #[serde(default = "default_detect_timeout", deserialize_with = "duration")]
+    pub detect_timeout: Duration,
+    /// Ports whose protocol speaks first from the server: no detection, plaintext at
+    /// once in permissive mode. Default: Linkerd's list.
+    #[serde(default = "default_server_first_ports")]
+    pub server_first_ports: Vec<u16>,
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default)]
+    pub tls_min_version: Option<TlsVersion>,
+}
+
+/// One original destination port's overrides.
+#[derive(Debug, Deserialize, Clone, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    #[serde(default)]
+    pub allow: Option<Vec<MatcherConfig>>,
+    #[serde(default)]
+    pub allow_any_in_trust_domain: Option<bool>,
+}
+
+/// What the outbound listener does with a destination no route matches.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Otherwise {
+    /// Plain TCP to the original destination (services outside the mesh keep working).
+    #[default]
+    Passthrough,
+    /// Refused, logged and counted.
+    Deny,
+}
+
+/// `transparent.outbound`: the app's connections, redirected.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TransparentOutboundConfig {
+    pub listen: SocketAddr,
+    /// First match wins.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub otherwise: Otherwise,
+    #[serde(default)]
+    pub exclude_ports: Vec<u16>,
+    #[serde(default)]
+    pub exclude_cidrs: Vec<String>,
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
+    pub handshake_timeout: Duration,
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    #[serde(default)]
+    pub tls_min_version: Option<TlsVersion>,
+}
+
+/// Destinations reached over mTLS, and the SPIFFE IDs they must present.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// IP addresses and CIDRs.
+    pub to: Vec<String>,
+    /// Destination ports; empty: all.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    #[serde(default)]
+    pub expect: Vec<MatcherConfig>,
+    #[serde(default)]
+    pub allow_any_in_trust_domain: bool,
+    /// Server name to send; default: none (the destination is an IP address).
+    #[serde(default)]
+    pub sni: Option<String>,
+}
+
+fn default_detect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// Linkerd's default opaque ports: SMTP, MySQL, Galera, PostgreSQL, Redis,
+/// Elasticsearch, Memcached: their servers speak first.
+pub const SERVER_FIRST_PORTS: [u16; 8] = [25, 587, 3306, 4444, 5432, 6379, 9300, 11211];
+
+fn default_server_first_ports() -> Vec<u16> {
+    SERVER_FIRST_PORTS.to_vec()
 }
