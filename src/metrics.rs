@@ -14,6 +14,8 @@ pub struct Metrics {
     pub handshake_failures: IntCounterVec,
     pub connection_errors: IntCounterVec,
     pub bytes: IntCounterVec,
+    pub transparent: IntCounterVec,
+    pub detection: IntCounterVec,
     pub identity_version: IntGauge,
     pub svid_expiry: IntGauge,
     pub identity_updates: IntCounter,
@@ -97,8 +99,20 @@ impl Metrics {
             connection_errors: counter_vec(
                 &r,
                 "svidcar_connection_errors_total",
-                "Connections closed for a reason other than TLS (limit, upstream, idle)",
+                "Connections closed for a reason other than TLS (limit, upstream, idle, loop, no_route, plaintext_refused)",
                 &["listener", "reason"],
+            ),
+            transparent: counter_vec(
+                &r,
+                "svidcar_transparent_connections_total",
+                "Redirected connections carried, by how: mtls, plaintext (permissive inbound), passthrough (outbound, no route)",
+                &["listener", "outcome"],
+            ),
+            detection: counter_vec(
+                &r,
+                "svidcar_protocol_detection_total",
+                "Permissive inbound connections classified: tls, plaintext, timeout (no first bytes in time), server_first (port skips detection)",
+                &["listener", "result"],
             ),
             bytes: counter_vec(
                 &r,

@@ -92,7 +92,9 @@ pub async fn run_listener(spec: &ListenerSpec, state: Arc<IdentityState>) -> (So
         .default_svid()
         .map(|s| s.spiffe_id.trust_domain().clone())
         .expect("an SVID");
-    let bound = BoundListener::bind(spec, state, &own).await.expect("bind");
+    let bound = BoundListener::bind(spec, state, &own, &[])
+        .await
+        .expect("bind");
     let addr = bound.local_addr();
     let drain = Drain::default();
     tokio::spawn(bound.run(drain.clone(), TaskTracker::new()));

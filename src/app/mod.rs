@@ -2,22 +2,19 @@
 //! SDS → admin (so `/ready` cannot say 200 before the listeners are bound) → wait for a
 //! signal or a failed task → drain.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
-use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
 
-use crate::authz::PeerPolicy;
-use crate::config::{Config, IdentityConfig, ListenerKind, ListenerSpec};
+use crate::config::{Config, IdentityConfig};
 use crate::identity::{IdentitySource, IdentityState};
-use crate::proxy::{
-    Connector, Drain, InboundListener, ListenerMetrics, MtlsOriginator, OutboundListener, Target,
-};
-use crate::spiffe::TrustDomain;
-use crate::tls;
+use crate::proxy::Drain;
+
+mod listeners;
+
+pub use listeners::BoundListener;
 
 /// `svidcar run`.
 pub fn run(path: &Path) -> anyhow::Result<()> {
@@ -88,8 +85,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
 
+    let own_ports: Vec<u16> = config
+        .redirect
+        .as_ref()
+        .map(|r| r.own_ports.clone())
+        .unwrap_or_default();
     for spec in &config.listeners {
-        let bound = BoundListener::bind(spec, state.clone(), &own_td).await?;
+        let bound = BoundListener::bind(spec, state.clone(), &own_td, &own_ports).await?;
         let name = spec.name.clone();
         let run = bound.run(drain.clone(), tracker.clone());
         supervised.spawn(async move {
@@ -152,111 +154,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         t.abort();
     }
     Ok(())
-}
-
-/// A listener built from its spec and bound to its address, ready to run. Tests use it
-/// to run one listener in-process (bind to port 0, read [`Self::local_addr`]).
-pub struct BoundListener {
-    socket: TcpListener,
-    local_addr: SocketAddr,
-    kind: Bound,
-}
-
-enum Bound {
-    Inbound(InboundListener),
-    Outbound(OutboundListener),
-}
-
-impl BoundListener {
-    /// Builds the TLS config, policy and upstream of `spec`, and binds its socket.
-    pub async fn bind(
-        spec: &ListenerSpec,
-        state: Arc<IdentityState>,
-        own_td: &TrustDomain,
-    ) -> anyhow::Result<Self> {
-        let at = &spec.key;
-        let kind = match &spec.kind {
-            ListenerKind::TransparentInbound(_) | ListenerKind::TransparentOutbound(_) => {
-                return Err(anyhow!("{at}: transparent listeners are not built yet"));
-            }
-            ListenerKind::Inbound(i) => {
-                let policy = PeerPolicy::new(i.allow.matcher(own_td));
-                let verifier = Arc::new(tls::SpiffeVerifier::new(state.clone(), policy));
-                let server = tls::server_config(state.clone(), verifier, &spec.tls)
-                    .with_context(|| format!("{at}.tls_min_version"))?;
-                let metrics = ListenerMetrics::new(&spec.name, "inbound");
-                let upstream = Connector::new(
-                    spec.name.clone(),
-                    Target::Fixed(i.forward.clone()),
-                    spec.timeouts.connect,
-                    metrics.upstream_connect_failed.clone(),
-                );
-                Bound::Inbound(InboundListener {
-                    metrics,
-                    acceptor: server.into(),
-                    upstream,
-                    timeouts: spec.timeouts,
-                    max_connections: spec.max_connections,
-                    state,
-                })
-            }
-            ListenerKind::Outbound(o) => {
-                let policy = PeerPolicy::new(o.expect.matcher(own_td));
-                let verifier = Arc::new(tls::SpiffeVerifier::new(state.clone(), policy));
-                let client = tls::client_config(state.clone(), verifier, &spec.tls)
-                    .with_context(|| format!("{at}.tls_min_version"))?;
-                let metrics = ListenerMetrics::new(&spec.name, "outbound");
-                let upstream = Connector::new(
-                    spec.name.clone(),
-                    Target::Fixed(o.connect.clone()),
-                    spec.timeouts.connect,
-                    metrics.upstream_connect_failed.clone(),
-                );
-                Bound::Outbound(OutboundListener {
-                    metrics,
-                    upstream,
-                    mtls: MtlsOriginator {
-                        connector: client.into(),
-                        server_name: o.server_name.clone(),
-                        handshake_timeout: spec.timeouts.handshake,
-                    },
-                    timeouts: spec.timeouts,
-                    max_connections: spec.max_connections,
-                    state,
-                })
-            }
-        };
-        let socket = TcpListener::bind(spec.listen)
-            .await
-            .map_err(|e| anyhow!("{at}.listen: cannot bind {}: {e}", spec.listen))?;
-        let local_addr = socket.local_addr().unwrap_or(spec.listen);
-        match &kind {
-            Bound::Inbound(l) => {
-                tracing::info!(listener = %spec.name, listen = %local_addr, forward = %l.upstream.describe(), "inbound listening")
-            }
-            Bound::Outbound(l) => {
-                tracing::info!(listener = %spec.name, listen = %local_addr, connect = %l.upstream.describe(), "outbound listening")
-            }
-        }
-        Ok(Self {
-            socket,
-            local_addr,
-            kind,
-        })
-    }
-
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
-    /// Accepts until `drain.draining`; connection tasks go to `tracker`. An error: the
-    /// listening socket is gone.
-    pub async fn run(self, drain: Drain, tracker: TaskTracker) -> std::io::Result<()> {
-        match self.kind {
-            Bound::Inbound(l) => l.run(self.socket, drain, tracker).await,
-            Bound::Outbound(l) => l.run(self.socket, drain, tracker).await,
-        }
-    }
 }
 
 /// One info line per new snapshot: which SVID is now presented.

@@ -1,8 +1,12 @@
-//! Addresses and sockets: `host:port` targets, accept errors told apart, unix sockets
-//! (bind safely, connect as a gRPC channel).
+//! Addresses and sockets: `host:port` targets, accept errors told apart, original
+//! destinations of redirected connections, unix sockets (bind safely, connect as a
+//! gRPC channel).
 
 pub mod accept;
+mod original_dst;
 pub mod unix;
+
+pub use original_dst::original_dst;
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};

@@ -71,13 +71,69 @@ impl ListenerMetrics {
     }
 }
 
+/// How a listener accepts: its metric series, its connection limit (one semaphore,
+/// shared when a listener has several sockets), whether connections were redirected.
+#[derive(Clone)]
+pub struct AcceptSettings {
+    pub metrics: ListenerMetrics,
+    pub limit: Arc<Semaphore>,
+    pub max_connections: usize,
+    /// Read each connection's original destination (transparent listeners).
+    pub original_dst: bool,
+}
+
+impl AcceptSettings {
+    pub fn new(metrics: ListenerMetrics, max_connections: usize, original_dst: bool) -> Self {
+        Self {
+            metrics,
+            limit: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            original_dst,
+        }
+    }
+}
+
+/// Runs `listener` on every socket in `sockets` (one, or the IPv4 and IPv6 loopback of
+/// a transparent outbound listener), all under the same connection limit. Ends when
+/// the first accept loop ends: at the drain, or with the error of a socket that is gone.
+pub async fn serve<L, H, F>(
+    listener: Arc<L>,
+    sockets: Vec<TcpListener>,
+    settings: AcceptSettings,
+    drain: Drain,
+    tracker: TaskTracker,
+    handle: H,
+) -> std::io::Result<()>
+where
+    L: Send + Sync + 'static,
+    H: Fn(Arc<L>, Accepted) -> F + Clone + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let mut loops = tokio::task::JoinSet::new();
+    for socket in sockets {
+        let (l, h) = (listener.clone(), handle.clone());
+        let run = accept_loop(
+            socket,
+            settings.clone(),
+            drain.clone(),
+            tracker.clone(),
+            move |c| h(l.clone(), c),
+        );
+        loops.spawn(run);
+    }
+    match loops.join_next().await {
+        Some(Ok(res)) => res,
+        Some(Err(e)) => Err(std::io::Error::other(e)),
+        None => Ok(()),
+    }
+}
+
 /// Accepts until `drain.draining`, handing each connection to `handle` on its own
 /// task. Over `max_connections`, a new connection is closed at once and counted. Ends
 /// early, with the error, only when the listening socket is gone.
 pub async fn accept_loop<H, F>(
     listener: TcpListener,
-    metrics: ListenerMetrics,
-    max_connections: usize,
+    settings: AcceptSettings,
     drain: Drain,
     tracker: TaskTracker,
     handle: H,
@@ -86,7 +142,12 @@ where
     H: Fn(Accepted) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
-    let limit = Arc::new(Semaphore::new(max_connections));
+    let AcceptSettings {
+        metrics,
+        limit,
+        max_connections,
+        original_dst,
+    } = settings;
     let name = metrics.name.clone();
     let local = listener.local_addr().ok();
     loop {
@@ -114,11 +175,22 @@ where
             Some(a) if !a.ip().is_unspecified() => a,
             _ => stream.local_addr().unwrap_or(peer),
         };
+        let original_dst = if original_dst {
+            match crate::net::original_dst(&stream, local) {
+                Ok(dst) => dst,
+                Err(e) => {
+                    tracing::debug!(listener = %name, %peer, error = %e, "no original destination");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let work = handle(Accepted {
             stream,
             peer,
             local,
-            original_dst: None,
+            original_dst,
             drain: drain.clone(),
         });
         tracker.spawn(async move {

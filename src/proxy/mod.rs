@@ -7,11 +7,13 @@ mod copy;
 mod inbound;
 mod listener;
 mod outbound;
+mod transparent;
 mod upstream;
 
 pub use inbound::InboundListener;
-pub use listener::{Accepted, Drain, ListenerMetrics};
+pub use listener::{serve, AcceptSettings, Accepted, Drain, ListenerMetrics};
 pub use outbound::OutboundListener;
+pub use transparent::{OutboundRoute, OwnPorts, Refusal, TransparentInbound, TransparentOutbound};
 pub use upstream::{Connector, MtlsOriginator, Target};
 
 use std::future::Future;

@@ -3,11 +3,8 @@
 
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
-use tokio_util::task::TaskTracker;
-
-use super::{listener::accept_loop, reject, relay};
-use super::{Accepted, Connector, Drain, ListenerMetrics, MtlsOriginator};
+use super::{reject, relay};
+use super::{Accepted, Connector, ListenerMetrics, MtlsOriginator};
 use crate::config::Timeouts;
 use crate::identity::IdentityState;
 use crate::tls::{peer_identity_of, Rejection};
@@ -17,26 +14,11 @@ pub struct OutboundListener {
     pub upstream: Connector,
     pub mtls: MtlsOriginator,
     pub timeouts: Timeouts,
-    pub max_connections: usize,
     pub state: Arc<IdentityState>,
 }
 
 impl OutboundListener {
-    pub async fn run(
-        self,
-        listener: TcpListener,
-        drain: Drain,
-        tracker: TaskTracker,
-    ) -> std::io::Result<()> {
-        let this = Arc::new(self);
-        let (m, max) = (this.metrics.clone(), this.max_connections);
-        accept_loop(listener, m, max, drain, tracker, move |conn| {
-            this.clone().handle(conn)
-        })
-        .await
-    }
-
-    async fn handle(self: Arc<Self>, conn: Accepted) {
+    pub async fn handle(self: Arc<Self>, conn: Accepted) {
         let name = &self.metrics.name;
         if self.state.identity_expired() {
             return reject(name, conn.peer, &Rejection::IdentityExpired);

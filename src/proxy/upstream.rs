@@ -3,14 +3,15 @@
 //! one originates mTLS. Outbound TCP uses both; transparent outbound and the HTTP
 //! client pool are meant to use the same two.
 
+use std::collections::HashSet;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::IntCounter;
 use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -30,6 +31,8 @@ pub enum Target {
     Fixed(HostPort),
     /// Where the client meant to go, recovered from a redirect rule.
     OriginalDst,
+    /// The app in this pod, on the port the client meant: `127.0.0.1:<original port>`.
+    LoopbackAtOriginalPort,
 }
 
 /// Opens TCP connections to a target.
@@ -57,17 +60,28 @@ impl Connector {
         match &self.target {
             Target::Fixed(hp) => hp.to_string(),
             Target::OriginalDst => "the original destination".into(),
+            Target::LoopbackAtOriginalPort => "127.0.0.1:<original port>".into(),
         }
     }
 
     /// Connects within the timeout, trying each address in turn; `None` when it cannot
     /// (logged and counted here).
     pub async fn connect(&self, original_dst: Option<SocketAddr>) -> Option<TcpStream> {
+        self.connect_tracked(original_dst).await.map(|(s, _)| s)
+    }
+
+    /// As [`Self::connect`]; a connection to an original destination also comes with
+    /// an [`OwnPort`]: while it lives, a connection from that port back to svidcar is
+    /// known to be svidcar's own (a redirect rule that misses the proxy's uid).
+    pub async fn connect_tracked(
+        &self,
+        original_dst: Option<SocketAddr>,
+    ) -> Option<(TcpStream, Option<OwnPort>)> {
         let res = tokio::time::timeout(self.timeout, self.try_connect(original_dst)).await;
         let err = match res {
-            Ok(Ok(s)) => {
+            Ok(Ok((s, own))) => {
                 let _ = s.set_nodelay(true);
-                return Some(s);
+                return Some((s, own));
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("timed out after {:?}", self.timeout),
@@ -78,24 +92,30 @@ impl Connector {
         None
     }
 
-    async fn try_connect(&self, original_dst: Option<SocketAddr>) -> io::Result<TcpStream> {
+    async fn try_connect(
+        &self,
+        original_dst: Option<SocketAddr>,
+    ) -> io::Result<(TcpStream, Option<OwnPort>)> {
+        let original = || {
+            original_dst
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no original destination"))
+        };
         let hp = match &self.target {
             Target::Fixed(hp) => hp,
-            Target::OriginalDst => {
-                let addr = original_dst.ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::NotFound, "no original destination")
-                })?;
-                return TcpStream::connect(addr).await;
+            Target::OriginalDst => return connect_own(original()?).await,
+            Target::LoopbackAtOriginalPort => {
+                let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), original()?.port());
+                return Ok((TcpStream::connect(addr).await?, None));
             }
         };
         if let Some(addr) = hp.socket_addr() {
-            return TcpStream::connect(addr).await;
+            return Ok((TcpStream::connect(addr).await?, None));
         }
         let addrs = self.dns.resolve(hp).await?;
         let mut last = None;
         for addr in addrs.iter() {
             match TcpStream::connect(addr).await {
-                Ok(s) => return Ok(s),
+                Ok(s) => return Ok((s, None)),
                 Err(e) => last = Some(e),
             }
         }
@@ -103,6 +123,52 @@ impl Connector {
             io::Error::new(io::ErrorKind::NotFound, format!("{hp}: no address"))
         }))
     }
+}
+
+/// Local ports of svidcar's own connections to original destinations, in flight.
+static OWN_PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// A port in [`OWN_PORTS`], removed when dropped.
+#[derive(Debug)]
+pub struct OwnPort(u16);
+
+impl Drop for OwnPort {
+    fn drop(&mut self) {
+        let mut ports = OWN_PORTS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(set) = ports.as_mut() {
+            set.remove(&self.0);
+        }
+    }
+}
+
+/// Whether a connection from `peer` is one svidcar itself is making: it came back
+/// through a redirect rule that misses the proxy's uid.
+pub fn is_own_connection(peer: SocketAddr) -> bool {
+    let ports = OWN_PORTS.lock().unwrap_or_else(|p| p.into_inner());
+    ports.as_ref().is_some_and(|s| s.contains(&peer.port()))
+}
+
+/// Connects to `addr` from a port registered before the SYN leaves: a looped
+/// connection can be accepted before `connect` returns.
+async fn connect_own(addr: SocketAddr) -> io::Result<(TcpStream, Option<OwnPort>)> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    let any: SocketAddr = match addr {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    socket.bind(any)?;
+    let port = socket.local_addr()?.port();
+    OWN_PORTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashSet::new)
+        .insert(port);
+    let own = OwnPort(port);
+    let stream = socket.connect(addr).await?;
+    Ok((stream, Some(own)))
 }
 
 /// The last DNS answer for one name, shared by every connection of a listener.
@@ -147,13 +213,24 @@ impl DnsCache {
 /// handshake (the connector's verifier), before any byte of the app is sent.
 pub struct MtlsOriginator {
     pub connector: TlsConnector,
-    pub server_name: ServerName<'static>,
+    /// `None`: the destination's IP address (no SNI is sent for an IP).
+    pub server_name: Option<ServerName<'static>>,
     pub handshake_timeout: Duration,
 }
 
 impl MtlsOriginator {
     pub async fn originate(&self, tcp: TcpStream) -> Result<TlsStream<TcpStream>, Rejection> {
-        let connect = self.connector.connect(self.server_name.clone(), tcp);
+        let name = match &self.server_name {
+            Some(n) => n.clone(),
+            None => {
+                let ip = tcp
+                    .peer_addr()
+                    .map_err(|e| Rejection::Protocol(e.to_string()))?
+                    .ip();
+                ServerName::IpAddress(crate::config::canonical_ip(ip).into())
+            }
+        };
+        let connect = self.connector.connect(name, tcp);
         handshake(self.handshake_timeout, connect).await
     }
 }

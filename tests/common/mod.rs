@@ -2,6 +2,8 @@
 //! servers, and reads what svidcar says (logs, /metrics, /certs).
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,239 @@
+//! One listener built from its spec: TLS configs, policies and upstreams made once,
+//! metric series looked up once, sockets bound. Tests use it to run a listener
+//! in-process (bind to port 0, read [`BoundListener::local_addr`]).
+
+use std::collections::HashMap;
+use std::net::{Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
+
+use crate::authz::{AllowList, PeerPolicy};
+use crate::config::{ListenerKind, ListenerSpec, TlsSpec};
+use crate::identity::IdentityState;
+use crate::proxy::{
+    serve, AcceptSettings, Connector, Drain, InboundListener, ListenerMetrics, MtlsOriginator,
+    OutboundListener, OutboundRoute, OwnPorts, Target, TransparentInbound, TransparentOutbound,
+};
+use crate::spiffe::TrustDomain;
+use crate::tls;
+
+/// A listener ready to run.
+pub struct BoundListener {
+    sockets: Vec<TcpListener>,
+    local_addr: SocketAddr,
+    settings: AcceptSettings,
+    kind: Bound,
+}
+
+enum Bound {
+    Inbound(InboundListener),
+    Outbound(OutboundListener),
+    TransparentInbound(TransparentInbound),
+    TransparentOutbound(TransparentOutbound),
+}
+
+/// What building one listener needs from the process.
+struct Builder<'a> {
+    spec: &'a ListenerSpec,
+    state: Arc<IdentityState>,
+    own_td: &'a TrustDomain,
+}
+
+impl Builder<'_> {
+    fn acceptor(&self, allow: &AllowList) -> anyhow::Result<TlsAcceptor> {
+        let policy = PeerPolicy::new(allow.matcher(self.own_td));
+        let verifier = Arc::new(tls::SpiffeVerifier::new(self.state.clone(), policy));
+        let config = tls::server_config(self.state.clone(), verifier, &self.spec.tls)
+            .with_context(|| format!("{}.tls_min_version", self.spec.key))?;
+        Ok(config.into())
+    }
+
+    fn mtls(
+        &self,
+        expect: &AllowList,
+        tls_spec: &TlsSpec,
+        server_name: Option<rustls_pki_types::ServerName<'static>>,
+    ) -> anyhow::Result<MtlsOriginator> {
+        let policy = PeerPolicy::new(expect.matcher(self.own_td));
+        let verifier = Arc::new(tls::SpiffeVerifier::new(self.state.clone(), policy));
+        let config = tls::client_config(self.state.clone(), verifier, tls_spec)
+            .with_context(|| format!("{}.tls_min_version", self.spec.key))?;
+        Ok(MtlsOriginator {
+            connector: config.into(),
+            server_name,
+            handshake_timeout: self.spec.timeouts.handshake,
+        })
+    }
+
+    fn connector(&self, target: Target, metrics: &ListenerMetrics) -> Connector {
+        Connector::new(
+            self.spec.name.clone(),
+            target,
+            self.spec.timeouts.connect,
+            metrics.upstream_connect_failed.clone(),
+        )
+    }
+}
+
+impl BoundListener {
+    /// Builds `spec` and binds its socket(s). `own_ports` are svidcar's own listening
+    /// ports, which transparent listeners refuse as destinations (a loop).
+    pub async fn bind(
+        spec: &ListenerSpec,
+        state: Arc<IdentityState>,
+        own_td: &TrustDomain,
+        own_ports: &[u16],
+    ) -> anyhow::Result<Self> {
+        let b = Builder {
+            spec,
+            state: state.clone(),
+            own_td,
+        };
+        let at = &spec.key;
+        let own = OwnPorts(own_ports.into());
+        let (kind, metrics, transparent) = match &spec.kind {
+            ListenerKind::Inbound(i) => {
+                let metrics = ListenerMetrics::new(&spec.name, "inbound");
+                let l = InboundListener {
+                    acceptor: b.acceptor(&i.allow)?,
+                    upstream: b.connector(Target::Fixed(i.forward.clone()), &metrics),
+                    metrics: metrics.clone(),
+                    timeouts: spec.timeouts,
+                    state,
+                };
+                (Bound::Inbound(l), metrics, false)
+            }
+            ListenerKind::Outbound(o) => {
+                let metrics = ListenerMetrics::new(&spec.name, "outbound");
+                let l = OutboundListener {
+                    upstream: b.connector(Target::Fixed(o.connect.clone()), &metrics),
+                    mtls: b.mtls(&o.expect, &spec.tls, Some(o.server_name.clone()))?,
+                    metrics: metrics.clone(),
+                    timeouts: spec.timeouts,
+                    state,
+                };
+                (Bound::Outbound(l), metrics, false)
+            }
+            ListenerKind::TransparentInbound(t) => {
+                let metrics = ListenerMetrics::new(&spec.name, "inbound");
+                let mut acceptors = HashMap::new();
+                for (port, policy) in &t.ports {
+                    acceptors.insert(*port, b.acceptor(&policy.allow)?);
+                }
+                let l = TransparentInbound::new(
+                    metrics.clone(),
+                    t.clone(),
+                    b.acceptor(&t.default.allow)?,
+                    acceptors,
+                    b.connector(Target::LoopbackAtOriginalPort, &metrics),
+                    spec.timeouts,
+                    own,
+                    state,
+                );
+                (Bound::TransparentInbound(l), metrics, true)
+            }
+            ListenerKind::TransparentOutbound(t) => {
+                let metrics = ListenerMetrics::new(&spec.name, "outbound");
+                let mut routes = Vec::with_capacity(t.routes.len());
+                for r in &t.routes {
+                    routes.push(OutboundRoute {
+                        route: r.clone(),
+                        mtls: b.mtls(&r.expect, &spec.tls, r.sni.clone())?,
+                    });
+                }
+                let l = TransparentOutbound::new(
+                    metrics.clone(),
+                    routes,
+                    t.otherwise,
+                    b.connector(Target::OriginalDst, &metrics),
+                    spec.timeouts,
+                    own,
+                    state,
+                );
+                (Bound::TransparentOutbound(l), metrics, true)
+            }
+        };
+        let socket = TcpListener::bind(spec.listen)
+            .await
+            .map_err(|e| anyhow!("{at}.listen: cannot bind {}: {e}", spec.listen))?;
+        let local_addr = socket.local_addr().unwrap_or(spec.listen);
+        let mut sockets = vec![socket];
+        if let Bound::TransparentOutbound(_) = kind {
+            // The nat table redirects the app's IPv6 connections to ::1, its IPv4 ones
+            // to 127.0.0.1: a loopback listener takes both.
+            if spec.listen.ip().is_loopback() && spec.listen.is_ipv4() {
+                let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, local_addr.port()));
+                match TcpListener::bind(v6).await {
+                    Ok(s) => sockets.push(s),
+                    Err(e) => {
+                        tracing::info!(listener = %spec.name, addr = %v6, error = %e, "no IPv6 loopback listener: IPv6 connections of the app cannot be redirected here")
+                    }
+                }
+            }
+        }
+        let what = match &kind {
+            Bound::Inbound(l) => format!("forward to {}", l.upstream.describe()),
+            Bound::Outbound(l) => format!("connect to {}", l.upstream.describe()),
+            Bound::TransparentInbound(_) => {
+                "transparent: to the app at 127.0.0.1:<original port>".into()
+            }
+            Bound::TransparentOutbound(_) => "transparent: to the original destination".into(),
+        };
+        let direction = match &kind {
+            Bound::Inbound(_) | Bound::TransparentInbound(_) => "inbound",
+            Bound::Outbound(_) | Bound::TransparentOutbound(_) => "outbound",
+        };
+        let addrs: Vec<String> = sockets
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .map(|a| a.to_string())
+            .collect();
+        tracing::info!(listener = %spec.name, listen = %addrs.join(","), "{direction} listening: {what}");
+        Ok(Self {
+            sockets,
+            local_addr,
+            settings: AcceptSettings::new(metrics, spec.max_connections, transparent),
+            kind,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Accepts until `drain.draining`; connection tasks go to `tracker`. An error: a
+    /// listening socket is gone.
+    pub async fn run(self, drain: Drain, tracker: TaskTracker) -> std::io::Result<()> {
+        let (sockets, settings) = (self.sockets, self.settings);
+        match self.kind {
+            Bound::Inbound(l) => {
+                serve(Arc::new(l), sockets, settings, drain, tracker, |l, c| {
+                    l.handle(c)
+                })
+                .await
+            }
+            Bound::Outbound(l) => {
+                serve(Arc::new(l), sockets, settings, drain, tracker, |l, c| {
+                    l.handle(c)
+                })
+                .await
+            }
+            Bound::TransparentInbound(l) => {
+                serve(Arc::new(l), sockets, settings, drain, tracker, |l, c| {
+                    l.handle(c)
+                })
+                .await
+            }
+            Bound::TransparentOutbound(l) => {
+                serve(Arc::new(l), sockets, settings, drain, tracker, |l, c| {
+                    l.handle(c)
+                })
+                .await
+            }
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! Transparent listeners: connections that redirect rules sent here. Inbound classifies
+//! each connection by its first byte (mTLS, or plaintext where the port is permissive),
+//! applies the policy of the port the client meant, and forwards to the app on that
+//! port. Outbound picks the first route that covers the original destination and
+//! originates mTLS to it, or passes the connection through or denies it. Both refuse,
+//! before anything else, a connection that is svidcar's own: a missing or wrong rule
+//! then costs one counted refusal, never a storm of connections to itself.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::IntCounter;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use super::upstream::{is_own_connection, Connector, MtlsOriginator};
+use super::{handshake, reject, relay, Accepted, ListenerMetrics};
+use crate::config::{canonical_ip, Mode, Otherwise, Route, Timeouts, TransparentInboundSpec};
+use crate::identity::IdentityState;
+use crate::log_limit::LogLimiter;
+use crate::metrics;
+use crate::tls::{peer_identity_of, Rejection};
+
+/// Refusals of redirected connections: caused by rules or by peers, so rate-limited.
+static REFUSAL_LOG: LogLimiter = LogLimiter::new("connection refused", 20, Duration::from_secs(10));
+
+/// Why a redirected connection was refused (not a TLS reason: those are [`Rejection`]s).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the original destination {0} is svidcar's own listener (a redirect rule is missing or wrong)")]
+    OwnListener(SocketAddr),
+    #[error("the connection from {0} is svidcar's own upstream connection, redirected back (the rules do not exclude the proxy's uid)")]
+    OwnConnection(SocketAddr),
+    #[error("no original destination: the connection was not redirected here")]
+    NoOriginalDestination,
+    #[error("no route covers {0} and outbound.otherwise is deny")]
+    NoRoute(SocketAddr),
+    #[error("plaintext on port {0}, which is strict (mTLS only)")]
+    PlaintextRefused(u16),
+}
+
+impl Refusal {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::OwnListener(_) | Self::OwnConnection(_) => "loop",
+            Self::NoOriginalDestination => "no_original_destination",
+            Self::NoRoute(_) => "no_route",
+            Self::PlaintextRefused(_) => "plaintext_refused",
+        }
+    }
+}
+
+/// Logs (rate-limited) and counts a refusal; the connection is then dropped.
+fn refuse(listener: &str, peer: SocketAddr, why: &Refusal) {
+    metrics::get()
+        .connection_errors
+        .with_label_values(&[listener, why.label()])
+        .inc();
+    if REFUSAL_LOG.allow(why.label()) {
+        tracing::warn!(listener, %peer, reason = why.label(), "connection refused: {why}");
+    }
+}
+
+/// svidcar's own listening ports, to tell a loop.
+#[derive(Debug, Clone)]
+pub struct OwnPorts(pub Arc<[u16]>);
+
+impl OwnPorts {
+    /// The original destination of a redirected connection, unless it points back at
+    /// svidcar: straight at a listener (no rule rewrote it) or at one of its ports here.
+    fn check(&self, conn: &Accepted) -> Result<SocketAddr, Refusal> {
+        let dst = conn.original_dst.ok_or(Refusal::NoOriginalDestination)?;
+        let (ip, local) = (canonical_ip(dst.ip()), canonical_ip(conn.local.ip()));
+        let here = ip == local || ip.is_loopback() || ip.is_unspecified();
+        if (ip == local && dst.port() == conn.local.port())
+            || (here && self.0.contains(&dst.port()))
+        {
+            return Err(Refusal::OwnListener(dst));
+        }
+        Ok(dst)
+    }
+}
+
+/// What the first byte of a connection says.
+enum FirstByte {
+    /// 0x16: a TLS handshake record.
+    Tls,
+    Plaintext,
+    /// Nothing within the wait.
+    Silent,
+    /// Closed before sending anything.
+    Closed,
+}
+
+/// Peeks (never consumes) the first byte, waiting at most `wait`.
+async fn first_byte(stream: &TcpStream, wait: Duration) -> FirstByte {
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(wait, stream.peek(&mut b)).await {
+        Err(_) => FirstByte::Silent,
+        Ok(Ok(0)) | Ok(Err(_)) => FirstByte::Closed,
+        Ok(Ok(_)) if b[0] == 0x16 => FirstByte::Tls,
+        Ok(Ok(_)) => FirstByte::Plaintext,
+    }
+}
+
+/// Counters of one permissive listener's classifications.
+struct Detections {
+    tls: IntCounter,
+    plaintext: IntCounter,
+    timeout: IntCounter,
+    server_first: IntCounter,
+}
+
+/// The transparent inbound listener.
+pub struct TransparentInbound {
+    metrics: ListenerMetrics,
+    spec: TransparentInboundSpec,
+    default_acceptor: TlsAcceptor,
+    acceptors: HashMap<u16, TlsAcceptor>,
+    upstream: Connector,
+    timeouts: Timeouts,
+    own: OwnPorts,
+    state: Arc<IdentityState>,
+    detections: Detections,
+    mtls: IntCounter,
+    plaintext: IntCounter,
+}
+
+impl TransparentInbound {
+    /// `acceptors` holds one acceptor per port whose allowlist differs from the default.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        metrics: ListenerMetrics,
+        spec: TransparentInboundSpec,
+        default_acceptor: TlsAcceptor,
+        acceptors: HashMap<u16, TlsAcceptor>,
+        upstream: Connector,
+        timeouts: Timeouts,
+        own: OwnPorts,
+        state: Arc<IdentityState>,
+    ) -> Self {
+        let m = metrics::get();
+        let name: &str = &metrics.name;
+        let detected = |r: &str| m.detection.with_label_values(&[name, r]);
+        let detections = Detections {
+            tls: detected("tls"),
+            plaintext: detected("plaintext"),
+            timeout: detected("timeout"),
+            server_first: detected("server_first"),
+        };
+        let mtls = m.transparent.with_label_values(&[name, "mtls"]);
+        let plaintext = m.transparent.with_label_values(&[name, "plaintext"]);
+        Self {
+            metrics,
+            spec,
+            default_acceptor,
+            acceptors,
+            upstream,
+            timeouts,
+            own,
+            state,
+            detections,
+            mtls,
+            plaintext,
+        }
+    }
+
+    pub async fn handle(self: Arc<Self>, conn: Accepted) {
+        let name = &self.metrics.name;
+        let dst = match self.own.check(&conn) {
+            Ok(d) => d,
+            Err(why) => return refuse(name, conn.peer, &why),
+        };
+        let port = dst.port();
+        let tls = match self.spec.policy(port).mode {
+            Mode::Strict => match first_byte(&conn.stream, self.timeouts.handshake).await {
+                FirstByte::Tls => true,
+                FirstByte::Plaintext => {
+                    return refuse(name, conn.peer, &Refusal::PlaintextRefused(port))
+                }
+                FirstByte::Silent => return reject(name, conn.peer, &Rejection::Timeout),
+                FirstByte::Closed => return reject(name, conn.peer, &Rejection::ClosedEarly),
+            },
+            Mode::Permissive if self.spec.server_first_ports.contains(&port) => {
+                self.detections.server_first.inc();
+                false
+            }
+            Mode::Permissive => match first_byte(&conn.stream, self.spec.detect_timeout).await {
+                FirstByte::Tls => {
+                    self.detections.tls.inc();
+                    true
+                }
+                FirstByte::Plaintext => {
+                    self.detections.plaintext.inc();
+                    false
+                }
+                // A server-speaks-first protocol: the client waits for the app.
+                FirstByte::Silent => {
+                    self.detections.timeout.inc();
+                    false
+                }
+                FirstByte::Closed => return,
+            },
+        };
+        if !tls {
+            let Some(app) = self.upstream.connect(Some(dst)).await else {
+                return;
+            };
+            self.plaintext.inc();
+            tracing::debug!(listener = %name, peer = %conn.peer, port, "plaintext connection");
+            return relay(
+                &self.metrics,
+                conn.stream,
+                app,
+                self.timeouts.idle,
+                &conn.drain,
+            )
+            .await;
+        }
+        if self.state.identity_expired() {
+            return reject(name, conn.peer, &Rejection::IdentityExpired);
+        }
+        let acceptor = self.acceptors.get(&port).unwrap_or(&self.default_acceptor);
+        let tls = match handshake(self.timeouts.handshake, acceptor.accept(conn.stream)).await {
+            Ok(tls) => tls,
+            Err(why) => return reject(name, conn.peer, &why),
+        };
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let id = peer_identity_of(tls.get_ref().1.peer_certificates())
+                .map(|p| p.uri)
+                .unwrap_or_default();
+            tracing::debug!(listener = %name, peer = %conn.peer, port, peer_id = %id, "accepted mTLS connection");
+        }
+        let Some(app) = self.upstream.connect(Some(dst)).await else {
+            return;
+        };
+        self.mtls.inc();
+        relay(&self.metrics, tls, app, self.timeouts.idle, &conn.drain).await;
+    }
+}
+
+/// One route, ready: which destinations, and the mTLS it originates to them.
+pub struct OutboundRoute {
+    pub route: Route,
+    pub mtls: MtlsOriginator,
+}
+
+/// The transparent outbound listener.
+pub struct TransparentOutbound {
+    metrics: ListenerMetrics,
+    routes: Vec<OutboundRoute>,
+    otherwise: Otherwise,
+    upstream: Connector,
+    timeouts: Timeouts,
+    own: OwnPorts,
+    state: Arc<IdentityState>,
+    mtls: IntCounter,
+    passthrough: IntCounter,
+}
+
+impl TransparentOutbound {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        metrics: ListenerMetrics,
+        routes: Vec<OutboundRoute>,
+        otherwise: Otherwise,
+        upstream: Connector,
+        timeouts: Timeouts,
+        own: OwnPorts,
+        state: Arc<IdentityState>,
+    ) -> Self {
+        let m = metrics::get();
+        let name: &str = &metrics.name;
+        let mtls = m.transparent.with_label_values(&[name, "mtls"]);
+        let passthrough = m.transparent.with_label_values(&[name, "passthrough"]);
+        Self {
+            metrics,
+            routes,
+            otherwise,
+            upstream,
+            timeouts,
+            own,
+            state,
+            mtls,
+            passthrough,
+        }
+    }
+
+    pub async fn handle(self: Arc<Self>, conn: Accepted) {
+        let name = &self.metrics.name;
+        if is_own_connection(conn.peer) {
+            return refuse(name, conn.peer, &Refusal::OwnConnection(conn.peer));
+        }
+        let dst = match self.own.check(&conn) {
+            Ok(d) => d,
+            Err(why) => return refuse(name, conn.peer, &why),
+        };
+        let route = self.routes.iter().find(|r| r.route.matches(dst));
+        if route.is_none() && self.otherwise == Otherwise::Deny {
+            return refuse(name, conn.peer, &Refusal::NoRoute(dst));
+        }
+        if route.is_some() && self.state.identity_expired() {
+            return reject(name, conn.peer, &Rejection::IdentityExpired);
+        }
+        let Some((tcp, _own_port)) = self.upstream.connect_tracked(Some(dst)).await else {
+            return;
+        };
+        let Some(route) = route else {
+            self.passthrough.inc();
+            tracing::debug!(listener = %name, peer = %conn.peer, %dst, "passthrough: no route");
+            return relay(
+                &self.metrics,
+                conn.stream,
+                tcp,
+                self.timeouts.idle,
+                &conn.drain,
+            )
+            .await;
+        };
+        let tls = match route.mtls.originate(tcp).await {
+            Ok(tls) => tls,
+            Err(why) => return reject(name, conn.peer, &why),
+        };
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let id = peer_identity_of(tls.get_ref().1.peer_certificates())
+                .map(|p| p.uri)
+                .unwrap_or_default();
+            tracing::debug!(listener = %name, %dst, peer_id = %id, "established mTLS connection");
+        }
+        self.mtls.inc();
+        relay(
+            &self.metrics,
+            conn.stream,
+            tls,
+            self.timeouts.idle,
+            &conn.drain,
+        )
+        .await;
+    }
+}
