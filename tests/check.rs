@@ -277,3 +277,65 @@ fn dev_agent_relative_paths_follow_its_config_file() {
     let want = format!("ca_key: {}: cannot read", conf_dir.join("ca.key").display());
     assert!(err.contains(&want), "expected {want:?} in {err}");
 }
+
+/// The `transparent` section as the issue documents it passes `svidcar check`;
+/// overlapping routes are fine; a route without `expect`, `proxy_uid: 0`, a port out of
+/// range and a CIDR that does not parse each get one line naming the key.
+#[test]
+fn transparent_configs_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let good = r#"identity:
+  dev: {spiffe_id: "spiffe://example.org/ns/prod/sa/web"}
+transparent:
+  proxy_uid: 1337
+  inbound:
+    listen: "[::]:15006"
+    mode: strict
+    allow: [{trust_domain: example.org}]
+    ports:
+      "9090": {mode: permissive}
+      "8443": {allow: [{exact: "spiffe://example.org/ns/prod/sa/admin"}]}
+    exclude_ports: [22]
+  outbound:
+    listen: "127.0.0.1:15001"
+    routes:
+      - to: ["10.77.0.0/16", "fd77::/64"]
+        ports: [8080, 8443]
+        expect: [{trust_domain: example.org}]
+      - to: ["10.0.0.0/8"]
+        expect: [{exact: "spiffe://example.org/ns/prod/sa/db"}]
+    otherwise: passthrough
+    exclude_ports: []
+    exclude_cidrs: []
+"#;
+    let (ok, text) = check_config(d, "good", good);
+    assert!(ok, "{text}");
+    assert!(text.contains("1 inbound, 1 outbound"), "{text}");
+    for (name, from, to, key) in [
+        (
+            "no-expect",
+            "        expect: [{trust_domain: example.org}]\n",
+            "",
+            "transparent.outbound.routes[0].expect: missing",
+        ),
+        ("uid0", "proxy_uid: 1337", "proxy_uid: 0", "transparent.proxy_uid: must not be 0"),
+        (
+            "port",
+            "ports: [8080, 8443]",
+            "ports: [8080, 84430]",
+            "transparent.outbound.routes[0].ports",
+        ),
+        (
+            "cidr",
+            "\"10.0.0.0/8\"",
+            "\"10.0.0.0/88\"",
+            "transparent.outbound.routes[1].to[0]: \"10.0.0.0/88\" is not an IP address or CIDR",
+        ),
+    ] {
+        let (ok, text) = check_config(d, name, &good.replacen(from, to, 1));
+        assert!(!ok, "{name}: {text}");
+        assert!(text.contains(key), "{name}: {text}");
+        assert_eq!(text.trim().lines().count(), 1, "{name}: one line: {text}");
+    }
+}
