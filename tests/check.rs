@@ -319,7 +319,12 @@ transparent:
             "",
             "transparent.outbound.routes[0].expect: missing",
         ),
-        ("uid0", "proxy_uid: 1337", "proxy_uid: 0", "transparent.proxy_uid: must not be 0"),
+        (
+            "uid0",
+            "proxy_uid: 1337",
+            "proxy_uid: 0",
+            "transparent.proxy_uid: must not be 0",
+        ),
         (
             "port",
             "ports: [8080, 8443]",

@@ -340,3 +340,49 @@ impl TransparentOutbound {
         .await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::Drain;
+
+    async fn accepted(original_dst: Option<SocketAddr>) -> Accepted {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (stream, peer) = l.accept().await.unwrap();
+        Accepted {
+            stream,
+            peer,
+            local: addr,
+            original_dst,
+            drain: Drain::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn destinations_that_are_svidcar_itself_are_loops() {
+        let own = OwnPorts(vec![15000, 15001, 15006].into());
+        let c = accepted(None).await;
+        assert_eq!(own.check(&c), Err(Refusal::NoOriginalDestination));
+        // Not rewritten by any rule: the destination is the listener itself.
+        let c = accepted(None).await;
+        let local = c.local;
+        let c = Accepted {
+            original_dst: Some(local),
+            ..c
+        };
+        assert_eq!(own.check(&c), Err(Refusal::OwnListener(local)));
+        // One of svidcar's ports, on this host.
+        let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
+        let c = accepted(Some(admin)).await;
+        assert_eq!(own.check(&c), Err(Refusal::OwnListener(admin)));
+        // A peer's address and port: fine, even when the port number is one of ours.
+        for dst in ["10.1.2.3:8080", "10.1.2.3:15006", "[fd00::1]:15001"] {
+            let dst: SocketAddr = dst.parse().unwrap();
+            let c = accepted(Some(dst)).await;
+            assert_eq!(own.check(&c), Ok(dst));
+        }
+        assert_eq!(Refusal::OwnConnection(admin).label(), "loop");
+    }
+}
