@@ -394,11 +394,12 @@ fn bad_input_is_one_clear_error_and_applies_nothing() {
             None => ns.redirect(args),
         };
         assert!(!ok, "{args:?} succeeded: {err}");
-        let line = if err.contains("Usage:") {
-            // clap's own error: one `error:` line, then usage.
+        let line = one_error(&err).to_string();
+        // clap puts the allowed values on the line after its one `error:` line.
+        let line = if err.contains("For more information, try '--help'") {
             err.clone()
         } else {
-            one_error(&err).to_string()
+            line
         };
         for e in expect {
             assert!(line.contains(e), "{args:?}: {e:?} not in\n{err}");
@@ -664,6 +665,11 @@ fn redirected_traffic_lands_on_the_listeners(backend: &str) {
         );
         // The proxy uid goes out as it is: it reaches the peer itself.
         assert!(client(&a, Some(1337), b_ip, 8080).starts_with("B "));
+        // Except to its own pod's address (hairpin): that is a peer arriving.
+        assert_eq!(
+            client(&a, Some(1337), a_ip, 8080),
+            format!("A-inbound orig={a_orig}")
+        );
         // Nor is the app's own traffic to loopback redirected.
         assert!(client(
             &a,
