@@ -690,3 +690,36 @@ fn redirected_traffic_lands_on_the_listeners_nft() {
 fn redirected_traffic_lands_on_the_listeners_legacy() {
     redirected_traffic_lands_on_the_listeners("legacy");
 }
+
+/// A changed config replaces the rules of the old one: chains it no longer needs go.
+#[test]
+fn a_changed_config_replaces_the_old_rules() {
+    let ns = Netns::new();
+    ns.redirect_ok(&["--config", &golden_config()]);
+    let outbound_only = format!(
+        "{IDENTITY}transparent:\n  proxy_uid: 1337\n  outbound:\n    listen: \"127.0.0.1:15001\"\n    routes: []\n"
+    );
+    let (_d, cfg) = config(&outbound_only);
+    ns.redirect_ok(&["--config", &cfg]);
+    for tool in ["iptables-nft-save", "ip6tables-nft-save"] {
+        let saved = nat(&ns, tool);
+        assert!(!saved.contains("SVIDCAR_IN"), "{tool}:\n{saved}");
+        assert!(!saved.contains("-A PREROUTING"), "{tool}:\n{saved}");
+        assert!(!saved.contains("--dport 22 "), "{tool}:\n{saved}");
+        assert_eq!(
+            saved.matches("-j SVIDCAR_OUTPUT").count(),
+            1,
+            "{tool}:\n{saved}"
+        );
+        assert!(
+            saved.contains("-j REDIRECT --to-ports 15001"),
+            "{tool}:\n{saved}"
+        );
+    }
+    // And back: exactly the golden rules again.
+    ns.redirect_ok(&["--config", &golden_config()]);
+    assert_eq!(
+        nat(&ns, "iptables-nft-save"),
+        std::fs::read_to_string(golden("redirect-ipv4.rules")).unwrap()
+    );
+}
