@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod net;
 pub mod proto;
 pub mod proxy;
+pub mod redirect;
 pub mod sds;
 pub mod signals;
 pub mod spiffe;

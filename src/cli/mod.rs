@@ -92,6 +92,27 @@ enum Command {
         /// Resource names (none: everything).
         names: Vec<String>,
     },
+    /// Install the nat rules that send this network namespace's TCP traffic through
+    /// svidcar's `transparent` listeners (run as root, e.g. in an init container).
+    Redirect {
+        /// Needed unless --cleanup.
+        #[arg(
+            long,
+            short,
+            env = "SVIDCAR_CONFIG",
+            required_unless_present = "cleanup"
+        )]
+        config: Option<PathBuf>,
+        /// The iptables backend; default: legacy if it already holds rules here, else nft.
+        #[arg(long, value_enum)]
+        backend: Option<crate::redirect::Backend>,
+        /// Print the iptables-restore input(s) instead of applying them.
+        #[arg(long)]
+        dry_run: bool,
+        /// Remove every rule and chain svidcar made (on whichever backend holds them).
+        #[arg(long)]
+        cleanup: bool,
+    },
     /// Print the version.
     Version,
 }
@@ -113,6 +134,20 @@ pub fn main() -> ExitCode {
         Command::DevAgent { config } => dev_agent(&config),
         Command::Workload { socket, call } => workload_call(&socket, call),
         Command::SdsFetch { socket, names } => sds_fetch(&socket, names),
+        Command::Redirect {
+            config,
+            backend,
+            dry_run,
+            cleanup,
+        } => {
+            init_logging(None);
+            let opts = crate::redirect::Options {
+                backend,
+                dry_run,
+                cleanup,
+            };
+            crate::redirect::run(config.as_deref(), opts)
+        }
         Command::Version => {
             println!("svidcar {}", env!("CARGO_PKG_VERSION"));
             Ok(())
