@@ -15,8 +15,9 @@ use crate::authz::{AllowList, PeerPolicy};
 use crate::config::{ListenerKind, ListenerSpec, TlsSpec};
 use crate::identity::IdentityState;
 use crate::proxy::{
-    serve, AcceptSettings, Connector, Drain, InboundListener, ListenerMetrics, MtlsOriginator,
-    OutboundListener, OutboundRoute, OwnPorts, Target, TransparentInbound, TransparentOutbound,
+    serve, AcceptSettings, Connector, Drain, InboundCounters, InboundListener, ListenerMetrics,
+    MtlsOriginator, OutboundListener, OutboundRoute, OwnPorts, Target, TransparentInbound,
+    TransparentOutbound,
 };
 use crate::spiffe::TrustDomain;
 use crate::tls;
@@ -124,16 +125,17 @@ impl BoundListener {
                 for (port, policy) in &t.ports {
                     acceptors.insert(*port, b.acceptor(&policy.allow)?);
                 }
-                let l = TransparentInbound::new(
-                    metrics.clone(),
-                    t.clone(),
-                    b.acceptor(&t.default.allow)?,
+                let l = TransparentInbound {
+                    counters: InboundCounters::new(&metrics),
+                    spec: t.clone(),
+                    default_acceptor: b.acceptor(&t.default.allow)?,
                     acceptors,
-                    b.connector(Target::LoopbackAtOriginalPort, &metrics),
-                    spec.timeouts,
+                    upstream: b.connector(Target::LoopbackAtOriginalPort, &metrics),
+                    metrics: metrics.clone(),
+                    timeouts: spec.timeouts,
                     own,
                     state,
-                );
+                };
                 (Bound::TransparentInbound(l), metrics, true)
             }
             ListenerKind::TransparentOutbound(t) => {
@@ -145,15 +147,22 @@ impl BoundListener {
                         mtls: b.mtls(&r.expect, &spec.tls, r.sni.clone())?,
                     });
                 }
-                let l = TransparentOutbound::new(
-                    metrics.clone(),
+                let carried = |o: &str| {
+                    crate::metrics::get()
+                        .transparent
+                        .with_label_values(&[&*spec.name, o])
+                };
+                let l = TransparentOutbound {
                     routes,
-                    t.otherwise,
-                    b.connector(Target::OriginalDst, &metrics),
-                    spec.timeouts,
+                    otherwise: t.otherwise,
+                    upstream: b.connector(Target::OriginalDst, &metrics),
+                    metrics: metrics.clone(),
+                    timeouts: spec.timeouts,
                     own,
                     state,
-                );
+                    carried_mtls: carried("mtls"),
+                    carried_passthrough: carried("passthrough"),
+                };
                 (Bound::TransparentOutbound(l), metrics, true)
             }
         };

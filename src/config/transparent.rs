@@ -16,6 +16,27 @@ use super::{
     TransparentInboundSpec, TransparentOutboundSpec,
 };
 
+/// The settings both transparent listeners take from fields of the same names.
+macro_rules! common {
+    ($c:expr, $name:expr, $at:expr, $tls:expr) => {
+        Common {
+            name: $name,
+            at: $at,
+            listen: $c.listen,
+            tls: TlsSpec {
+                min_version: $c.tls_min_version.unwrap_or($tls),
+                alpn: Vec::new(),
+            },
+            timeouts: Timeouts {
+                connect: $c.connect_timeout,
+                handshake: $c.handshake_timeout,
+                idle: $c.idle_timeout,
+            },
+            max_connections: $c.max_connections,
+        }
+    };
+}
+
 /// The listener name (and metric label) of the transparent inbound listener.
 pub const INBOUND_NAME: &str = "transparent-inbound";
 /// The listener name (and metric label) of the transparent outbound listener.
@@ -140,22 +161,7 @@ impl TransparentInboundConfig {
                 &self.server_first_ports,
             )?,
         });
-        Common {
-            name: INBOUND_NAME,
-            at,
-            listen: self.listen,
-            tls: TlsSpec {
-                min_version: self.tls_min_version.unwrap_or(tls),
-                alpn: Vec::new(),
-            },
-            timeouts: Timeouts {
-                connect: self.connect_timeout,
-                handshake: self.handshake_timeout,
-                idle: self.idle_timeout,
-            },
-            max_connections: self.max_connections,
-        }
-        .spec(kind)
+        common!(self, INBOUND_NAME, at, tls).spec(kind)
     }
 
     /// A port's overrides on top of the listener's default.
@@ -228,22 +234,7 @@ impl TransparentOutboundConfig {
             routes,
             otherwise: self.otherwise,
         });
-        Common {
-            name: OUTBOUND_NAME,
-            at,
-            listen: self.listen,
-            tls: TlsSpec {
-                min_version: self.tls_min_version.unwrap_or(tls),
-                alpn: Vec::new(),
-            },
-            timeouts: Timeouts {
-                connect: self.connect_timeout,
-                handshake: self.handshake_timeout,
-                idle: self.idle_timeout,
-            },
-            max_connections: self.max_connections,
-        }
-        .spec(kind)
+        common!(self, OUTBOUND_NAME, at, tls).spec(kind)
     }
 }
 

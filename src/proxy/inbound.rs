@@ -9,7 +9,7 @@ use super::{handshake, reject, relay};
 use super::{Accepted, Connector, ListenerMetrics};
 use crate::config::Timeouts;
 use crate::identity::IdentityState;
-use crate::tls::{peer_identity_of, Rejection};
+use crate::tls::Rejection;
 
 pub struct InboundListener {
     pub metrics: ListenerMetrics,
@@ -31,9 +31,7 @@ impl InboundListener {
             Err(why) => return reject(name, conn.peer, &why),
         };
         if tracing::enabled!(tracing::Level::DEBUG) {
-            let id = peer_identity_of(tls.get_ref().1.peer_certificates())
-                .map(|p| p.uri)
-                .unwrap_or_default();
+            let id = super::peer_id_for_log(tls.get_ref().1.peer_certificates());
             tracing::debug!(listener = %name, peer = %conn.peer, peer_id = %id, "accepted mTLS connection");
         }
         let Some(upstream) = self.upstream.connect(conn.original_dst).await else {

@@ -13,7 +13,9 @@ mod upstream;
 pub use inbound::InboundListener;
 pub use listener::{serve, AcceptSettings, Accepted, Drain, ListenerMetrics};
 pub use outbound::OutboundListener;
-pub use transparent::{OutboundRoute, OwnPorts, Refusal, TransparentInbound, TransparentOutbound};
+pub use transparent::{
+    InboundCounters, OutboundRoute, OwnPorts, Refusal, TransparentInbound, TransparentOutbound,
+};
 pub use upstream::{Connector, MtlsOriginator, Target};
 
 use std::future::Future;
@@ -41,6 +43,13 @@ fn reject(listener: &str, peer: std::net::SocketAddr, why: &Rejection) {
     } else if REJECTION_LOG.allow(why.label()) {
         tracing::warn!(listener, %peer, reason = why.label(), "handshake rejected: {why}");
     }
+}
+
+/// The SPIFFE ID of an established connection's peer, for a debug line.
+fn peer_id_for_log(certs: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> String {
+    crate::tls::peer_identity_of(certs)
+        .map(|p| p.uri)
+        .unwrap_or_default()
 }
 
 /// One TLS handshake, either direction, within `timeout`; a failure says why.

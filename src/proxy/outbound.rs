@@ -7,7 +7,7 @@ use super::{reject, relay};
 use super::{Accepted, Connector, ListenerMetrics, MtlsOriginator};
 use crate::config::Timeouts;
 use crate::identity::IdentityState;
-use crate::tls::{peer_identity_of, Rejection};
+use crate::tls::Rejection;
 
 pub struct OutboundListener {
     pub metrics: ListenerMetrics,
@@ -31,9 +31,7 @@ impl OutboundListener {
             Err(why) => return reject(name, conn.peer, &why),
         };
         if tracing::enabled!(tracing::Level::DEBUG) {
-            let id = peer_identity_of(tls.get_ref().1.peer_certificates())
-                .map(|p| p.uri)
-                .unwrap_or_default();
+            let id = super::peer_id_for_log(tls.get_ref().1.peer_certificates());
             tracing::debug!(listener = %name, upstream = %self.upstream.describe(), peer_id = %id, "established mTLS connection");
         }
         relay(

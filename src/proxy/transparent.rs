@@ -21,7 +21,7 @@ use crate::config::{canonical_ip, Mode, Otherwise, Route, Timeouts, TransparentI
 use crate::identity::IdentityState;
 use crate::log_limit::LogLimiter;
 use crate::metrics;
-use crate::tls::{peer_identity_of, Rejection};
+use crate::tls::Rejection;
 
 /// Refusals of redirected connections: caused by rules or by peers, so rate-limited.
 static REFUSAL_LOG: LogLimiter = LogLimiter::new("connection refused", 20, Duration::from_secs(10));
@@ -105,68 +105,48 @@ async fn first_byte(stream: &TcpStream, wait: Duration) -> FirstByte {
     }
 }
 
-/// Counters of one permissive listener's classifications.
-struct Detections {
+/// The counters of the transparent inbound listener, looked up once.
+pub struct InboundCounters {
     tls: IntCounter,
     plaintext: IntCounter,
     timeout: IntCounter,
     server_first: IntCounter,
+    carried_mtls: IntCounter,
+    carried_plaintext: IntCounter,
 }
 
-/// The transparent inbound listener.
-pub struct TransparentInbound {
-    metrics: ListenerMetrics,
-    spec: TransparentInboundSpec,
-    default_acceptor: TlsAcceptor,
-    acceptors: HashMap<u16, TlsAcceptor>,
-    upstream: Connector,
-    timeouts: Timeouts,
-    own: OwnPorts,
-    state: Arc<IdentityState>,
-    detections: Detections,
-    mtls: IntCounter,
-    plaintext: IntCounter,
-}
-
-impl TransparentInbound {
-    /// `acceptors` holds one acceptor per port whose allowlist differs from the default.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        metrics: ListenerMetrics,
-        spec: TransparentInboundSpec,
-        default_acceptor: TlsAcceptor,
-        acceptors: HashMap<u16, TlsAcceptor>,
-        upstream: Connector,
-        timeouts: Timeouts,
-        own: OwnPorts,
-        state: Arc<IdentityState>,
-    ) -> Self {
+impl InboundCounters {
+    pub fn new(metrics: &ListenerMetrics) -> Self {
         let m = metrics::get();
         let name: &str = &metrics.name;
         let detected = |r: &str| m.detection.with_label_values(&[name, r]);
-        let detections = Detections {
+        let carried = |o: &str| m.transparent.with_label_values(&[name, o]);
+        Self {
             tls: detected("tls"),
             plaintext: detected("plaintext"),
             timeout: detected("timeout"),
             server_first: detected("server_first"),
-        };
-        let mtls = m.transparent.with_label_values(&[name, "mtls"]);
-        let plaintext = m.transparent.with_label_values(&[name, "plaintext"]);
-        Self {
-            metrics,
-            spec,
-            default_acceptor,
-            acceptors,
-            upstream,
-            timeouts,
-            own,
-            state,
-            detections,
-            mtls,
-            plaintext,
+            carried_mtls: carried("mtls"),
+            carried_plaintext: carried("plaintext"),
         }
     }
+}
 
+/// The transparent inbound listener.
+pub struct TransparentInbound {
+    pub metrics: ListenerMetrics,
+    pub spec: TransparentInboundSpec,
+    pub default_acceptor: TlsAcceptor,
+    /// One acceptor per port whose allowlist differs from the default.
+    pub acceptors: HashMap<u16, TlsAcceptor>,
+    pub upstream: Connector,
+    pub timeouts: Timeouts,
+    pub own: OwnPorts,
+    pub state: Arc<IdentityState>,
+    pub counters: InboundCounters,
+}
+
+impl TransparentInbound {
     pub async fn handle(self: Arc<Self>, conn: Accepted) {
         let name = &self.metrics.name;
         let dst = match self.own.check(&conn) {
@@ -184,21 +164,21 @@ impl TransparentInbound {
                 FirstByte::Closed => return reject(name, conn.peer, &Rejection::ClosedEarly),
             },
             Mode::Permissive if self.spec.server_first_ports.contains(&port) => {
-                self.detections.server_first.inc();
+                self.counters.server_first.inc();
                 false
             }
             Mode::Permissive => match first_byte(&conn.stream, self.spec.detect_timeout).await {
                 FirstByte::Tls => {
-                    self.detections.tls.inc();
+                    self.counters.tls.inc();
                     true
                 }
                 FirstByte::Plaintext => {
-                    self.detections.plaintext.inc();
+                    self.counters.plaintext.inc();
                     false
                 }
                 // A server-speaks-first protocol: the client waits for the app.
                 FirstByte::Silent => {
-                    self.detections.timeout.inc();
+                    self.counters.timeout.inc();
                     false
                 }
                 FirstByte::Closed => return,
@@ -208,7 +188,7 @@ impl TransparentInbound {
             let Some(app) = self.upstream.connect(Some(dst)).await else {
                 return;
             };
-            self.plaintext.inc();
+            self.counters.carried_plaintext.inc();
             tracing::debug!(listener = %name, peer = %conn.peer, port, "plaintext connection");
             return relay(
                 &self.metrics,
@@ -228,15 +208,13 @@ impl TransparentInbound {
             Err(why) => return reject(name, conn.peer, &why),
         };
         if tracing::enabled!(tracing::Level::DEBUG) {
-            let id = peer_identity_of(tls.get_ref().1.peer_certificates())
-                .map(|p| p.uri)
-                .unwrap_or_default();
+            let id = super::peer_id_for_log(tls.get_ref().1.peer_certificates());
             tracing::debug!(listener = %name, peer = %conn.peer, port, peer_id = %id, "accepted mTLS connection");
         }
         let Some(app) = self.upstream.connect(Some(dst)).await else {
             return;
         };
-        self.mtls.inc();
+        self.counters.carried_mtls.inc();
         relay(&self.metrics, tls, app, self.timeouts.idle, &conn.drain).await;
     }
 }
@@ -249,45 +227,18 @@ pub struct OutboundRoute {
 
 /// The transparent outbound listener.
 pub struct TransparentOutbound {
-    metrics: ListenerMetrics,
-    routes: Vec<OutboundRoute>,
-    otherwise: Otherwise,
-    upstream: Connector,
-    timeouts: Timeouts,
-    own: OwnPorts,
-    state: Arc<IdentityState>,
-    mtls: IntCounter,
-    passthrough: IntCounter,
+    pub metrics: ListenerMetrics,
+    pub routes: Vec<OutboundRoute>,
+    pub otherwise: Otherwise,
+    pub upstream: Connector,
+    pub timeouts: Timeouts,
+    pub own: OwnPorts,
+    pub state: Arc<IdentityState>,
+    pub carried_mtls: IntCounter,
+    pub carried_passthrough: IntCounter,
 }
 
 impl TransparentOutbound {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        metrics: ListenerMetrics,
-        routes: Vec<OutboundRoute>,
-        otherwise: Otherwise,
-        upstream: Connector,
-        timeouts: Timeouts,
-        own: OwnPorts,
-        state: Arc<IdentityState>,
-    ) -> Self {
-        let m = metrics::get();
-        let name: &str = &metrics.name;
-        let mtls = m.transparent.with_label_values(&[name, "mtls"]);
-        let passthrough = m.transparent.with_label_values(&[name, "passthrough"]);
-        Self {
-            metrics,
-            routes,
-            otherwise,
-            upstream,
-            timeouts,
-            own,
-            state,
-            mtls,
-            passthrough,
-        }
-    }
-
     pub async fn handle(self: Arc<Self>, conn: Accepted) {
         let name = &self.metrics.name;
         if is_own_connection(conn.peer) {
@@ -308,7 +259,7 @@ impl TransparentOutbound {
             return;
         };
         let Some(route) = route else {
-            self.passthrough.inc();
+            self.carried_passthrough.inc();
             tracing::debug!(listener = %name, peer = %conn.peer, %dst, "passthrough: no route");
             return relay(
                 &self.metrics,
@@ -324,12 +275,10 @@ impl TransparentOutbound {
             Err(why) => return reject(name, conn.peer, &why),
         };
         if tracing::enabled!(tracing::Level::DEBUG) {
-            let id = peer_identity_of(tls.get_ref().1.peer_certificates())
-                .map(|p| p.uri)
-                .unwrap_or_default();
+            let id = super::peer_id_for_log(tls.get_ref().1.peer_certificates());
             tracing::debug!(listener = %name, %dst, peer_id = %id, "established mTLS connection");
         }
-        self.mtls.inc();
+        self.carried_mtls.inc();
         relay(
             &self.metrics,
             conn.stream,
