@@ -4,6 +4,7 @@
 //! read per handshake from the shared state, so rotation needs no restart.
 
 mod copy;
+pub mod http;
 mod inbound;
 mod listener;
 mod outbound;

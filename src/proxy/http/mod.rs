@@ -1,0 +1,7 @@
+//! HTTP mode (`protocol: http`): requests instead of byte streams, so svidcar can hand
+//! the caller's identity to the app (XFCC, an identity header) and authorize each
+//! request. `path` normalizes request paths once, before matching and forwarding;
+//! `xfcc` writes Envoy's `x-forwarded-client-cert`.
+
+pub mod path;
+pub mod xfcc;

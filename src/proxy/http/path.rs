@@ -1,0 +1,1 @@
+//! Request path normalization (filled in by the HTTP mode work).
