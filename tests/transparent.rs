@@ -30,12 +30,13 @@ transparent:
     ports:
       "9090": {{mode: permissive}}
       "3306": {{mode: permissive}}
+      "9443": {{allow: [{{exact: "{INTRUDER}"}}]}}
     exclude_ports: [7070]
   outbound:
     listen: "127.0.0.1:15001"
     routes:
       - to: ["10.210.0.2/32", "fd10::2/128"]
-        ports: [8080, 9090]
+        ports: [8080, 9090, 9443]
         expect: [{{exact: "{expect}"}}]
       - to: ["10.210.0.3/32"]
         ports: [8080]
@@ -71,6 +72,7 @@ fn setup(a_extra: &str) -> Setup {
     let mut b = lan.pod("b");
     b.http_app(8080, &www, &d.join("app-8080.log"));
     b.http_app(9090, &www, &d.join("app-9090.log"));
+    b.http_app(9443, &www, &d.join("app-9443.log"));
     let mut banner = b.ns.cmd_as(1000, "/usr/bin/python3");
     banner.args([
         "-c",
@@ -206,9 +208,10 @@ fn strict_refuses_plaintext_and_permissive_serves_it() {
     );
 }
 
-/// An intruder (another SPIFFE ID) is refused by B's allowlist; A refuses a server whose
-/// ID its route does not expect; a destination with no route is passed through, or
-/// denied when the config says so.
+/// An intruder (another SPIFFE ID) is refused by B's allowlist, but served on the port
+/// whose own allowlist names it (where A is refused); A refuses a server whose ID its
+/// route does not expect; a destination with no route is passed through, or denied when
+/// the config says so.
 #[test]
 fn intruders_wrong_servers_and_unrouted_destinations() {
     let mut s = setup("");
@@ -231,6 +234,23 @@ fn intruders_wrong_servers_and_unrouted_destinations() {
         s.b.metric("svidcar_handshake_failures_total{listener=\"transparent-inbound\",reason=\"spiffe_id_not_allowed\"}"),
         1.0
     );
+
+    // Port 9443 has its own allowlist: the intruder only.
+    let (code, body) = c.curl(1000, "http://10.210.0.2:9443/index.html");
+    assert_eq!(
+        (code, body.as_str()),
+        (0, "hello from the backend app\n"),
+        "{}",
+        read(&s.b_log)
+    );
+    let (code, _) = s.a.curl(1000, "http://10.210.0.2:9443/index.html");
+    assert_ne!(code, 0);
+    assert!(
+        read(&s.b_log).contains(&format!("SPIFFE ID {A} not allowed")),
+        "{}",
+        read(&s.b_log)
+    );
+    assert_eq!(read(&d.join("app-9443.log")).matches("GET").count(), 1);
 
     // A's route to C expects another ID than C presents.
     let (code, _) = s.a.curl(1000, "http://10.210.0.3:8080/index.html");
