@@ -16,6 +16,7 @@ pub struct Metrics {
     pub bytes: IntCounterVec,
     pub transparent: IntCounterVec,
     pub detection: IntCounterVec,
+    pub http_requests: IntCounterVec,
     pub identity_version: IntGauge,
     pub svid_expiry: IntGauge,
     pub identity_updates: IntCounter,
@@ -107,6 +108,12 @@ impl Metrics {
                 "svidcar_transparent_connections_total",
                 "Redirected connections carried, by how: mtls, plaintext (permissive inbound), passthrough (outbound, no route)",
                 &["listener", "outcome"],
+            ),
+            http_requests: counter_vec(
+                &r,
+                "svidcar_http_requests_total",
+                "HTTP requests answered, by status code (the upstream's, or svidcar's own)",
+                &["listener", "code"],
             ),
             detection: counter_vec(
                 &r,

@@ -54,6 +54,7 @@ pub fn spec(name: &str, kind: ListenerKind) -> ListenerSpec {
         key: name.to_string(),
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         kind,
+        http: None,
         tls: TlsSpec {
             min_version: TlsVersion::V1_3,
             alpn: Vec::new(),

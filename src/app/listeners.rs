@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::authz::{AllowList, PeerPolicy};
 use crate::config::{ListenerKind, ListenerSpec, TlsSpec};
 use crate::identity::IdentityState;
+use crate::proxy::http::{client as http_client, HttpForwarder, UpstreamConnector};
 use crate::proxy::{
     serve, AcceptSettings, Connector, Drain, InboundCounters, InboundListener, ListenerMetrics,
     MtlsOriginator, OutboundListener, OutboundRoute, OwnPorts, Target, TransparentInbound,
@@ -21,6 +22,13 @@ use crate::proxy::{
 };
 use crate::spiffe::TrustDomain;
 use crate::tls;
+
+/// `host:port` as a URI authority (checked when the config was read).
+fn authority(hp: &crate::net::HostPort) -> http::uri::Authority {
+    hp.to_string()
+        .parse()
+        .unwrap_or_else(|_| http::uri::Authority::from_static("upstream"))
+}
 
 /// A listener ready to run.
 pub struct BoundListener {
@@ -99,18 +107,54 @@ impl BoundListener {
         let (kind, metrics, transparent) = match &spec.kind {
             ListenerKind::Inbound(i) => {
                 let metrics = ListenerMetrics::new(&spec.name, "inbound");
+                let http = spec.http.as_ref().map(|h| {
+                    let to_app = |h2c| {
+                        let c = b.connector(Target::Fixed(i.forward.clone()), &metrics);
+                        http_client(
+                            UpstreamConnector::new(spec.name.clone(), c, None),
+                            h2c,
+                            true,
+                        )
+                    };
+                    Arc::new(HttpForwarder::new(
+                        metrics.clone(),
+                        to_app(false),
+                        Some(to_app(true)),
+                        http::uri::Scheme::HTTP,
+                        authority(&i.forward),
+                        h.identity_header.clone(),
+                    ))
+                });
                 let l = InboundListener {
                     acceptor: b.acceptor(&i.allow)?,
                     upstream: b.connector(Target::Fixed(i.forward.clone()), &metrics),
                     metrics: metrics.clone(),
                     timeouts: spec.timeouts,
                     state,
+                    http,
                 };
                 (Bound::Inbound(l), metrics, false)
             }
             ListenerKind::Outbound(o) => {
                 let metrics = ListenerMetrics::new(&spec.name, "outbound");
+                let http = match &spec.http {
+                    Some(h) => {
+                        let c = b.connector(Target::Fixed(o.connect.clone()), &metrics);
+                        let mtls = b.mtls(&o.expect, &spec.tls, Some(o.server_name.clone()))?;
+                        let up = UpstreamConnector::new(spec.name.clone(), c, Some(mtls));
+                        Some(Arc::new(HttpForwarder::new(
+                            metrics.clone(),
+                            http_client(up, false, h.pool),
+                            None,
+                            http::uri::Scheme::HTTPS,
+                            authority(&o.connect),
+                            None,
+                        )))
+                    }
+                    None => None,
+                };
                 let l = OutboundListener {
+                    http,
                     upstream: b.connector(Target::Fixed(o.connect.clone()), &metrics),
                     mtls: b.mtls(&o.expect, &spec.tls, Some(o.server_name.clone()))?,
                     metrics: metrics.clone(),

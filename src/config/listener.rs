@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use rustls_pki_types::ServerName;
 
-use super::raw::{ListenerConfig, MatcherConfig, Mode, Otherwise, TlsVersion};
+use super::raw::{
+    ListenerConfig, MatcherConfig, Mode, Otherwise, Protocol, TlsVersion, XfccConfig,
+};
 use super::ConfigError;
 use crate::authz::{AllowList, IdRule};
 use crate::net::HostPort;
@@ -23,6 +25,8 @@ pub struct ListenerSpec {
     pub key: String,
     pub listen: SocketAddr,
     pub kind: ListenerKind,
+    /// Bytes, or HTTP requests.
+    pub http: Option<HttpSpec>,
     pub tls: TlsSpec,
     pub timeouts: Timeouts,
     pub max_connections: usize,
@@ -119,6 +123,17 @@ pub struct OutboundSpec {
     /// `sni`, or the host of `connect`.
     pub server_name: ServerName<'static>,
     pub expect: AllowList,
+}
+
+/// HTTP mode settings of one listener.
+#[derive(Debug, Clone)]
+pub struct HttpSpec {
+    /// Inbound: the header that carries the caller's SPIFFE ID to the app.
+    pub identity_header: Option<http::HeaderName>,
+    /// Inbound: `x-forwarded-client-cert` handling.
+    pub xfcc: Option<XfccConfig>,
+    /// Outbound: reuse mTLS connections to the peer.
+    pub pool: bool,
 }
 
 /// TLS settings of one listener.
@@ -335,13 +350,21 @@ impl ListenerConfig {
                 ));
             }
         }
+        let http = self.http_spec(at, &kind)?;
+        let alpn: Vec<Vec<u8>> = if http.is_some() && self.alpn.is_empty() {
+            // HTTP mode speaks h2 or HTTP/1.1 to peers, chosen by ALPN.
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            self.alpn.iter().map(|p| p.as_bytes().to_vec()).collect()
+        };
+        let tls = self.tls_min_version.unwrap_or(tls);
         let common = Common {
             name: &self.name,
             at,
             listen: self.listen,
             tls: TlsSpec {
-                min_version: self.tls_min_version.unwrap_or(tls),
-                alpn: self.alpn.iter().map(|p| p.as_bytes().to_vec()).collect(),
+                min_version: tls,
+                alpn,
             },
             timeouts: Timeouts {
                 connect: self.connect_timeout,
@@ -350,7 +373,64 @@ impl ListenerConfig {
             },
             max_connections: self.max_connections,
         };
-        common.spec(kind)
+        let mut spec = common.spec(kind)?;
+        spec.http = http;
+        Ok(spec)
+    }
+
+    /// The HTTP settings, checked; keys of HTTP mode on a TCP listener are errors.
+    fn http_spec(&self, at: &str, kind: &ListenerKind) -> Result<Option<HttpSpec>, ConfigError> {
+        let inbound = matches!(kind, ListenerKind::Inbound(_));
+        let http_only = [
+            ("identity_header", self.identity_header.is_some()),
+            ("xfcc", self.xfcc.is_some()),
+            ("pool", self.pool.is_some()),
+        ];
+        if self.protocol == Protocol::Tcp {
+            if let Some((key, _)) = http_only.iter().find(|(_, set)| *set) {
+                return Err(ConfigError::new(
+                    format!("{at}.{key}"),
+                    "only for HTTP listeners: set protocol: http",
+                ));
+            }
+            return Ok(None);
+        }
+        let (wrong, side) = if inbound {
+            (("pool", self.pool.is_some()), "outbound")
+        } else if self.identity_header.is_some() {
+            (("identity_header", true), "inbound")
+        } else {
+            (("xfcc", self.xfcc.is_some()), "inbound")
+        };
+        if wrong.1 {
+            return Err(ConfigError::new(
+                format!("{at}.{}", wrong.0),
+                format!("only for {side} listeners"),
+            ));
+        }
+        let identity_header = match &self.identity_header {
+            Some(h) => Some(http::HeaderName::try_from(h.as_str()).map_err(|_| {
+                ConfigError::new(
+                    format!("{at}.identity_header"),
+                    format!("{h:?} is not a valid header name"),
+                )
+            })?),
+            None => None,
+        };
+        if identity_header
+            .as_ref()
+            .is_some_and(|h| h.as_str() == "x-forwarded-client-cert")
+        {
+            return Err(ConfigError::new(
+                format!("{at}.identity_header"),
+                "x-forwarded-client-cert is written by `xfcc`; choose another header",
+            ));
+        }
+        Ok(Some(HttpSpec {
+            identity_header,
+            xfcc: self.xfcc.clone(),
+            pool: self.pool.unwrap_or(true),
+        }))
     }
 }
 
@@ -394,6 +474,7 @@ impl Common<'_> {
             key: self.at.to_string(),
             listen: self.listen,
             kind,
+            http: None,
             tls: self.tls,
             timeouts: self.timeouts,
             max_connections: self.max_connections,

@@ -14,12 +14,12 @@ mod values;
 pub use file::{config_dir, parse_yaml, read_text, resolve_path};
 pub use identity::{DevConfig, IdentityConfig, WorkloadApiConfig};
 pub use listener::{
-    allow_list, canonical_ip, InboundSpec, ListenerKind, ListenerSpec, OutboundSpec, PortPolicy,
-    Route, Timeouts, TlsSpec, TransparentInboundSpec, TransparentOutboundSpec,
+    allow_list, canonical_ip, HttpSpec, InboundSpec, ListenerKind, ListenerSpec, OutboundSpec,
+    PortPolicy, Route, Timeouts, TlsSpec, TransparentInboundSpec, TransparentOutboundSpec,
 };
 pub use raw::{
-    FilesConfig, Mode, Otherwise, RawConfig, TlsVersion, DEFAULT_ALL_BUNDLES_NAME,
-    DEFAULT_BUNDLE_NAME, DEFAULT_SVID_NAME,
+    FilesConfig, Mode, Otherwise, Protocol, RawConfig, TlsVersion, XfccConfig, XfccDetail,
+    XfccModeConfig, DEFAULT_ALL_BUNDLES_NAME, DEFAULT_BUNDLE_NAME, DEFAULT_SVID_NAME,
 };
 pub use sds::SdsSpec;
 pub use transparent::{

@@ -248,6 +248,66 @@ pub struct ListenerConfig {
     /// Overrides the top-level `tls.min_version` for this listener.
     #[serde(default)]
     pub tls_min_version: Option<TlsVersion>,
+    /// `tcp` (default): bytes; `http`: requests (identity headers, per-route rules).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// HTTP inbound: a header that carries the caller's SPIFFE ID to the app
+    /// (`X-Workload-ID`); a copy the caller sent is always removed first.
+    #[serde(default)]
+    pub identity_header: Option<String>,
+    /// HTTP inbound: Envoy's `x-forwarded-client-cert` handling.
+    #[serde(default)]
+    pub xfcc: Option<XfccConfig>,
+    /// HTTP outbound: keep mTLS connections to the peer open and reuse them (default).
+    #[serde(default)]
+    pub pool: Option<bool>,
+}
+
+/// What a listener carries.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Http,
+}
+
+/// `xfcc`: Envoy's `forward_client_cert_details` and `set_current_client_cert_details`.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct XfccConfig {
+    #[serde(default)]
+    pub mode: XfccModeConfig,
+    /// Fields of the caller's certificate to set: `uri`, `dns`, `subject`, `cert`, `chain`.
+    #[serde(default = "default_xfcc_details")]
+    pub details: Vec<XfccDetail>,
+}
+
+/// Envoy's modes, spelled in lower case.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum XfccModeConfig {
+    Sanitize,
+    ForwardOnly,
+    AppendForward,
+    #[default]
+    SanitizeSet,
+    AlwaysForwardOnly,
+}
+
+/// One field of `set_current_client_cert_details`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XfccDetail {
+    Uri,
+    Dns,
+    Subject,
+    Cert,
+    Chain,
+}
+
+fn default_xfcc_details() -> Vec<XfccDetail> {
+    vec![XfccDetail::Uri]
 }
 
 /// An Envoy `StringMatcher` applied to the peer's SPIFFE ID, or `trust_domain`.

@@ -17,6 +17,8 @@ pub struct InboundListener {
     pub upstream: Connector,
     pub timeouts: Timeouts,
     pub state: Arc<IdentityState>,
+    /// HTTP mode: requests forwarded one by one, with the caller's identity set.
+    pub http: Option<Arc<super::http::HttpForwarder>>,
 }
 
 impl InboundListener {
@@ -33,6 +35,10 @@ impl InboundListener {
         if tracing::enabled!(tracing::Level::DEBUG) {
             let id = super::peer_id_for_log(tls.get_ref().1.peer_certificates());
             tracing::debug!(listener = %name, peer = %conn.peer, peer_id = %id, "accepted mTLS connection");
+        }
+        if let Some(http) = &self.http {
+            let peer = crate::tls::peer_identity_of(tls.get_ref().1.peer_certificates());
+            return http.clone().serve(tls, peer, conn.drain).await;
         }
         let Some(upstream) = self.upstream.connect(conn.original_dst).await else {
             return;

@@ -15,6 +15,8 @@ pub struct OutboundListener {
     pub mtls: MtlsOriginator,
     pub timeouts: Timeouts,
     pub state: Arc<IdentityState>,
+    /// HTTP mode: requests go over pooled mTLS connections, not one per app connection.
+    pub http: Option<Arc<super::http::HttpForwarder>>,
 }
 
 impl OutboundListener {
@@ -22,6 +24,9 @@ impl OutboundListener {
         let name = &self.metrics.name;
         if self.state.identity_expired() {
             return reject(name, conn.peer, &Rejection::IdentityExpired);
+        }
+        if let Some(http) = &self.http {
+            return http.clone().serve(conn.stream, None, conn.drain).await;
         }
         let Some(tcp) = self.upstream.connect(conn.original_dst).await else {
             return;

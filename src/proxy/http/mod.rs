@@ -3,5 +3,10 @@
 //! request. `path` normalizes request paths once, before matching and forwarding;
 //! `xfcc` writes Envoy's `x-forwarded-client-cert`.
 
+pub mod client;
 pub mod path;
+pub mod server;
 pub mod xfcc;
+
+pub use client::{client, UpstreamConnector};
+pub use server::HttpForwarder;

@@ -1,0 +1,217 @@
+//! Serving HTTP on an accepted connection (HTTP/1.1 or h2, chosen by ALPN on mTLS or by
+//! the client's preface on plaintext) and forwarding each request: inbound to the app
+//! with the caller's identity set, outbound to the peer over pooled mTLS connections.
+//! A drain sends GOAWAY / `Connection: close` and lets requests in flight finish.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use prometheus::IntCounterVec;
+
+use super::client::UpstreamConnector;
+use crate::authz::PeerIdentity;
+use crate::metrics;
+use crate::proxy::{Drain, ListenerMetrics};
+
+/// The body type svidcar answers with: the upstream's, or a short one of its own.
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// What one HTTP listener does with each request.
+pub struct HttpForwarder {
+    pub metrics: ListenerMetrics,
+    /// Plaintext or mTLS, HTTP/1.1 (or h2 as ALPN says).
+    pub client: Client<UpstreamConnector, Incoming>,
+    /// h2c, for requests that came as h2 (inbound only: the app may need h2, as gRPC).
+    pub h2c: Option<Client<UpstreamConnector, Incoming>>,
+    pub scheme: http::uri::Scheme,
+    /// `host:port` of the upstream, when the request names no authority.
+    pub authority: http::uri::Authority,
+    pub identity_header: Option<HeaderName>,
+    pub requests: IntCounterVec,
+}
+
+impl HttpForwarder {
+    pub fn new(
+        metrics: ListenerMetrics,
+        client: Client<UpstreamConnector, Incoming>,
+        h2c: Option<Client<UpstreamConnector, Incoming>>,
+        scheme: http::uri::Scheme,
+        authority: http::uri::Authority,
+        identity_header: Option<HeaderName>,
+    ) -> Self {
+        Self {
+            metrics,
+            client,
+            h2c,
+            scheme,
+            authority,
+            identity_header,
+            requests: metrics::get().http_requests.clone(),
+        }
+    }
+
+    /// Serves `io` until the client is done or the drain ends it. `peer` is the caller
+    /// the TLS handshake authenticated (inbound), `None` for the app (outbound).
+    pub async fn serve<I>(self: Arc<Self>, io: I, peer: Option<PeerIdentity>, drain: Drain)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let peer = peer.map(Arc::new);
+        let this = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let (this, peer) = (this.clone(), peer.clone());
+            async move { Ok::<_, Infallible>(this.forward(req, peer.as_deref()).await) }
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(std::time::Duration::from_secs(10))
+            .max_buf_size(64 * 1024);
+        builder
+            .http2()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .max_concurrent_streams(256)
+            .max_header_list_size(64 * 1024);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let name = &self.metrics.name;
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(listener = %name, error = %e, "HTTP connection ended with error");
+                }
+            }
+            _ = drain.draining.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = drain.closing.cancelled() => {}
+                }
+            }
+        }
+    }
+
+    /// One request: identity set (inbound), hop-by-hop headers dropped, sent upstream.
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        peer: Option<&PeerIdentity>,
+    ) -> Response<ProxyBody> {
+        let downstream_h2 = req.version() == Version::HTTP_2;
+        if let Some(h) = &self.identity_header {
+            // Whatever the caller claims is dropped first, on every request.
+            req.headers_mut().remove(h);
+            if let Some(p) = peer {
+                if let Ok(v) = HeaderValue::from_str(&p.uri) {
+                    req.headers_mut().insert(h.clone(), v);
+                }
+            }
+        }
+        strip_hop_by_hop(req.headers_mut());
+        let authority = req
+            .uri()
+            .authority()
+            .cloned()
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(|h| h.parse().ok())
+            })
+            .unwrap_or_else(|| self.authority.clone());
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(authority);
+        parts.path_and_query = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .or_else(|| Some("/".parse().expect("static")));
+        match Uri::from_parts(parts) {
+            Ok(u) => *req.uri_mut() = u,
+            Err(_) => return self.answer(StatusCode::BAD_REQUEST, "bad request target\n"),
+        }
+        let client = match (&self.h2c, downstream_h2) {
+            (Some(h2c), true) => h2c,
+            _ => {
+                *req.version_mut() = Version::HTTP_11;
+                &self.client
+            }
+        };
+        match client.request(req).await {
+            Ok(mut res) => {
+                strip_hop_by_hop(res.headers_mut());
+                self.count(res.status());
+                res.map(|b| b.boxed())
+            }
+            Err(e) => {
+                tracing::warn!(listener = %self.metrics.name, error = %e, "upstream request failed");
+                self.answer(StatusCode::SERVICE_UNAVAILABLE, "upstream unavailable\n")
+            }
+        }
+    }
+
+    /// A short answer of svidcar's own (no internals in the body).
+    fn answer(&self, status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+        self.count(status);
+        let mut res = Response::new(
+            Full::new(Bytes::from_static(body.as_bytes()))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *res.status_mut() = status;
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        res
+    }
+
+    fn count(&self, status: StatusCode) {
+        self.requests
+            .with_label_values(&[&self.metrics.name, status.as_str()])
+            .inc();
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for h in named.iter().chain(HOP_BY_HOP.iter()) {
+        if *h == header::TE {
+            // "TE: trailers" is what gRPC needs end to end.
+            let trailers = headers
+                .get(header::TE)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+            if trailers {
+                continue;
+            }
+        }
+        headers.remove(h);
+    }
+}
