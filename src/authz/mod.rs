@@ -4,6 +4,8 @@
 //! config types, and a listener holds its rules in a [`PeerPolicy`] so a reload can
 //! swap them while connections are being accepted.
 
+pub mod http_rules;
+
 use std::sync::Arc;
 use std::time::SystemTime;
 

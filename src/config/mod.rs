@@ -3,6 +3,7 @@
 //! of svidcar uses as they are. Every problem is a [`ConfigError`] that names the key
 //! and says what is wrong (`inbound[0].listen: invalid socket address syntax`).
 
+mod authorization;
 mod file;
 mod identity;
 mod listener;
@@ -11,6 +12,10 @@ mod sds;
 mod transparent;
 mod values;
 
+pub use authorization::{
+    authorization_rules, ActionConfig, AuthorizationRuleConfig, PathMatcherConfig,
+    PathStringMatcher, PortConfig, SourceConfig,
+};
 pub use file::{config_dir, parse_yaml, read_text, resolve_path};
 pub use identity::{DevConfig, IdentityConfig, WorkloadApiConfig};
 pub use listener::{
