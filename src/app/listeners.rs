@@ -123,6 +123,8 @@ impl BoundListener {
                         http::uri::Scheme::HTTP,
                         authority(&i.forward),
                         h.identity_header.clone(),
+                        Some(h.rules.clone()),
+                        spec.listen.port(),
                     ))
                 });
                 let l = InboundListener {
@@ -149,6 +151,8 @@ impl BoundListener {
                             http::uri::Scheme::HTTPS,
                             authority(&o.connect),
                             None,
+                            None,
+                            spec.listen.port(),
                         )))
                     }
                     None => None,

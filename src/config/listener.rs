@@ -134,6 +134,8 @@ pub struct HttpSpec {
     pub xfcc: Option<XfccConfig>,
     /// Outbound: reuse mTLS connections to the peer.
     pub pool: bool,
+    /// Inbound: per-route rules (empty: every authenticated caller the allowlist lets in).
+    pub rules: std::sync::Arc<crate::authz::http_rules::HttpRules>,
 }
 
 /// TLS settings of one listener.
@@ -385,6 +387,7 @@ impl ListenerConfig {
             ("identity_header", self.identity_header.is_some()),
             ("xfcc", self.xfcc.is_some()),
             ("pool", self.pool.is_some()),
+            ("authorization", !self.authorization.is_empty()),
         ];
         if self.protocol == Protocol::Tcp {
             if let Some((key, _)) = http_only.iter().find(|(_, set)| *set) {
@@ -399,6 +402,8 @@ impl ListenerConfig {
             (("pool", self.pool.is_some()), "outbound")
         } else if self.identity_header.is_some() {
             (("identity_header", true), "inbound")
+        } else if !self.authorization.is_empty() {
+            (("authorization", true), "inbound")
         } else {
             (("xfcc", self.xfcc.is_some()), "inbound")
         };
@@ -426,10 +431,15 @@ impl ListenerConfig {
                 "x-forwarded-client-cert is written by `xfcc`; choose another header",
             ));
         }
+        let rules = super::authorization::authorization_rules(
+            &format!("{at}.authorization"),
+            &self.authorization,
+        )?;
         Ok(Some(HttpSpec {
             identity_header,
             xfcc: self.xfcc.clone(),
             pool: self.pool.unwrap_or(true),
+            rules: std::sync::Arc::new(rules),
         }))
     }
 }

@@ -261,6 +261,9 @@ pub struct ListenerConfig {
     /// HTTP outbound: keep mTLS connections to the peer open and reuse them (default).
     #[serde(default)]
     pub pool: Option<bool>,
+    /// HTTP inbound: per-route rules, Istio AuthorizationPolicy semantics.
+    #[serde(default)]
+    pub authorization: Vec<super::authorization::AuthorizationRuleConfig>,
 }
 
 /// What a listener carries.

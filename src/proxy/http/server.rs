@@ -17,9 +17,19 @@ use hyper_util::server::conn::auto;
 use prometheus::IntCounterVec;
 
 use super::client::UpstreamConnector;
+use super::path::{normalize_target, PathOptions};
+use crate::authz::http_rules::{Decision, HttpRules, RequestView};
 use crate::authz::PeerIdentity;
+use crate::log_limit::LogLimiter;
 use crate::metrics;
 use crate::proxy::{Drain, ListenerMetrics};
+
+/// Refused requests: callers cause them, so the log is rate-limited; the metric counts all.
+static DENIED_LOG: LogLimiter = LogLimiter::new(
+    "HTTP request refused",
+    20,
+    std::time::Duration::from_secs(10),
+);
 
 /// The body type svidcar answers with: the upstream's, or a short one of its own.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -45,6 +55,10 @@ pub struct HttpForwarder {
     /// `host:port` of the upstream, when the request names no authority.
     pub authority: http::uri::Authority,
     pub identity_header: Option<HeaderName>,
+    /// Inbound: per-route rules, evaluated on the normalized path.
+    pub rules: Option<Arc<HttpRules>>,
+    /// The port rules see (the listener's).
+    pub port: u16,
     pub requests: IntCounterVec,
 }
 
@@ -56,6 +70,8 @@ impl HttpForwarder {
         scheme: http::uri::Scheme,
         authority: http::uri::Authority,
         identity_header: Option<HeaderName>,
+        rules: Option<Arc<HttpRules>>,
+        port: u16,
     ) -> Self {
         Self {
             metrics,
@@ -64,6 +80,8 @@ impl HttpForwarder {
             scheme,
             authority,
             identity_header,
+            rules,
+            port,
             requests: metrics::get().http_requests.clone(),
         }
     }
@@ -138,19 +156,57 @@ impl HttpForwarder {
                     .and_then(|h| h.parse().ok())
             })
             .unwrap_or_else(|| self.authority.clone());
+        let mut path_and_query = req.uri().path_and_query().cloned();
+        if let Some(rules) = &self.rules {
+            // Inbound: what is authorized is what the app receives.
+            let target = path_and_query.as_ref().map_or("/", |pq| pq.as_str());
+            let normalized = match normalize_target(target, PathOptions::default()) {
+                Ok(t) => t,
+                Err(why) => {
+                    tracing::debug!(listener = %self.metrics.name, reason = why.label(), "request refused: {why}");
+                    return self.answer(StatusCode::BAD_REQUEST, "bad request path\n");
+                }
+            };
+            let view = RequestView {
+                principal: peer.map(|p| p.uri.as_str()),
+                jwt_principal: None,
+                method: req.method().as_str(),
+                path: &normalized.path,
+                port: self.port,
+            };
+            let decision = rules.evaluate(&view);
+            if decision != Decision::Allowed {
+                if DENIED_LOG.allow("denied") {
+                    tracing::warn!(
+                        listener = %self.metrics.name,
+                        caller = view.principal.unwrap_or("-"),
+                        method = view.method,
+                        path = %crate::log_limit::printable(view.path, 256),
+                        "request {decision}"
+                    );
+                }
+                return self.answer(StatusCode::FORBIDDEN, "forbidden\n");
+            }
+            let pq = normalized.path_and_query();
+            path_and_query = match pq.parse() {
+                Ok(pq) => Some(pq),
+                Err(_) => return self.answer(StatusCode::BAD_REQUEST, "bad request path\n"),
+            };
+        }
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(authority);
-        parts.path_and_query = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .or_else(|| Some("/".parse().expect("static")));
+        parts.path_and_query = path_and_query.or_else(|| Some("/".parse().expect("static")));
         match Uri::from_parts(parts) {
             Ok(u) => *req.uri_mut() = u,
             Err(_) => return self.answer(StatusCode::BAD_REQUEST, "bad request target\n"),
         }
-        let client = match (&self.h2c, downstream_h2) {
+        // gRPC needs h2 to the app; other requests go as HTTP/1.1, which every app speaks.
+        let grpc = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        let client = match (&self.h2c, downstream_h2 && grpc) {
             (Some(h2c), true) => h2c,
             _ => {
                 *req.version_mut() = Version::HTTP_11;
