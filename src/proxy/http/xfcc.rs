@@ -187,9 +187,9 @@ impl Xfcc {
         peer_chain: &[C],
     ) -> Result<ConnXfcc, XfccError> {
         let mtls = !peer_chain.is_empty();
-        let element = match self.mode {
-            XfccMode::AppendForward | XfccMode::SanitizeSet if mtls => {
-                Some(element(self.details, by, peer_chain)?)
+        let element = match (self.mode, peer_chain.first()) {
+            (XfccMode::AppendForward | XfccMode::SanitizeSet, Some(leaf)) => {
+                Some(element(self.details, by, leaf.as_ref(), peer_chain)?)
             }
             _ => None,
         };
@@ -277,13 +277,14 @@ pub fn header<C: AsRef<[u8]>>(
     Ok(cfg.connection(by, peer_chain)?.header(incoming))
 }
 
-/// This hop's element for a peer that presented `peer_chain` (non-empty, leaf first).
+/// This hop's element for a peer that presented `peer_chain` (leaf first, `leaf` its
+/// first entry).
 fn element<C: AsRef<[u8]>>(
     details: XfccDetails,
     by: Option<&str>,
+    leaf: &[u8],
     peer_chain: &[C],
 ) -> Result<HeaderValue, XfccError> {
-    let leaf = peer_chain[0].as_ref();
     let mut parts: Vec<String> = Vec::with_capacity(6);
     if let Some(by) = by.filter(|b| !b.is_empty()) {
         parts.push(format!("By={by}"));
@@ -325,7 +326,8 @@ fn element<C: AsRef<[u8]>>(
         }
     }
     let text = parts.join(";");
-    HeaderValue::from_str(&text).map_err(|_| XfccError::NotHeaderSafe {
+    // Bytes above 0x7F pass (Envoy forwards them as they are); control characters do not.
+    HeaderValue::from_bytes(text.as_bytes()).map_err(|_| XfccError::NotHeaderSafe {
         field: blame(by, &text),
     })
 }
@@ -472,7 +474,7 @@ fn decode(v: &Any<'_>) -> Result<Option<Vec<u32>>, XfccError> {
             .map(u32::from)
             .collect(),
         Tag::BmpString => {
-            if data.len() % 2 != 0 {
+            if !data.len().is_multiple_of(2) {
                 return Err(XfccError::Subject("BMPString"));
             }
             data.chunks(2)
@@ -480,7 +482,7 @@ fn decode(v: &Any<'_>) -> Result<Option<Vec<u32>>, XfccError> {
                 .collect()
         }
         Tag::UniversalString => {
-            if data.len() % 4 != 0 {
+            if !data.len().is_multiple_of(4) {
                 return Err(XfccError::Subject("UniversalString"));
             }
             data.chunks(4)
@@ -517,7 +519,7 @@ fn escape_into(out: &mut String, chars: &[u32]) {
     for (i, &b) in bytes.iter().enumerate() {
         let first = i == 0;
         let last = i + 1 == n;
-        if b > 0x7f || b < 0x20 || b == 0x7f {
+        if !(0x20..0x7f).contains(&b) {
             let _ = write!(out, "\\{b:02X}");
         } else if matches!(b, b'\\' | b'"' | b',' | b'+' | b'<' | b'>' | b';')
             || (first && matches!(b, b' ' | b'#'))
