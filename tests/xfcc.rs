@@ -128,6 +128,59 @@ fn rich_client(dir: &Path, root: &TestCa) -> (PathBuf, PathBuf) {
     (c, k)
 }
 
+/// A client made the way an operator would with the openssl CLI: `ecparam -genkey` key,
+/// `req -multivalue-rdn` subject (DC, a two-valued OU+CN RDN, emailAddress), SANs from an
+/// extension file, signed by the test CA with `openssl x509 -req`.
+fn openssl_client(dir: &Path, ca: &(PathBuf, PathBuf)) -> (PathBuf, PathBuf) {
+    let k = dir.join("ossl.key");
+    let csr = dir.join("ossl.csr");
+    let c = dir.join("ossl.pem");
+    let ext = dir.join("ossl.ext");
+    std::fs::write(
+        &ext,
+        format!("subjectAltName=URI:{PEER},DNS:payment.default.svc\nextendedKeyUsage=clientAuth\n"),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let p = |p: &PathBuf| p.display().to_string();
+    run(&["ecparam", "-genkey", "-name", "prime256v1", "-out", &p(&k)]);
+    run(&[
+        "req",
+        "-new",
+        "-key",
+        &p(&k),
+        "-out",
+        &p(&csr),
+        "-multivalue-rdn",
+        "-subj",
+        "/DC=org/DC=example/O=Example Org/OU=payments+CN=payment/emailAddress=p@example.org",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &p(&csr),
+        "-CA",
+        &p(&ca.0),
+        "-CAkey",
+        &p(&ca.1),
+        "-days",
+        "1",
+        "-extfile",
+        &p(&ext),
+        "-out",
+        &p(&c),
+    ]);
+    (c, k)
+}
+
 /// The DER certificates of a PEM file, in file order.
 fn ders(path: &Path) -> Vec<Vec<u8>> {
     pem::parse_many(std::fs::read(path).unwrap())
@@ -189,10 +242,12 @@ fn xfcc_is_byte_identical_to_envoy_in_every_mode() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let root = TestCa::new("example.org");
-    let (ca, _) = root.write(d, "ca");
+    let ca_files = root.write(d, "ca");
+    let ca = ca_files.0.clone();
     let (server_cert, server_key) = root.valid_leaf(d, "server", BY);
     let svid = root.valid_leaf(d, "client", PEER);
     let rich = rich_client(d, &root);
+    let ossl = openssl_client(d, &ca_files);
     let app = App::start();
 
     let all = [
@@ -236,7 +291,7 @@ fn xfcc_is_byte_identical_to_envoy_in_every_mode() {
     );
     assert_eq!(got, via_svidcar(&listeners[0].1, Some(&svid), &[FORGED]));
 
-    let clients: [Option<&(PathBuf, PathBuf)>; 3] = [Some(&svid), Some(&rich), None];
+    let clients: [Option<&(PathBuf, PathBuf)>; 4] = [Some(&svid), Some(&rich), Some(&ossl), None];
     let incoming: [&[&str]; 4] = [&[], &[FORGED], &[FORGED, FORGED2], &[""]];
     let mut compared = 0;
     for ((name, cfg), port) in listeners.iter().zip(&ports) {
@@ -255,6 +310,14 @@ fn xfcc_is_byte_identical_to_envoy_in_every_mode() {
         }
     }
     assert_eq!(compared, listeners.len() * clients.len() * incoming.len());
+
+    // The openssl-made client: short names DC and emailAddress, and the two-valued RDN
+    // printed in reverse with `+`, as BoringSSL does.
+    let got = via_envoy(ports[1], Some(&ossl), &[]);
+    assert!(
+        got[0].contains(";Subject=\"emailAddress=p@example.org,OU=payments+CN=payment,O=Example Org,DC=example,DC=org\";"),
+        "{got:?}"
+    );
 
     // The rich client through sanitize_set with every field: each field present, in
     // Envoy's order, so the comparison above covered Subject escapes (RFC 2253, bytes
