@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::authz::{AllowList, PeerPolicy};
 use crate::config::{ListenerKind, ListenerSpec, TlsSpec};
 use crate::identity::IdentityState;
+use crate::proxy::http::xfcc::{Xfcc, XfccDetails, XfccField, XfccMode};
 use crate::proxy::http::{client as http_client, HttpForwarder, UpstreamConnector};
 use crate::proxy::{
     serve, AcceptSettings, Connector, Drain, InboundCounters, InboundListener, ListenerMetrics,
@@ -28,6 +29,32 @@ fn authority(hp: &crate::net::HostPort) -> http::uri::Authority {
     hp.to_string()
         .parse()
         .unwrap_or_else(|_| http::uri::Authority::from_static("upstream"))
+}
+
+/// The `xfcc` config as the header writer takes it.
+fn xfcc(c: &crate::config::XfccConfig) -> Xfcc {
+    use crate::config::{XfccDetail as D, XfccModeConfig as M};
+    let fields: Vec<XfccField> = c
+        .details
+        .iter()
+        .map(|d| match d {
+            D::Uri => XfccField::Uri,
+            D::Dns => XfccField::Dns,
+            D::Subject => XfccField::Subject,
+            D::Cert => XfccField::Cert,
+            D::Chain => XfccField::Chain,
+        })
+        .collect();
+    Xfcc {
+        mode: match c.mode {
+            M::Sanitize => XfccMode::Sanitize,
+            M::ForwardOnly => XfccMode::ForwardOnly,
+            M::AppendForward => XfccMode::AppendForward,
+            M::SanitizeSet => XfccMode::SanitizeSet,
+            M::AlwaysForwardOnly => XfccMode::AlwaysForwardOnly,
+        },
+        details: XfccDetails::from_fields(&fields),
+    }
 }
 
 /// A listener ready to run.
@@ -116,7 +143,7 @@ impl BoundListener {
                             true,
                         )
                     };
-                    Arc::new(HttpForwarder::new(
+                    let mut f = HttpForwarder::new(
                         metrics.clone(),
                         to_app(false),
                         Some(to_app(true)),
@@ -125,7 +152,9 @@ impl BoundListener {
                         h.identity_header.clone(),
                         Some(h.rules.clone()),
                         spec.listen.port(),
-                    ))
+                    );
+                    f.xfcc = h.xfcc.as_ref().map(xfcc);
+                    Arc::new(f)
                 });
                 let l = InboundListener {
                     acceptor: b.acceptor(&i.allow)?,

@@ -437,7 +437,13 @@ impl ListenerConfig {
         )?;
         Ok(Some(HttpSpec {
             identity_header,
-            xfcc: self.xfcc.clone(),
+            // Envoy's mode for a mesh sidecar: the caller's own entry, forged ones gone.
+            xfcc: inbound.then(|| {
+                self.xfcc.clone().unwrap_or(XfccConfig {
+                    mode: Default::default(),
+                    details: vec![super::raw::XfccDetail::Uri],
+                })
+            }),
             pool: self.pool.unwrap_or(true),
             rules: std::sync::Arc::new(rules),
         }))

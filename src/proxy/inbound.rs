@@ -37,8 +37,16 @@ impl InboundListener {
             tracing::debug!(listener = %name, peer = %conn.peer, peer_id = %id, "accepted mTLS connection");
         }
         if let Some(http) = &self.http {
-            let peer = crate::tls::peer_identity_of(tls.get_ref().1.peer_certificates());
-            return http.clone().serve(tls, peer, conn.drain).await;
+            let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
+            let caller = crate::tls::peer_identity_of(Some(certs)).map(|id| {
+                let by = self
+                    .state
+                    .load()
+                    .default_svid()
+                    .map(|s| s.spiffe_id.to_string());
+                http.caller(id, certs, by.as_deref())
+            });
+            return http.clone().serve(tls, caller, conn.drain).await;
         }
         let Some(upstream) = self.upstream.connect(conn.original_dst).await else {
             return;

@@ -9,4 +9,4 @@ pub mod server;
 pub mod xfcc;
 
 pub use client::{client, UpstreamConnector};
-pub use server::HttpForwarder;
+pub use server::{Caller, HttpForwarder};

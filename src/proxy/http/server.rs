@@ -18,6 +18,7 @@ use prometheus::IntCounterVec;
 
 use super::client::UpstreamConnector;
 use super::path::{normalize_target, PathOptions};
+use super::xfcc::{ConnXfcc, Xfcc};
 use crate::authz::http_rules::{Decision, HttpRules, RequestView};
 use crate::authz::PeerIdentity;
 use crate::log_limit::LogLimiter;
@@ -30,6 +31,33 @@ static DENIED_LOG: LogLimiter = LogLimiter::new(
     20,
     std::time::Duration::from_secs(10),
 );
+
+/// The caller of an inbound connection: who it is, and its part of the XFCC header
+/// (made once per connection).
+pub struct Caller {
+    pub identity: PeerIdentity,
+    pub xfcc: Option<ConnXfcc>,
+}
+
+impl HttpForwarder {
+    /// The caller of a connection whose handshake authenticated `certs` (leaf first);
+    /// `by` is our own SPIFFE ID.
+    pub fn caller(
+        &self,
+        identity: PeerIdentity,
+        certs: &[rustls_pki_types::CertificateDer<'_>],
+        by: Option<&str>,
+    ) -> Caller {
+        let xfcc = self.xfcc.as_ref().and_then(|x| match x.connection(by, certs) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(listener = %self.metrics.name, error = %e, "no XFCC header for this caller");
+                None
+            }
+        });
+        Caller { identity, xfcc }
+    }
+}
 
 /// The body type svidcar answers with: the upstream's, or a short one of its own.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -59,6 +87,8 @@ pub struct HttpForwarder {
     pub rules: Option<Arc<HttpRules>>,
     /// The port rules see (the listener's).
     pub port: u16,
+    /// Inbound: `x-forwarded-client-cert`, as Envoy writes it.
+    pub xfcc: Option<Xfcc>,
     pub requests: IntCounterVec,
 }
 
@@ -82,13 +112,14 @@ impl HttpForwarder {
             identity_header,
             rules,
             port,
+            xfcc: None,
             requests: metrics::get().http_requests.clone(),
         }
     }
 
     /// Serves `io` until the client is done or the drain ends it. `peer` is the caller
     /// the TLS handshake authenticated (inbound), `None` for the app (outbound).
-    pub async fn serve<I>(self: Arc<Self>, io: I, peer: Option<PeerIdentity>, drain: Drain)
+    pub async fn serve<I>(self: Arc<Self>, io: I, peer: Option<Caller>, drain: Drain)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -132,9 +163,20 @@ impl HttpForwarder {
     async fn forward(
         &self,
         mut req: Request<Incoming>,
-        peer: Option<&PeerIdentity>,
+        caller: Option<&Caller>,
     ) -> Response<ProxyBody> {
         let downstream_h2 = req.version() == Version::HTTP_2;
+        let peer = caller.map(|c| &c.identity);
+        if let Some(c) = caller {
+            match &c.xfcc {
+                Some(x) => x.apply(req.headers_mut()),
+                None if self.xfcc.is_some() => {
+                    // The caller's certificate cannot be written into the header.
+                    return self.answer(StatusCode::BAD_REQUEST, "bad client certificate\n");
+                }
+                None => {}
+            }
+        }
         if let Some(h) = &self.identity_header {
             // Whatever the caller claims is dropped first, on every request.
             req.headers_mut().remove(h);
