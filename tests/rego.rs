@@ -165,6 +165,33 @@ fn cases() -> Vec<Case> {
                 Expect::NotFound,
             )
         },
+        c(
+            "web lists 5 users",
+            Some(WEB),
+            "GET",
+            "/v1/users",
+            Some("limit=5"),
+            false,
+            Expect::Allow,
+        ),
+        c(
+            "web lists 50 users",
+            Some(WEB),
+            "GET",
+            "/v1/users",
+            Some("limit=50"),
+            false,
+            Expect::Undefined,
+        ),
+        c(
+            "web lists with a limit that is not a number",
+            Some(WEB),
+            "GET",
+            "/v1/users",
+            Some("limit=ten"),
+            false,
+            Expect::Undefined,
+        ),
         Case {
             jwt_aud: Some("users"),
             ..c(

@@ -149,6 +149,10 @@ impl RegoPolicy {
             };
             files.push((path.clone(), syntax));
         }
+        // As OPA by default: a builtin that fails (`to_number("abc")`) makes its
+        // expression undefined instead of failing the whole evaluation, so policies
+        // written for OPA (`not ...` included) decide the same here.
+        engine.set_strict_builtin_errors(false);
         let rule: regorus::Rc<str> = query.into();
         let compiled = engine
             .compile_with_entrypoint(&rule)
@@ -987,6 +991,33 @@ allow := {"allowed": true, "headers": {"x-policy": ["a", "b"]}} if input.method 
         assert!(
             matches!(&d, Decision::Deny { reason: DenyReason::Evaluation(_), status, .. } if *status == StatusCode::FORBIDDEN),
             "{d:?}"
+        );
+    }
+
+    #[test]
+    fn builtin_errors_are_undefined_as_in_opa() {
+        let p = policy("package authz\nimport rego.v1\ndefault allow := false\nallow if to_number(input.method) <= 10\nallow if not to_number(input.method) > 0\n");
+        // to_number("GET") fails: both bodies' expressions are undefined; the second
+        // rule's `not` of undefined holds, exactly as OPA decides it.
+        assert!(p.decide(&input(PAYMENT, "GET", "/", None)).is_allowed());
+        let q = policy("package authz\nimport rego.v1\ndefault allow := false\nallow if to_number(input.method) <= 10\n");
+        assert_eq!(
+            q.decide(&input(PAYMENT, "GET", "/", None)),
+            Decision::deny(DenyReason::Policy)
+        );
+    }
+
+    #[test]
+    fn runaway_policy_is_stopped_and_denies() {
+        let p = policy(
+            "package authz\nimport rego.v1\nallow if {\n some i in numbers.range(1, 20000)\n some j in numbers.range(1, 20000)\n i * j == -1\n}\n",
+        );
+        let start = std::time::Instant::now();
+        let d = p.decide(&input(PAYMENT, "GET", "/", None));
+        assert!(
+            matches!(&d, Decision::Deny { reason: DenyReason::Evaluation(e), .. } if e.contains("time")),
+            "{d:?} after {:?}",
+            start.elapsed()
         );
     }
 
