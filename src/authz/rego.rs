@@ -77,6 +77,20 @@ pub enum RegoError {
     Watch(String),
 }
 
+/// Why one evaluation failed (the request is denied).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EvalError {
+    /// The input document could not be handed to the interpreter.
+    #[error("input not accepted by the interpreter: {0}")]
+    Input(String),
+    /// The policy failed at run time: conflicting rule values, a time limit, ...
+    #[error("{0}")]
+    Policy(String),
+    /// The result could not be written as JSON.
+    #[error("policy result is not JSON: {0}")]
+    Result(String),
+}
+
 /// Which syntax a policy file was read as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Syntax {
@@ -179,25 +193,25 @@ impl RegoPolicy {
 
     /// What the query evaluated to for `input`, as JSON; `None` when it is undefined
     /// (no rule body matched and there is no default).
-    pub fn evaluate(&self, input: &Input) -> Result<Option<Json>, String> {
-        let value = to_rego_value(&input.json)?;
+    pub fn evaluate(&self, input: &Input) -> Result<Option<Json>, EvalError> {
+        let value = to_rego_value(&input.json).map_err(EvalError::Input)?;
         let out = self
             .compiled
             .eval_with_input(value)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| EvalError::Policy(e.to_string()))?;
         if out == regorus::Value::Undefined {
             return Ok(None);
         }
         serde_json::to_value(&out)
             .map(Some)
-            .map_err(|e| format!("policy result is not JSON: {e}"))
+            .map_err(|e| EvalError::Result(e.to_string()))
     }
 
     /// Evaluates and decides; never fails: errors deny.
     pub fn decide(&self, input: &Input) -> Decision {
         match self.evaluate(input) {
             Ok(result) => Decision::from_result(result.as_ref()),
-            Err(e) => Decision::deny(DenyReason::Evaluation(e)),
+            Err(e) => Decision::deny(DenyReason::Evaluation(e.to_string())),
         }
     }
 }
