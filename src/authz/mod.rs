@@ -14,6 +14,8 @@ use regex::Regex;
 
 use crate::spiffe::{SpiffeId, TrustDomain};
 
+pub mod rego;
+
 /// Who an authenticated peer is: what its X509-SVID proved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity {

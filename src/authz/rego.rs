@@ -1,0 +1,1260 @@
+//! Rego policies evaluated in-process (`rego: {policy: [...], query: data.authz.allow}`),
+//! with the `regorus` interpreter instead of an OPA process. This module owns: loading and
+//! compiling `.rego` files (Rego v1 and v0 syntax), the policy input built from one
+//! request ([`RequestView`] -> [`Input`]), turning what the policy returned into a typed
+//! [`Decision`], and reloading the files when they change ([`RegoAuthorizer`]).
+//!
+//! Everything here fails closed: a policy that errors, returns nothing (undefined) or
+//! returns a value of the wrong shape denies the request, with a [`DenyReason`] that says
+//! which of these happened.
+//!
+//! # Rego v0 and v1
+//!
+//! OPA 1.0 made v1 syntax (`allow if { ... }`, `contains`, `in`, `every` as keywords) the
+//! default, but most existing policies, and the seed documents', are v0
+//! (`allow { ... }`, `default allow = false`). A file is parsed as v1 first; if that fails
+//! it is parsed as v0, where `import rego.v1` (or `future.keywords`) still switches that
+//! file to v1 as OPA does. Only a file that neither parses is refused, and the error shows
+//! both attempts. A file that parses both ways means the same in both: v1 only adds
+//! keywords and requires `if`/`contains`, so a v0 file that v1 accepts has no construct
+//! whose meaning changed.
+//!
+//! # Input
+//!
+//! One input carries both shapes users already have policies for (see [`Input`]).
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Once, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use notify::{RecursiveMode, Watcher};
+use serde_json::{json, Map, Value as Json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Editors and ConfigMap updates write a file in several steps; wait this long after the
+/// last change before compiling, so we compile the finished file.
+const SETTLE: Duration = Duration::from_millis(150);
+
+/// Longest a single decision may evaluate. A policy that loops over a large input or
+/// recurses deeply is stopped here and the request denied, instead of holding a runtime
+/// worker. Small policies take microseconds.
+const EVAL_TIME_LIMIT: Duration = Duration::from_millis(100);
+
+/// Why a policy could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum RegoError {
+    #[error("rego: no policy file given")]
+    NoFiles,
+    #[error("rego: query {query:?} must name a rule under `data`, like data.authz.allow")]
+    BadQuery { query: String },
+    #[error("rego: cannot read policy file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("rego: policy file {path} does not parse as Rego v1: {v1}; nor as Rego v0: {v0}")]
+    Syntax {
+        path: String,
+        v1: String,
+        v0: String,
+    },
+    #[error("rego: policy {files} does not compile for query {query}: {problem}")]
+    Compile {
+        files: String,
+        query: String,
+        problem: String,
+    },
+    #[error("rego: policy reload needs a tokio runtime")]
+    NoRuntime,
+    #[error("rego: cannot watch policy files for changes: {0}")]
+    Watch(String),
+}
+
+/// Why one evaluation failed (the request is denied).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EvalError {
+    /// The input document could not be handed to the interpreter.
+    #[error("input not accepted by the interpreter: {0}")]
+    Input(String),
+    /// The policy failed at run time: conflicting rule values, a time limit, ...
+    #[error("{0}")]
+    Policy(String),
+    /// The result could not be written as JSON.
+    #[error("policy result is not JSON: {0}")]
+    Result(String),
+}
+
+/// Which syntax a policy file was read as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Syntax {
+    /// Parsed as Rego v1 (the OPA 1.0 default).
+    V1,
+    /// v1 did not parse it; parsed as Rego v0 (`allow { ... }`).
+    V0,
+}
+
+/// One compiled set of policy files and the rule the query names. Immutable: a reload
+/// builds a new one and swaps it in whole.
+#[derive(Debug)]
+pub struct RegoPolicy {
+    compiled: regorus::CompiledPolicy,
+    query: String,
+    files: Vec<(PathBuf, Syntax)>,
+}
+
+impl RegoPolicy {
+    /// Reads, parses and compiles `files` for `query` (a rule path such as
+    /// `data.authz.allow`). Fails if a file is missing or does not parse, or if the query
+    /// names no rule the files define.
+    pub fn load(files: &[PathBuf], query: &str) -> Result<Self, RegoError> {
+        let sources = files
+            .iter()
+            .map(|path| {
+                std::fs::read_to_string(path)
+                    .map(|text| (path.clone(), text))
+                    .map_err(|source| RegoError::Read {
+                        path: path.display().to_string(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::from_sources(&sources, query)
+    }
+
+    /// As [`RegoPolicy::load`], from policy text already in memory (`(name, text)`).
+    pub fn from_sources(sources: &[(PathBuf, String)], query: &str) -> Result<Self, RegoError> {
+        install_time_limit();
+        if sources.is_empty() {
+            return Err(RegoError::NoFiles);
+        }
+        let query = query.trim();
+        if !is_rule_path(query) {
+            return Err(RegoError::BadQuery {
+                query: query.to_string(),
+            });
+        }
+        let mut engine = regorus::Engine::new();
+        let mut files = Vec::with_capacity(sources.len());
+        for (path, text) in sources {
+            let name = path.display().to_string();
+            engine.set_rego_v0(false);
+            let syntax = match engine.add_policy(name.clone(), text.clone()) {
+                Ok(_) => Syntax::V1,
+                Err(v1) => {
+                    engine.set_rego_v0(true);
+                    match engine.add_policy(name.clone(), text.clone()) {
+                        Ok(_) => Syntax::V0,
+                        Err(v0) => {
+                            return Err(RegoError::Syntax {
+                                path: name,
+                                v1: v1.to_string(),
+                                v0: v0.to_string(),
+                            })
+                        }
+                    }
+                }
+            };
+            files.push((path.clone(), syntax));
+        }
+        // As OPA by default: a builtin that fails (`to_number("abc")`) makes its
+        // expression undefined instead of failing the whole evaluation, so policies
+        // written for OPA (`not ...` included) decide the same here.
+        engine.set_strict_builtin_errors(false);
+        let rule: regorus::Rc<str> = query.into();
+        let compiled = engine
+            .compile_with_entrypoint(&rule)
+            .map_err(|e| RegoError::Compile {
+                files: files_list(&files),
+                query: query.to_string(),
+                problem: e.to_string(),
+            })?;
+        Ok(Self {
+            compiled,
+            query: query.to_string(),
+            files,
+        })
+    }
+
+    /// The files this policy was compiled from, with the syntax each was read as.
+    pub fn files(&self) -> &[(PathBuf, Syntax)] {
+        &self.files
+    }
+
+    pub fn query(&self) -> &str {
+        &self.query
+    }
+
+    /// What the query evaluated to for `input`, as JSON; `None` when it is undefined
+    /// (no rule body matched and there is no default).
+    pub fn evaluate(&self, input: &Input) -> Result<Option<Json>, EvalError> {
+        let value = to_rego_value(&input.json).map_err(EvalError::Input)?;
+        let out = self
+            .compiled
+            .eval_with_input(value)
+            .map_err(|e| EvalError::Policy(e.to_string()))?;
+        if out == regorus::Value::Undefined {
+            return Ok(None);
+        }
+        serde_json::to_value(&out)
+            .map(Some)
+            .map_err(|e| EvalError::Result(e.to_string()))
+    }
+
+    /// Evaluates and decides; never fails: errors deny.
+    pub fn decide(&self, input: &Input) -> Decision {
+        match self.evaluate(input) {
+            Ok(result) => Decision::from_result(result.as_ref()),
+            Err(e) => Decision::deny(DenyReason::Evaluation(e.to_string())),
+        }
+    }
+}
+
+/// The input JSON as the interpreter's value type.
+fn to_rego_value(json: &Json) -> Result<regorus::Value, String> {
+    serde::Deserialize::deserialize(json).map_err(|e: serde_json::Error| e.to_string())
+}
+
+/// `data.a.b.rule`: `data` and at least two identifier components (a package and a
+/// rule). Bracketed components and other query forms are not accepted: the query is a
+/// rule to evaluate, as OPA-Envoy's `path` is.
+fn is_rule_path(query: &str) -> bool {
+    let mut parts = query.split('.');
+    if parts.next() != Some("data") {
+        return false;
+    }
+    let rest: Vec<&str> = parts.collect();
+    rest.len() >= 2
+        && rest.iter().all(|p| {
+            let mut chars = p.chars();
+            chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+}
+
+fn files_list(files: &[(PathBuf, Syntax)]) -> String {
+    files
+        .iter()
+        .map(|(p, _)| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The interpreter reads its time limit from a process-wide fallback when evaluating a
+/// compiled policy; set it once.
+fn install_time_limit() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        regorus::utils::limits::set_fallback_execution_timer_config(Some(
+            regorus::utils::limits::ExecutionTimerConfig {
+                limit: EVAL_TIME_LIMIT,
+                check_interval: NonZeroU32::MIN.saturating_add(63),
+            },
+        ));
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// Input
+
+/// The request as the policy sees it. Every field is what the app will receive: the path
+/// already normalized, headers after XFCC and the identity header were set and forged
+/// copies removed.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestView<'a> {
+    /// The caller's SPIFFE ID from its X509-SVID; `None` on a plaintext (permissive) request.
+    pub caller: Option<&'a str>,
+    pub method: &'a str,
+    /// Normalized path, without the query.
+    pub path: &'a str,
+    /// The raw query string after `?` (not decoded), if the request had one.
+    pub query: Option<&'a str>,
+    /// Host, as normalized (lowercase, port stripped).
+    pub host: &'a str,
+    pub headers: &'a HeaderMap,
+    /// Claims of a validated JWT-SVID, if the request carried one.
+    pub jwt_claims: Option<&'a Map<String, Json>>,
+}
+
+/// Why an input could not be built. The request is denied: OPA-Envoy refuses the same
+/// requests (it cannot parse their path or query either).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InputError {
+    #[error("path has an invalid percent-encoding or is not UTF-8 once decoded")]
+    Path,
+    #[error("query: {0}")]
+    Query(&'static str),
+}
+
+/// The policy input: one JSON object carrying both shapes.
+///
+/// ```text
+/// {
+///   "client_spiffe_id": "spiffe://example.org/ns/default/sa/payment",   seed shape
+///   "method": "GET",
+///   "path": "/v1/users/42",                          normalized, without the query
+///   "attributes": {                                  OPA-Envoy ext_authz v3 shape
+///     "source": {"principal": "spiffe://example.org/ns/default/sa/payment"},
+///     "request": {"http": {
+///       "method": "GET",
+///       "path": "/v1/users/42?verbose=1",            with the raw query, as Envoy's :path
+///       "host": "users.default.svc",
+///       "headers": {":authority": "users.default.svc", ":method": "GET",
+///                   ":path": "/v1/users/42?verbose=1", "x-workload-id": "...", ...}
+///     }}
+///   },
+///   "parsed_path": ["v1", "users", "42"],
+///   "parsed_query": {"verbose": ["1"]},
+///   "source_principal": "spiffe://example.org/ns/default/sa/payment",
+///   "version": {"ext_authz": "v3", "encoding": "protojson"},
+///   "jwt_claims": {"sub": "spiffe://...", "aud": ["users"], "exp": 1767225600}
+/// }
+/// ```
+///
+/// As OPA-Envoy builds it: header names lower-cased, repeated headers joined with `,`
+/// (as Envoy's ext_authz filter does), bytes that are not UTF-8 replaced; the pseudo
+/// headers `:authority`, `:method`, `:path` present as Envoy sends them. `parsed_path` is
+/// the percent-decoded path with its leading `/` removed, split on `/` (`/` gives
+/// `[""]`). `parsed_query` maps each decoded name to the list of its decoded values
+/// (`+` is a space; `a` alone is `a: [""]`; empty pieces skipped), as Go's
+/// `url.ParseQuery`; a `;` separator or a bad escape makes the input fail, as it makes
+/// OPA-Envoy fail. Without a caller, `client_spiffe_id`, `attributes.source.principal`
+/// and `source_principal` are absent (undefined in the policy), not empty.
+/// `jwt_claims` is present only when a JWT-SVID was validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Input {
+    json: Json,
+}
+
+impl Input {
+    pub fn build(view: &RequestView<'_>) -> Result<Self, InputError> {
+        let full_path = match view.query {
+            Some(q) => format!("{}?{}", view.path, q),
+            None => view.path.to_string(),
+        };
+        let mut headers = Map::new();
+        headers.insert(":authority".into(), view.host.into());
+        headers.insert(":method".into(), view.method.into());
+        headers.insert(":path".into(), full_path.clone().into());
+        for (name, value) in view.headers {
+            let value = String::from_utf8_lossy(value.as_bytes());
+            match headers.get_mut(name.as_str()) {
+                Some(Json::String(existing)) => {
+                    existing.push(',');
+                    existing.push_str(&value);
+                }
+                _ => {
+                    headers.insert(name.as_str().to_string(), value.into_owned().into());
+                }
+            }
+        }
+
+        let parsed_path = parse_path(view.path)?;
+        let parsed_query = parse_query(view.query.unwrap_or(""))?;
+
+        let mut source = Map::new();
+        let mut json = Map::new();
+        if let Some(caller) = view.caller {
+            json.insert("client_spiffe_id".into(), caller.into());
+            source.insert("principal".into(), caller.into());
+            json.insert("source_principal".into(), caller.into());
+        }
+        json.insert("method".into(), view.method.into());
+        json.insert("path".into(), view.path.into());
+        json.insert(
+            "attributes".into(),
+            json!({
+                "source": source,
+                "request": {"http": {
+                    "method": view.method,
+                    "path": full_path,
+                    "host": view.host,
+                    "headers": headers,
+                }},
+            }),
+        );
+        json.insert("parsed_path".into(), parsed_path.into());
+        json.insert("parsed_query".into(), Json::Object(parsed_query));
+        json.insert(
+            "version".into(),
+            json!({"ext_authz": "v3", "encoding": "protojson"}),
+        );
+        if let Some(claims) = view.jwt_claims {
+            json.insert("jwt_claims".into(), Json::Object(claims.clone()));
+        }
+        Ok(Self {
+            json: Json::Object(json),
+        })
+    }
+
+    /// The input document, for logs, tests and a reference engine.
+    pub fn json(&self) -> &Json {
+        &self.json
+    }
+}
+
+/// OPA-Envoy's `parsed_path`: decode, drop leading slashes, split on `/`.
+fn parse_path(path: &str) -> Result<Vec<String>, InputError> {
+    let decoded = percent_decode(path, false).ok_or(InputError::Path)?;
+    Ok(decoded
+        .trim_start_matches('/')
+        .split('/')
+        .map(str::to_string)
+        .collect())
+}
+
+/// Go's `url.ParseQuery`, which OPA-Envoy uses for `parsed_query`.
+fn parse_query(query: &str) -> Result<Map<String, Json>, InputError> {
+    let mut out = Map::new();
+    for piece in query.split('&') {
+        if piece.contains(';') {
+            return Err(InputError::Query("`;` is not a separator"));
+        }
+        if piece.is_empty() {
+            continue;
+        }
+        let (name, value) = piece.split_once('=').unwrap_or((piece, ""));
+        let name = percent_decode(name, true).ok_or(InputError::Query("bad escape in a name"))?;
+        let value =
+            percent_decode(value, true).ok_or(InputError::Query("bad escape in a value"))?;
+        match out.entry(name).or_insert_with(|| Json::Array(Vec::new())) {
+            Json::Array(values) => values.push(value.into()),
+            _ => return Err(InputError::Query("internal: not a list")),
+        }
+    }
+    Ok(out)
+}
+
+/// `%XX` decoding; `plus` also turns `+` into a space (query encoding). `None` for a `%`
+/// without two hex digits or a result that is not UTF-8.
+fn percent_decode(s: &str, plus: bool) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hi = hex(*bytes.get(i + 1)?)?;
+                let lo = hex(*bytes.get(i + 2)?)?;
+                out.push(hi << 4 | lo);
+                i += 3;
+            }
+            b'+' if plus => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+// ---------------------------------------------------------------------------------------
+// Decision
+
+/// What to do with the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Forward it, with `headers` added to the request the app receives (OPA-Envoy's
+    /// `headers` of an allowing object decision).
+    Allow {
+        headers: Vec<(HeaderName, HeaderValue)>,
+    },
+    /// Answer it ourselves with `status` (403 unless the policy chose one), the policy's
+    /// `headers` and `body`. Errors and undefined results give a plain 403.
+    Deny {
+        status: StatusCode,
+        headers: Vec<(HeaderName, HeaderValue)>,
+        body: Option<String>,
+        reason: DenyReason,
+    },
+}
+
+/// Why a request was denied: for the log line and the metric label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DenyReason {
+    #[error("denied by policy")]
+    Policy,
+    #[error("policy result undefined (no rule matched and no default)")]
+    Undefined,
+    #[error("policy evaluation failed: {0}")]
+    Evaluation(String),
+    #[error("policy result has the wrong shape: {0}")]
+    BadDecision(String),
+    #[error("request cannot be made into policy input: {0}")]
+    BadInput(#[from] InputError),
+}
+
+impl DenyReason {
+    /// Short and bounded, for a metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DenyReason::Policy => "policy",
+            DenyReason::Undefined => "undefined",
+            DenyReason::Evaluation(_) => "error",
+            DenyReason::BadDecision(_) => "bad_decision",
+            DenyReason::BadInput(_) => "bad_input",
+        }
+    }
+}
+
+impl Decision {
+    /// A plain 403 for `reason`, with nothing from the policy.
+    pub fn deny(reason: DenyReason) -> Self {
+        Decision::Deny {
+            status: StatusCode::FORBIDDEN,
+            headers: Vec::new(),
+            body: None,
+            reason,
+        }
+    }
+
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Decision::Allow { .. })
+    }
+
+    /// The decision for what the query returned (`None`: undefined), following
+    /// OPA-Envoy: a boolean, or an object with a boolean `allowed` and optional
+    /// `http_status` (number, used when denying), `headers` (an object of string or
+    /// list-of-string values, or a list of such objects) and `body` (string). Anything
+    /// else denies with [`DenyReason::BadDecision`]. Other OPA-Envoy keys
+    /// (`request_headers_to_remove`, `response_headers_to_add`, `dynamic_metadata`,
+    /// `query_parameters_to_*`) are ignored.
+    pub fn from_result(result: Option<&Json>) -> Self {
+        match result {
+            None => Decision::deny(DenyReason::Undefined),
+            Some(Json::Bool(true)) => Decision::Allow {
+                headers: Vec::new(),
+            },
+            Some(Json::Bool(false)) => Decision::deny(DenyReason::Policy),
+            Some(Json::Object(obj)) => Self::from_object(obj)
+                .unwrap_or_else(|e| Decision::deny(DenyReason::BadDecision(e))),
+            Some(other) => Decision::deny(DenyReason::BadDecision(format!(
+                "expected a boolean or an object, got {}",
+                kind(other)
+            ))),
+        }
+    }
+
+    fn from_object(obj: &Map<String, Json>) -> Result<Self, String> {
+        let allowed = match obj.get("allowed") {
+            Some(Json::Bool(b)) => *b,
+            Some(other) => return Err(format!("`allowed` is {}, not a boolean", kind(other))),
+            None => return Err("object has no `allowed`".into()),
+        };
+        let headers = match obj.get("headers") {
+            None => Vec::new(),
+            Some(h) => decision_headers(h)?,
+        };
+        if allowed {
+            return Ok(Decision::Allow { headers });
+        }
+        let status = match obj.get("http_status") {
+            None => StatusCode::FORBIDDEN,
+            Some(Json::Number(n)) => n
+                .as_u64()
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| (100..=599).contains(n))
+                .and_then(|n| StatusCode::from_u16(n).ok())
+                .ok_or_else(|| format!("`http_status` {n} is not an HTTP status"))?,
+            Some(other) => return Err(format!("`http_status` is {}, not a number", kind(other))),
+        };
+        let body = match obj.get("body") {
+            None => None,
+            Some(Json::String(s)) => Some(s.clone()),
+            Some(other) => return Err(format!("`body` is {}, not a string", kind(other))),
+        };
+        Ok(Decision::Deny {
+            status,
+            headers,
+            body,
+            reason: DenyReason::Policy,
+        })
+    }
+}
+
+fn decision_headers(h: &Json) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+    let mut out = Vec::new();
+    match h {
+        Json::Object(map) => header_object(map, &mut out)?,
+        Json::Array(list) => {
+            for item in list {
+                match item {
+                    Json::Object(map) => header_object(map, &mut out)?,
+                    other => {
+                        return Err(format!(
+                            "`headers` list holds {}, not an object",
+                            kind(other)
+                        ))
+                    }
+                }
+            }
+        }
+        other => return Err(format!("`headers` is {}, not an object", kind(other))),
+    }
+    Ok(out)
+}
+
+fn header_object(
+    map: &Map<String, Json>,
+    out: &mut Vec<(HeaderName, HeaderValue)>,
+) -> Result<(), String> {
+    for (name, value) in map {
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("`headers` name {name:?} is not a header name"))?;
+        let mut push = |v: &Json| -> Result<(), String> {
+            let Json::String(s) = v else {
+                return Err(format!("header {name} value is {}, not a string", kind(v)));
+            };
+            let value = HeaderValue::from_str(s)
+                .map_err(|_| format!("header {name} value is not a valid header value"))?;
+            out.push((header.clone(), value));
+            Ok(())
+        };
+        match value {
+            Json::Array(values) => values.iter().try_for_each(&mut push)?,
+            v => push(v)?,
+        }
+    }
+    Ok(())
+}
+
+fn kind(v: &Json) -> &'static str {
+    match v {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "a list",
+        Json::Object(_) => "an object",
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Reloading authorizer
+
+/// A policy that follows its files: compiled at start, recompiled when a file changes,
+/// swapped in whole. A change that does not compile is refused (logged) and the running
+/// policy kept, so a bad edit never opens or closes the service by accident.
+#[derive(Clone)]
+pub struct RegoAuthorizer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    current: ArcSwap<RegoPolicy>,
+    files: Vec<PathBuf>,
+    query: String,
+    /// Successful reloads since start (the first load not counted).
+    reloaded: AtomicU64,
+    /// Reloads refused because the files did not compile.
+    refused: AtomicU64,
+}
+
+impl std::fmt::Debug for RegoAuthorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegoAuthorizer")
+            .field("files", &self.shared.files)
+            .field("query", &self.shared.query)
+            .finish()
+    }
+}
+
+impl RegoAuthorizer {
+    /// Compiles `files` for `query` (an error here is a start-up error) and starts a task
+    /// on the current tokio runtime that reloads them on change until `shutdown` or
+    /// until every handle is dropped.
+    pub fn start(
+        files: Vec<PathBuf>,
+        query: &str,
+        shutdown: CancellationToken,
+    ) -> Result<Self, RegoError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| RegoError::NoRuntime)?;
+        let authorizer = Self::load(files, query)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let names: Vec<OsString> = authorizer
+            .shared
+            .files
+            .iter()
+            .filter_map(|f| f.file_name().map(|n| n.to_os_string()))
+            .collect();
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if ev.is_ok_and(|e| is_change_to(&e, &names)) {
+                let _ = tx.send(());
+            }
+        })
+        .map_err(|e| RegoError::Watch(e.to_string()))?;
+        for dir in watched_dirs(&authorizer.shared.files) {
+            watcher
+                .watch(&dir, RecursiveMode::NonRecursive)
+                .map_err(|e| RegoError::Watch(format!("{}: {e}", dir.display())))?;
+        }
+        let weak = Arc::downgrade(&authorizer.shared);
+        runtime.spawn(watch(weak, watcher, rx, shutdown));
+        Ok(authorizer)
+    }
+
+    /// Compiles once, without watching (tests, and callers that reload by themselves).
+    pub fn load(files: Vec<PathBuf>, query: &str) -> Result<Self, RegoError> {
+        if files.is_empty() {
+            return Err(RegoError::NoFiles);
+        }
+        let policy = RegoPolicy::load(&files, query)?;
+        for (path, syntax) in policy.files() {
+            tracing::info!(file = %path.display(), syntax = ?syntax, query, "rego policy loaded");
+        }
+        Ok(Self::from_policy(policy))
+    }
+
+    /// Wraps a policy already compiled; [`RegoAuthorizer::reload`] reads its files again.
+    pub fn from_policy(policy: RegoPolicy) -> Self {
+        let files = policy.files.iter().map(|(p, _)| p.clone()).collect();
+        let query = policy.query.clone();
+        Self {
+            shared: Arc::new(Shared {
+                current: ArcSwap::from_pointee(policy),
+                files,
+                query,
+                reloaded: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Decides one request. Lock-free with respect to reloads: it evaluates the policy
+    /// current when it starts.
+    pub fn decide(&self, input: &Input) -> Decision {
+        self.shared.current.load().decide(input)
+    }
+
+    /// Builds the input for `view` and decides; a request that cannot be made into input
+    /// is denied ([`DenyReason::BadInput`]).
+    pub fn decide_request(&self, view: &RequestView<'_>) -> Decision {
+        match Input::build(view) {
+            Ok(input) => self.decide(&input),
+            Err(e) => Decision::deny(DenyReason::BadInput(e)),
+        }
+    }
+
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<RegoPolicy> {
+        self.shared.current.load_full()
+    }
+
+    /// Recompiles the files now. On success the new policy replaces the old one for
+    /// every decision that starts afterwards; on failure the old one stays, the error
+    /// is logged and returned.
+    pub fn reload(&self) -> Result<(), RegoError> {
+        self.shared.reload()
+    }
+
+    /// (successful reloads, refused reloads) since start.
+    pub fn reload_counts(&self) -> (u64, u64) {
+        (
+            self.shared.reloaded.load(Ordering::Relaxed),
+            self.shared.refused.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Shared {
+    fn reload(&self) -> Result<(), RegoError> {
+        match RegoPolicy::load(&self.files, &self.query) {
+            Ok(policy) => {
+                self.current.store(Arc::new(policy));
+                self.reloaded.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(files = %self.files_text(), query = %self.query, "rego policy reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "rego policy changed but does not load; keeping the previous policy");
+                Err(e)
+            }
+        }
+    }
+
+    fn files_text(&self) -> String {
+        self.files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The reload loop: a burst of file events becomes one recompilation, done off the
+/// runtime's workers.
+async fn watch(
+    shared: Weak<Shared>,
+    _watcher: notify::RecommendedWatcher,
+    mut rx: mpsc::UnboundedReceiver<()>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            got = rx.recv() => if got.is_none() { return },
+        }
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(SETTLE) => break,
+                got = rx.recv() => if got.is_none() { return },
+            }
+        }
+        let Some(strong) = shared.upgrade() else {
+            return;
+        };
+        // The error is logged and counted inside.
+        if let Err(e) = tokio::task::spawn_blocking(move || {
+            let _ = strong.reload();
+        })
+        .await
+        {
+            tracing::error!(error = %e, "rego policy reload task failed");
+        }
+    }
+}
+
+/// A change of content or name to one of our files, or a Kubernetes `..data` swap.
+fn is_change_to(e: &notify::Event, names: &[OsString]) -> bool {
+    use notify::event::{EventKind as K, ModifyKind as M};
+    let kind = matches!(
+        e.kind,
+        K::Create(_) | K::Remove(_) | K::Modify(M::Data(_) | M::Name(_) | M::Any)
+    );
+    kind && e.paths.iter().any(|p| {
+        p.file_name()
+            .is_some_and(|n| names.iter().any(|w| w == n) || n.to_string_lossy().starts_with(".."))
+    })
+}
+
+fn watched_dirs(files: &[PathBuf]) -> BTreeSet<PathBuf> {
+    files
+        .iter()
+        .map(|f| match f.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => Path::new(".").to_path_buf(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V0: &str = r#"package authz
+default allow = false
+allow {
+    input.client_spiffe_id == "spiffe://example.org/ns/default/sa/payment"
+    input.method == "GET"
+    startswith(input.path, "/v1/users/")
+}
+"#;
+
+    const V1: &str = r#"package authz
+default allow := false
+allow if {
+    input.attributes.source.principal == "spiffe://example.org/ns/default/sa/payment"
+    input.attributes.request.http.method == "GET"
+    input.parsed_path[0] == "v1"
+    input.parsed_path[1] == "users"
+}
+"#;
+
+    const OBJECT: &str = r#"package authz
+import rego.v1
+default allow := {"allowed": false, "http_status": 401, "body": "who are you?", "headers": {"www-authenticate": "SPIFFE"}}
+allow := {"allowed": true, "headers": {"x-policy": ["a", "b"]}} if input.method == "GET"
+"#;
+
+    const UNDEFINED: &str = "package authz\nallow if input.method == \"GET\"\n";
+
+    fn policy(text: &str) -> RegoPolicy {
+        RegoPolicy::from_sources(&[("p.rego".into(), text.to_string())], "data.authz.allow")
+            .unwrap()
+    }
+
+    fn input(caller: Option<&str>, method: &str, path: &str, query: Option<&str>) -> Input {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-workload-id", HeaderValue::from_static("spiffe://x/y"));
+        headers.append("accept", HeaderValue::from_static("text/plain"));
+        headers.append("accept", HeaderValue::from_static("application/json"));
+        Input::build(&RequestView {
+            caller,
+            method,
+            path,
+            query,
+            host: "users.default.svc",
+            headers: &headers,
+            jwt_claims: None,
+        })
+        .unwrap()
+    }
+
+    const PAYMENT: Option<&str> = Some("spiffe://example.org/ns/default/sa/payment");
+
+    #[test]
+    fn v0_and_v1_files_load_and_decide() {
+        let v0 = policy(V0);
+        assert_eq!(v0.files()[0].1, Syntax::V0);
+        let v1 = policy(V1);
+        assert_eq!(v1.files()[0].1, Syntax::V1);
+        for p in [&v0, &v1] {
+            assert!(p
+                .decide(&input(PAYMENT, "GET", "/v1/users/42", None))
+                .is_allowed());
+            assert_eq!(
+                p.decide(&input(PAYMENT, "DELETE", "/v1/users/42", None)),
+                Decision::deny(DenyReason::Policy)
+            );
+            assert_eq!(
+                p.decide(&input(
+                    Some("spiffe://example.org/ns/default/sa/other"),
+                    "GET",
+                    "/v1/users/42",
+                    None
+                )),
+                Decision::deny(DenyReason::Policy)
+            );
+            // No caller: the ID is undefined, the rule does not match, the default denies.
+            assert_eq!(
+                p.decide(&input(None, "GET", "/v1/users/42", None)),
+                Decision::deny(DenyReason::Policy)
+            );
+        }
+    }
+
+    #[test]
+    fn v0_and_v1_files_mix_in_one_policy() {
+        let lib = "package lib\nis_get { input.method == \"GET\" }\n";
+        let main = "package authz\nimport rego.v1\nallow if data.lib.is_get\n";
+        let p = RegoPolicy::from_sources(
+            &[
+                ("lib.rego".into(), lib.into()),
+                ("main.rego".into(), main.into()),
+            ],
+            "data.authz.allow",
+        )
+        .unwrap();
+        assert_eq!(p.files()[0].1, Syntax::V0);
+        assert_eq!(p.files()[1].1, Syntax::V1);
+        assert!(p.decide(&input(PAYMENT, "GET", "/", None)).is_allowed());
+    }
+
+    #[test]
+    fn object_decisions() {
+        let p = policy(OBJECT);
+        assert_eq!(
+            p.decide(&input(PAYMENT, "GET", "/", None)),
+            Decision::Allow {
+                headers: vec![
+                    (
+                        HeaderName::from_static("x-policy"),
+                        HeaderValue::from_static("a")
+                    ),
+                    (
+                        HeaderName::from_static("x-policy"),
+                        HeaderValue::from_static("b")
+                    ),
+                ]
+            }
+        );
+        assert_eq!(
+            p.decide(&input(PAYMENT, "POST", "/", None)),
+            Decision::Deny {
+                status: StatusCode::UNAUTHORIZED,
+                headers: vec![(
+                    HeaderName::from_static("www-authenticate"),
+                    HeaderValue::from_static("SPIFFE")
+                )],
+                body: Some("who are you?".into()),
+                reason: DenyReason::Policy,
+            }
+        );
+    }
+
+    #[test]
+    fn undefined_and_errors_deny() {
+        let p = policy(UNDEFINED);
+        assert!(p.decide(&input(PAYMENT, "GET", "/", None)).is_allowed());
+        assert_eq!(
+            p.decide(&input(PAYMENT, "POST", "/", None)),
+            Decision::deny(DenyReason::Undefined)
+        );
+        // A runtime error (a rule with two different values) denies with the error.
+        let conflict = policy(
+            "package authz\nallow := true if input.method\nallow := false if input.method\n",
+        );
+        let d = conflict.decide(&input(PAYMENT, "GET", "/", None));
+        assert!(
+            matches!(&d, Decision::Deny { reason: DenyReason::Evaluation(_), status, .. } if *status == StatusCode::FORBIDDEN),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn builtin_errors_are_undefined_as_in_opa() {
+        let p = policy("package authz\nimport rego.v1\ndefault allow := false\nallow if to_number(input.method) <= 10\nallow if not to_number(input.method) > 0\n");
+        // to_number("GET") fails: both bodies' expressions are undefined; the second
+        // rule's `not` of undefined holds, exactly as OPA decides it.
+        assert!(p.decide(&input(PAYMENT, "GET", "/", None)).is_allowed());
+        let q = policy("package authz\nimport rego.v1\ndefault allow := false\nallow if to_number(input.method) <= 10\n");
+        assert_eq!(
+            q.decide(&input(PAYMENT, "GET", "/", None)),
+            Decision::deny(DenyReason::Policy)
+        );
+    }
+
+    #[test]
+    fn runaway_policy_is_stopped_and_denies() {
+        let p = policy(
+            "package authz\nimport rego.v1\nallow if {\n some i in numbers.range(1, 20000)\n some j in numbers.range(1, 20000)\n i * j == -1\n}\n",
+        );
+        let start = std::time::Instant::now();
+        let d = p.decide(&input(PAYMENT, "GET", "/", None));
+        assert!(
+            matches!(&d, Decision::Deny { reason: DenyReason::Evaluation(e), .. } if e.contains("time")),
+            "{d:?} after {:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn malformed_decisions_deny() {
+        let cases = [
+            (json!(1), "a number"),
+            (json!("yes"), "a string"),
+            (json!({"http_status": 200}), "no `allowed`"),
+            (json!({"allowed": "true"}), "not a boolean"),
+            (
+                json!({"allowed": false, "http_status": 1000}),
+                "not an HTTP status",
+            ),
+            (
+                json!({"allowed": false, "http_status": "401"}),
+                "not a number",
+            ),
+            (
+                json!({"allowed": true, "headers": {"bad name": "x"}}),
+                "not a header name",
+            ),
+            (
+                json!({"allowed": true, "headers": {"x": "a\nb"}}),
+                "not a valid header value",
+            ),
+            (
+                json!({"allowed": true, "headers": {"x": 1}}),
+                "not a string",
+            ),
+            (json!({"allowed": false, "body": {}}), "not a string"),
+        ];
+        for (value, problem) in cases {
+            match Decision::from_result(Some(&value)) {
+                Decision::Deny {
+                    reason: DenyReason::BadDecision(e),
+                    status,
+                    ..
+                } => {
+                    assert!(e.contains(problem), "{value}: {e}");
+                    assert_eq!(status, StatusCode::FORBIDDEN);
+                }
+                d => panic!("{value}: {d:?}"),
+            }
+        }
+        // A list of header objects is accepted, as OPA-Envoy does.
+        assert_eq!(
+            Decision::from_result(Some(
+                &json!({"allowed": true, "headers": [{"a": "1"}, {"b": "2"}]})
+            )),
+            Decision::Allow {
+                headers: vec![
+                    (HeaderName::from_static("a"), HeaderValue::from_static("1")),
+                    (HeaderName::from_static("b"), HeaderValue::from_static("2")),
+                ]
+            }
+        );
+    }
+
+    #[test]
+    fn load_errors_name_the_file_and_problem() {
+        let e = RegoPolicy::from_sources(
+            &[("bad.rego".into(), "package authz\nallow {".into())],
+            "data.authz.allow",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, RegoError::Syntax { path, .. } if path == "bad.rego"),
+            "{e}"
+        );
+        let e = RegoPolicy::from_sources(&[("p.rego".into(), V1.into())], "data.authz.nothing")
+            .unwrap_err();
+        assert!(matches!(e, RegoError::Compile { .. }), "{e}");
+        let e = RegoPolicy::from_sources(&[("p.rego".into(), V1.into())], "allow").unwrap_err();
+        assert!(matches!(e, RegoError::BadQuery { .. }), "{e}");
+        let e = RegoPolicy::load(&["/nonexistent/p.rego".into()], "data.authz.allow").unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/p.rego"), "{e}");
+        let e = RegoPolicy::from_sources(&[], "data.authz.allow").unwrap_err();
+        assert!(matches!(e, RegoError::NoFiles), "{e}");
+    }
+
+    #[test]
+    fn compile_error_keeps_the_old_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("policy.rego");
+        std::fs::write(&file, V0).unwrap();
+        let authz = RegoAuthorizer::load(vec![file.clone()], "data.authz.allow").unwrap();
+        let get = input(PAYMENT, "GET", "/v1/users/42", None);
+        let delete = input(PAYMENT, "DELETE", "/v1/users/42", None);
+        assert!(authz.decide(&get).is_allowed());
+
+        std::fs::write(&file, "package authz\nallow if {\n").unwrap();
+        assert!(matches!(authz.reload(), Err(RegoError::Syntax { .. })));
+        assert!(authz.decide(&get).is_allowed(), "old policy still in force");
+        assert_eq!(authz.reload_counts(), (0, 1));
+
+        std::fs::write(&file, "package authz\nallow := true\n").unwrap();
+        authz.reload().unwrap();
+        assert!(authz.decide(&delete).is_allowed(), "new policy in force");
+        assert_eq!(authz.reload_counts(), (1, 1));
+    }
+
+    #[test]
+    fn input_carries_both_shapes() {
+        let mut headers = HeaderMap::new();
+        headers.append(
+            "x-forwarded-client-cert",
+            HeaderValue::from_static("By=a;URI=b"),
+        );
+        headers.append("accept", HeaderValue::from_static("text/plain"));
+        headers.append("accept", HeaderValue::from_static("application/json"));
+        let claims = json!({"sub": "spiffe://example.org/web", "aud": ["users"]});
+        let got = Input::build(&RequestView {
+            caller: PAYMENT,
+            method: "GET",
+            path: "/v1/users/a%20b",
+            query: Some("verbose=1&tag=x&tag=y+z&flag&&e=%41"),
+            host: "users.default.svc",
+            headers: &headers,
+            jwt_claims: claims.as_object(),
+        })
+        .unwrap();
+        let id = "spiffe://example.org/ns/default/sa/payment";
+        let path = "/v1/users/a%20b?verbose=1&tag=x&tag=y+z&flag&&e=%41";
+        assert_eq!(
+            got.json(),
+            &json!({
+                "client_spiffe_id": id,
+                "method": "GET",
+                "path": "/v1/users/a%20b",
+                "attributes": {
+                    "source": {"principal": id},
+                    "request": {"http": {
+                        "method": "GET",
+                        "path": path,
+                        "host": "users.default.svc",
+                        "headers": {
+                            ":authority": "users.default.svc",
+                            ":method": "GET",
+                            ":path": path,
+                            "x-forwarded-client-cert": "By=a;URI=b",
+                            "accept": "text/plain,application/json",
+                        },
+                    }},
+                },
+                "parsed_path": ["v1", "users", "a b"],
+                "parsed_query": {"verbose": ["1"], "tag": ["x", "y z"], "flag": [""], "e": ["A"]},
+                "source_principal": id,
+                "version": {"ext_authz": "v3", "encoding": "protojson"},
+                "jwt_claims": claims,
+            })
+        );
+        // Root path and no caller.
+        let root = input(None, "GET", "/", None);
+        assert_eq!(root.json()["parsed_path"], json!([""]));
+        assert_eq!(root.json()["parsed_query"], json!({}));
+        assert_eq!(root.json()["attributes"]["source"], json!({}));
+        assert!(root.json().get("client_spiffe_id").is_none());
+    }
+
+    #[test]
+    fn input_refuses_what_opa_envoy_cannot_parse() {
+        let headers = HeaderMap::new();
+        let view = |path, query| RequestView {
+            caller: PAYMENT,
+            method: "GET",
+            path,
+            query,
+            host: "h",
+            headers: &headers,
+            jwt_claims: None,
+        };
+        assert_eq!(Input::build(&view("/a%zz", None)), Err(InputError::Path));
+        assert_eq!(Input::build(&view("/a%ff", None)), Err(InputError::Path));
+        assert!(matches!(
+            Input::build(&view("/a", Some("a=1;b=2"))),
+            Err(InputError::Query(_))
+        ));
+        assert!(matches!(
+            Input::build(&view("/a", Some("a=%g1"))),
+            Err(InputError::Query(_))
+        ));
+        let authz = RegoAuthorizer::from_policy(policy("package authz\nallow := true\n"));
+        assert_eq!(
+            authz.decide_request(&view("/a%zz", None)),
+            Decision::deny(DenyReason::BadInput(InputError::Path))
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watcher_reloads_on_change_and_keeps_old_on_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("policy.rego");
+        std::fs::write(&file, V0).unwrap();
+        let shutdown = CancellationToken::new();
+        let authz = RegoAuthorizer::start(vec![file.clone()], "data.authz.allow", shutdown.clone())
+            .unwrap();
+        let delete = input(PAYMENT, "DELETE", "/v1/users/42", None);
+        assert!(!authz.decide(&delete).is_allowed());
+
+        std::fs::write(&file, "package authz\nallow if {\n").unwrap();
+        wait_for(|| authz.reload_counts().1 >= 1).await;
+        assert!(!authz.decide(&delete).is_allowed());
+        assert!(authz
+            .decide(&input(PAYMENT, "GET", "/v1/users/42", None))
+            .is_allowed());
+
+        // Replaced by rename, as editors and ConfigMaps do.
+        let tmp = dir.path().join("policy.rego.new");
+        std::fs::write(&tmp, "package authz\nallow := true\n").unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+        wait_for(|| authz.reload_counts().0 >= 1).await;
+        assert!(authz.decide(&delete).is_allowed());
+        shutdown.cancel();
+    }
+
+    async fn wait_for(f: impl Fn() -> bool) {
+        for _ in 0..200 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("condition not reached in 5 s");
+    }
+}
