@@ -134,6 +134,17 @@ impl BoundListener {
         let (kind, metrics, transparent) = match &spec.kind {
             ListenerKind::Inbound(i) => {
                 let metrics = ListenerMetrics::new(&spec.name, "inbound");
+                let rego = match spec.http.as_ref().and_then(|h| h.rego.as_ref()) {
+                    Some(r) => Some(
+                        crate::authz::rego::RegoAuthorizer::start(
+                            r.policy.clone(),
+                            &r.query,
+                            tokio_util::sync::CancellationToken::new(),
+                        )
+                        .map_err(|e| anyhow!("{at}.rego: {e}"))?,
+                    ),
+                    None => None,
+                };
                 let http = spec.http.as_ref().map(|h| {
                     let to_app = |h2c| {
                         let c = b.connector(Target::Fixed(i.forward.clone()), &metrics);
@@ -146,14 +157,15 @@ impl BoundListener {
                     let mut f = HttpForwarder::new(
                         metrics.clone(),
                         to_app(false),
-                        Some(to_app(true)),
                         http::uri::Scheme::HTTP,
                         authority(&i.forward),
-                        h.identity_header.clone(),
-                        Some(h.rules.clone()),
                         spec.listen.port(),
                     );
+                    f.h2c = Some(to_app(true));
+                    f.identity_header = h.identity_header.clone();
+                    f.rules = Some(h.rules.clone());
                     f.xfcc = h.xfcc.as_ref().map(xfcc);
+                    f.rego = rego;
                     Arc::new(f)
                 });
                 let l = InboundListener {
@@ -176,11 +188,8 @@ impl BoundListener {
                         Some(Arc::new(HttpForwarder::new(
                             metrics.clone(),
                             http_client(up, false, h.pool),
-                            None,
                             http::uri::Scheme::HTTPS,
                             authority(&o.connect),
-                            None,
-                            None,
                             spec.listen.port(),
                         )))
                     }

@@ -136,6 +136,8 @@ pub struct HttpSpec {
     pub pool: bool,
     /// Inbound: per-route rules (empty: every authenticated caller the allowlist lets in).
     pub rules: std::sync::Arc<crate::authz::http_rules::HttpRules>,
+    /// Inbound: Rego policy files and query.
+    pub rego: Option<super::raw::RegoConfig>,
 }
 
 /// TLS settings of one listener.
@@ -388,6 +390,7 @@ impl ListenerConfig {
             ("xfcc", self.xfcc.is_some()),
             ("pool", self.pool.is_some()),
             ("authorization", !self.authorization.is_empty()),
+            ("rego", self.rego.is_some()),
         ];
         if self.protocol == Protocol::Tcp {
             if let Some((key, _)) = http_only.iter().find(|(_, set)| *set) {
@@ -404,6 +407,8 @@ impl ListenerConfig {
             (("identity_header", true), "inbound")
         } else if !self.authorization.is_empty() {
             (("authorization", true), "inbound")
+        } else if self.rego.is_some() {
+            (("rego", true), "inbound")
         } else {
             (("xfcc", self.xfcc.is_some()), "inbound")
         };
@@ -446,6 +451,7 @@ impl ListenerConfig {
             }),
             pool: self.pool.unwrap_or(true),
             rules: std::sync::Arc::new(rules),
+            rego: self.rego.clone(),
         }))
     }
 }

@@ -86,7 +86,13 @@ impl Config {
     /// config works the same from any working directory.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let mut raw: RawConfig = parse_yaml(&read_text(path)?)?;
-        raw.identity.resolve_paths(&config_dir(path));
+        let base = config_dir(path);
+        raw.identity.resolve_paths(&base);
+        for l in &mut raw.inbound {
+            for p in l.rego.iter_mut().flat_map(|r| r.policy.iter_mut()) {
+                resolve_path(&base, p);
+            }
+        }
         Self::from_raw(raw)
     }
 

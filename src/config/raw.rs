@@ -264,6 +264,17 @@ pub struct ListenerConfig {
     /// HTTP inbound: per-route rules, Istio AuthorizationPolicy semantics.
     #[serde(default)]
     pub authorization: Vec<super::authorization::AuthorizationRuleConfig>,
+    /// HTTP inbound: Rego policies evaluated in-process for each request.
+    #[serde(default)]
+    pub rego: Option<RegoConfig>,
+}
+
+/// `rego`: policy files (relative to the config file) and the rule that decides.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RegoConfig {
+    pub policy: Vec<PathBuf>,
+    pub query: String,
 }
 
 /// What a listener carries.

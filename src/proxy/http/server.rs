@@ -17,9 +17,10 @@ use hyper_util::server::conn::auto;
 use prometheus::IntCounterVec;
 
 use super::client::UpstreamConnector;
-use super::path::{normalize_target, PathOptions};
+use super::path::{normalize_host, normalize_target, PathOptions};
 use super::xfcc::{ConnXfcc, Xfcc};
 use crate::authz::http_rules::{Decision, HttpRules, RequestView};
+use crate::authz::rego::{Decision as RegoDecision, RegoAuthorizer, RequestView as RegoView};
 use crate::authz::PeerIdentity;
 use crate::log_limit::LogLimiter;
 use crate::metrics;
@@ -89,30 +90,31 @@ pub struct HttpForwarder {
     pub port: u16,
     /// Inbound: `x-forwarded-client-cert`, as Envoy writes it.
     pub xfcc: Option<Xfcc>,
+    /// Inbound: a Rego policy that decides each request (after the rules).
+    pub rego: Option<RegoAuthorizer>,
     pub requests: IntCounterVec,
 }
 
 impl HttpForwarder {
+    /// A forwarder with no identity handling and no rules; the caller sets those fields.
     pub fn new(
         metrics: ListenerMetrics,
         client: Client<UpstreamConnector, Incoming>,
-        h2c: Option<Client<UpstreamConnector, Incoming>>,
         scheme: http::uri::Scheme,
         authority: http::uri::Authority,
-        identity_header: Option<HeaderName>,
-        rules: Option<Arc<HttpRules>>,
         port: u16,
     ) -> Self {
         Self {
             metrics,
             client,
-            h2c,
+            h2c: None,
             scheme,
             authority,
-            identity_header,
-            rules,
+            identity_header: None,
+            rules: None,
             port,
             xfcc: None,
+            rego: None,
             requests: metrics::get().http_requests.clone(),
         }
     }
@@ -229,12 +231,91 @@ impl HttpForwarder {
                 }
                 return self.answer(StatusCode::FORBIDDEN, "forbidden\n");
             }
+            if let Some(rego) = &self.rego {
+                let host = req
+                    .uri()
+                    .authority()
+                    .map(|a| a.as_str())
+                    .or_else(|| {
+                        req.headers()
+                            .get(header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                    })
+                    .and_then(|h| normalize_host(h).ok())
+                    .unwrap_or_default();
+                let view = RegoView {
+                    caller: peer.map(|p| p.uri.as_str()),
+                    method: req.method().as_str(),
+                    path: &normalized.path,
+                    query: normalized.query,
+                    host: &host,
+                    headers: req.headers(),
+                    jwt_claims: None,
+                };
+                match rego.decide_request(&view) {
+                    RegoDecision::Allow { headers } => {
+                        let add = headers;
+                        let pq = normalized.path_and_query();
+                        for (k, v) in add {
+                            req.headers_mut().insert(k, v);
+                        }
+                        path_and_query = match pq.parse() {
+                            Ok(pq) => Some(pq),
+                            Err(_) => {
+                                return self.answer(StatusCode::BAD_REQUEST, "bad request path\n")
+                            }
+                        };
+                        return self
+                            .send(req, path_and_query, authority, downstream_h2)
+                            .await;
+                    }
+                    RegoDecision::Deny {
+                        status,
+                        headers,
+                        body,
+                        reason,
+                    } => {
+                        if DENIED_LOG.allow("rego") {
+                            tracing::warn!(
+                                listener = %self.metrics.name,
+                                caller = view.caller.unwrap_or("-"),
+                                method = view.method,
+                                reason = reason.label(),
+                                "request refused by the Rego policy"
+                            );
+                        }
+                        self.count(status);
+                        let mut res = Response::new(
+                            Full::new(Bytes::from(body.unwrap_or_else(|| "forbidden\n".into())))
+                                .map_err(|never| match never {})
+                                .boxed(),
+                        );
+                        *res.status_mut() = status;
+                        for (k, v) in headers {
+                            res.headers_mut().insert(k, v);
+                        }
+                        return res;
+                    }
+                }
+            }
             let pq = normalized.path_and_query();
             path_and_query = match pq.parse() {
                 Ok(pq) => Some(pq),
                 Err(_) => return self.answer(StatusCode::BAD_REQUEST, "bad request path\n"),
             };
         }
+        self.send(req, path_and_query, authority, downstream_h2)
+            .await
+    }
+
+    /// Sends `req` upstream with `path_and_query` and `authority`.
+    async fn send(
+        &self,
+        mut req: Request<Incoming>,
+        path_and_query: Option<http::uri::PathAndQuery>,
+        authority: http::uri::Authority,
+        downstream_h2: bool,
+    ) -> Response<ProxyBody> {
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
         parts.authority = Some(authority);
