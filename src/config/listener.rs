@@ -436,6 +436,18 @@ impl ListenerConfig {
                 "x-forwarded-client-cert is written by `xfcc`; choose another header",
             ));
         }
+        // A `source: jwt` rule could never match until JWT-SVIDs are validated: a DENY
+        // rule would silently do nothing, so it is refused rather than accepted.
+        if let Some(i) = self
+            .authorization
+            .iter()
+            .position(|r| r.source == super::authorization::SourceConfig::Jwt)
+        {
+            return Err(ConfigError::new(
+                format!("{at}.authorization[{i}].source"),
+                "jwt: JWT-SVID validation is not available in this version; match the mTLS peer (source: peer)",
+            ));
+        }
         let rules = super::authorization::authorization_rules(
             &format!("{at}.authorization"),
             &self.authorization,

@@ -298,4 +298,37 @@ outbound:
         );
         Config::parse(&ok).unwrap();
     }
+
+    #[test]
+    fn http_keys_are_checked() {
+        let http = GOOD.replace(
+            "    forward: 127.0.0.1:8080\n",
+            "    forward: 127.0.0.1:8080\n    protocol: http\n    identity_header: X-Workload-ID\n",
+        );
+        let c = Config::parse(&http).unwrap();
+        let h = c.listeners[0].http.as_ref().unwrap();
+        assert_eq!(
+            h.identity_header.as_ref().unwrap().as_str(),
+            "x-workload-id"
+        );
+        assert!(h.xfcc.is_some(), "inbound HTTP writes XFCC by default");
+        let e = err(&GOOD.replace(
+            "    forward: 127.0.0.1:8080\n",
+            "    forward: 127.0.0.1:8080\n    identity_header: X-Workload-ID\n",
+        ));
+        assert!(
+            e.starts_with("inbound[0].identity_header: only for HTTP"),
+            "{e}"
+        );
+        let e = err(&http.replace(
+            "    identity_header: X-Workload-ID\n",
+            "    authorization:\n      - action: DENY\n        source: jwt\n        principals: [{exact: \"spiffe://example.org/x\"}]\n",
+        ));
+        assert!(
+            e.starts_with("inbound[0].authorization[0].source: jwt"),
+            "{e}"
+        );
+        let e = err(&http.replace("X-Workload-ID", "bad header"));
+        assert!(e.starts_with("inbound[0].identity_header:"), "{e}");
+    }
 }
