@@ -161,7 +161,16 @@ fn the_app_sees_the_callers_identity_and_never_a_forged_one() {
             "X-Workload-ID: spiffe://example.org/ns/default/sa/admin",
             "-H",
             "X-Forwarded-Client-Cert: By=forged;URI=spiffe://example.org/ns/default/sa/admin",
+            "-H",
+            "X_Workload_ID: spiffe://example.org/ns/default/sa/admin",
+            "-H",
+            "X_Forwarded_Client_Cert: By=forged",
         ]);
+        if proto[0] == "--http1.1" {
+            // A caller that names the identity headers as hop-by-hop must not get the
+            // ones svidcar sets removed.
+            args.extend(["-H", "Connection: x-workload-id, x-forwarded-client-cert"]);
+        }
         let (code, body) = curl(p.out_port, &args, "/v1/users/42?full=1");
         assert_eq!(code, 200, "{proto:?}: {body} {}", p.inbound.logs());
         let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -176,7 +185,24 @@ fn the_app_sees_the_callers_identity_and_never_a_forged_one() {
             xfcc[0]
         );
         assert!(!xfcc[0].contains("forged"));
+        assert!(header(&seen, "x_workload_id").is_empty(), "{body}");
+        assert!(
+            header(&seen, "x_forwarded_client_cert").is_empty(),
+            "{body}"
+        );
     }
+    // Two Host headers, or a tunnel: refused, never forwarded.
+    let raw = |req: &str| {
+        let script = format!(
+            "import socket\ns=socket.create_connection(('127.0.0.1',{}),5)\ns.sendall({req:?}.encode())\nprint(s.recv(100).decode().split('\\r\\n')[0])",
+            p.out_port
+        );
+        python(dir.path(), &script).1
+    };
+    let two_hosts = raw("GET /v1/users/1 HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n");
+    assert!(two_hosts.starts_with("HTTP/1.1 400"), "{two_hosts}");
+    let tunnel = raw("CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n");
+    assert!(tunnel.starts_with("HTTP/1.1 501"), "{tunnel}");
     drop(app);
 }
 

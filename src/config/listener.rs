@@ -427,13 +427,28 @@ impl ListenerConfig {
             })?),
             None => None,
         };
-        if identity_header
+        const RESERVED: [&str; 13] = [
+            "x-forwarded-client-cert",
+            "host",
+            "content-length",
+            "content-type",
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+            "authorization",
+            "cookie",
+        ];
+        if let Some(h) = identity_header
             .as_ref()
-            .is_some_and(|h| h.as_str() == "x-forwarded-client-cert")
+            .filter(|h| RESERVED.contains(&h.as_str()))
         {
             return Err(ConfigError::new(
                 format!("{at}.identity_header"),
-                "x-forwarded-client-cert is written by `xfcc`; choose another header",
+                format!("{h} has another meaning in HTTP (or is written by `xfcc`); choose a header of its own, such as X-Workload-ID"),
             ));
         }
         // A `source: jwt` rule could never match until JWT-SVIDs are validated: a DENY

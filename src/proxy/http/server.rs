@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -140,9 +140,11 @@ impl HttpForwarder {
         builder
             .http2()
             .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(std::time::Duration::from_secs(30))
+            .keep_alive_timeout(std::time::Duration::from_secs(10))
             .max_concurrent_streams(256)
             .max_header_list_size(64 * 1024);
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        let conn = builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         let name = &self.metrics.name;
         tokio::select! {
@@ -169,6 +171,40 @@ impl HttpForwarder {
     ) -> Response<ProxyBody> {
         let downstream_h2 = req.version() == Version::HTTP_2;
         let peer = caller.map(|c| &c.identity);
+        if req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
+            // Tunnels and protocol upgrades are not carried (yet): refused, never
+            // turned silently into plain requests.
+            return self.answer(StatusCode::NOT_IMPLEMENTED, "not supported\n");
+        }
+        // Hop-by-hop headers first: a caller must not be able to name the identity
+        // headers in `Connection` and have the ones svidcar sets removed.
+        strip_hop_by_hop(req.headers_mut());
+        // One Host, agreeing with the request target: rules, policy and app see the same.
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        let host = hosts.next().cloned();
+        if hosts.next().is_some() {
+            return self.answer(StatusCode::BAD_REQUEST, "bad host\n");
+        }
+        let authority = match (req.uri().authority(), &host) {
+            (Some(a), Some(h)) if !a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()) => {
+                return self.answer(StatusCode::BAD_REQUEST, "bad host\n");
+            }
+            (Some(a), _) => a.clone(),
+            (None, Some(h)) => match h.to_str().ok().and_then(|h| h.parse().ok()) {
+                Some(a) => a,
+                None => return self.answer(StatusCode::BAD_REQUEST, "bad host\n"),
+            },
+            (None, None) => self.authority.clone(),
+        };
+        if caller.is_some() || self.xfcc.is_some() || self.identity_header.is_some() {
+            // Inbound: spellings an app may read as ours (`x_workload_id` for
+            // `x-workload-id`, as CGI-style servers do) never reach it.
+            remove_lookalikes(req.headers_mut(), self.identity_header.as_ref());
+        } else {
+            // Outbound: XFCC describes a hop's caller; the app is not one (Envoy's
+            // default, SANITIZE).
+            req.headers_mut().remove(super::xfcc::XFCC);
+        }
         if let Some(c) = caller {
             match &c.xfcc {
                 Some(x) => x.apply(req.headers_mut()),
@@ -188,18 +224,6 @@ impl HttpForwarder {
                 }
             }
         }
-        strip_hop_by_hop(req.headers_mut());
-        let authority = req
-            .uri()
-            .authority()
-            .cloned()
-            .or_else(|| {
-                req.headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .and_then(|h| h.parse().ok())
-            })
-            .unwrap_or_else(|| self.authority.clone());
         let mut path_and_query = req.uri().path_and_query().cloned();
         if let Some(rules) = &self.rules {
             // Inbound: what is authorized is what the app receives.
@@ -369,6 +393,23 @@ impl HttpForwarder {
         self.requests
             .with_label_values(&[&self.metrics.name, status.as_str()])
             .inc();
+    }
+}
+
+/// Removes headers whose names differ from XFCC or the identity header only by `_` in
+/// place of `-`.
+fn remove_lookalikes(headers: &mut http::HeaderMap, identity: Option<&HeaderName>) {
+    let ours = |n: &str| {
+        let n = n.replace('_', "-");
+        n == super::xfcc::XFCC.as_str() || identity.is_some_and(|i| i.as_str() == n)
+    };
+    let lookalikes: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().contains('_') && ours(k.as_str()))
+        .cloned()
+        .collect();
+    for k in lookalikes {
+        headers.remove(k);
     }
 }
 
