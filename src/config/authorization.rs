@@ -19,105 +19,17 @@
 //! a string with `{*}` / `{**}` a path template.
 
 use regex::Regex;
-use serde::Deserialize;
 
-use super::listener::allow_list;
-use super::raw::{MatcherConfig, SafeRegex};
+use super::matchers::allow_list;
+use super::raw::{
+    ActionConfig, AuthorizationRuleConfig, PathMatcherConfig, PathStringMatcher, RulePortConfig,
+    SourceConfig,
+};
 use super::ConfigError;
 use crate::authz::http_rules::{
     Action, HttpRule, HttpRules, PathMatch, PathTemplate, PrincipalSource, StrMatch,
 };
 use crate::authz::IdRule;
-
-/// `action:` as Istio spells it.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
-pub enum ActionConfig {
-    #[serde(rename = "ALLOW", alias = "allow")]
-    Allow,
-    #[serde(rename = "DENY", alias = "deny")]
-    Deny,
-}
-
-/// `source:`: which identity `principals` match.
-#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum SourceConfig {
-    /// The peer's X509-SVID (mTLS).
-    #[default]
-    Peer,
-    /// A validated JWT-SVID.
-    Jwt,
-}
-
-/// One entry of `authorization:`.
-#[derive(Debug, Deserialize, Clone, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct AuthorizationRuleConfig {
-    pub action: ActionConfig,
-    #[serde(default)]
-    pub source: SourceConfig,
-    #[serde(default)]
-    pub principals: Option<Vec<MatcherConfig>>,
-    #[serde(default)]
-    pub methods: Option<Vec<String>>,
-    #[serde(default)]
-    pub paths: Option<Vec<PathMatcherConfig>>,
-    #[serde(default)]
-    pub not_paths: Option<Vec<PathMatcherConfig>>,
-    #[serde(default)]
-    pub ports: Option<Vec<PortConfig>>,
-}
-
-/// A path matcher: Istio's string form or a StringMatcher object.
-#[derive(Debug, Clone, PartialEq)]
-pub enum PathMatcherConfig {
-    Istio(String),
-    Matcher(PathStringMatcher),
-}
-
-impl<'de> Deserialize<'de> for PathMatcherConfig {
-    /// By hand rather than `untagged`, so a typo in an object (`prefx:`) is reported
-    /// as the unknown field it is, not as "did not match any variant".
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match serde_norway::Value::deserialize(d)? {
-            serde_norway::Value::String(s) => Ok(PathMatcherConfig::Istio(s)),
-            v @ serde_norway::Value::Mapping(_) => serde_norway::from_value(v)
-                .map(PathMatcherConfig::Matcher)
-                .map_err(serde::de::Error::custom),
-            _ => Err(serde::de::Error::custom(
-                "expected a path string (Istio form) or a matcher such as {prefix: /v1/}",
-            )),
-        }
-    }
-}
-
-/// An Envoy `StringMatcher` on the normalized path, or an Istio path `template`.
-#[derive(Debug, Deserialize, Clone, Default, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct PathStringMatcher {
-    #[serde(default)]
-    pub exact: Option<String>,
-    #[serde(default)]
-    pub prefix: Option<String>,
-    #[serde(default)]
-    pub suffix: Option<String>,
-    #[serde(default)]
-    pub contains: Option<String>,
-    #[serde(default)]
-    pub safe_regex: Option<SafeRegex>,
-    #[serde(default)]
-    pub template: Option<String>,
-    #[serde(default)]
-    pub ignore_case: bool,
-}
-
-/// A port as a number or, as Istio writes it, a string (`"8080"`).
-#[derive(Debug, Deserialize, Clone, PartialEq)]
-#[serde(untagged)]
-pub enum PortConfig {
-    Number(u16),
-    Text(String),
-}
 
 /// Checks an `authorization:` list and compiles it. `at` is the key of the list
 /// (`inbound[0].authorization`).
@@ -218,10 +130,10 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-fn port(p: &PortConfig) -> Result<u16, String> {
+fn port(p: &RulePortConfig) -> Result<u16, String> {
     let n = match p {
-        PortConfig::Number(n) => *n,
-        PortConfig::Text(t) => t
+        RulePortConfig::Number(n) => *n,
+        RulePortConfig::Text(t) => t
             .parse::<u16>()
             .map_err(|_| format!("{t:?} is not a port number"))?,
     };
@@ -409,6 +321,7 @@ mod tests {
     use super::*;
     use crate::authz::http_rules::{Decision, RequestView};
     use crate::config::parse_yaml;
+    use serde::Deserialize;
 
     #[derive(Deserialize)]
     struct Doc {

@@ -7,24 +7,24 @@ mod authorization;
 mod file;
 mod identity;
 mod listener;
+mod matchers;
 pub mod raw;
 mod sds;
 mod transparent;
 mod values;
 
-pub use authorization::{
-    authorization_rules, ActionConfig, AuthorizationRuleConfig, PathMatcherConfig,
-    PathStringMatcher, PortConfig, SourceConfig,
-};
+pub use authorization::authorization_rules;
 pub use file::{config_dir, parse_yaml, read_text, resolve_path};
 pub use identity::{DevConfig, IdentityConfig, WorkloadApiConfig};
 pub use listener::{
-    allow_list, canonical_ip, HttpSpec, InboundSpec, ListenerKind, ListenerSpec, OutboundSpec,
-    PortPolicy, Route, Timeouts, TlsSpec, TransparentInboundSpec, TransparentOutboundSpec,
+    canonical_ip, HttpSpec, InboundSpec, ListenerKind, ListenerSpec, OutboundSpec, PortPolicy,
+    Route, Timeouts, TlsSpec, TransparentInboundSpec, TransparentOutboundSpec,
 };
+pub use matchers::allow_list;
 pub use raw::{
-    FilesConfig, Mode, Otherwise, Protocol, RawConfig, TlsVersion, XfccConfig, XfccDetail,
-    XfccModeConfig, DEFAULT_ALL_BUNDLES_NAME, DEFAULT_BUNDLE_NAME, DEFAULT_SVID_NAME,
+    ActionConfig, AuthorizationRuleConfig, FilesConfig, Mode, Otherwise, PathMatcherConfig,
+    PathStringMatcher, Protocol, RawConfig, RulePortConfig, SourceConfig, TlsVersion, XfccConfig,
+    XfccDetail, XfccModeConfig, DEFAULT_ALL_BUNDLES_NAME, DEFAULT_BUNDLE_NAME, DEFAULT_SVID_NAME,
 };
 pub use sds::SdsSpec;
 pub use transparent::{

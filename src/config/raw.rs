@@ -263,7 +263,7 @@ pub struct ListenerConfig {
     pub pool: Option<bool>,
     /// HTTP inbound: per-route rules, Istio AuthorizationPolicy semantics.
     #[serde(default)]
-    pub authorization: Vec<super::authorization::AuthorizationRuleConfig>,
+    pub authorization: Vec<AuthorizationRuleConfig>,
     /// HTTP inbound: Rego policies evaluated in-process for each request.
     #[serde(default)]
     pub rego: Option<RegoConfig>,
@@ -507,4 +507,96 @@ pub const SERVER_FIRST_PORTS: [u16; 8] = [25, 587, 3306, 4444, 5432, 6379, 9300,
 
 fn default_server_first_ports() -> Vec<u16> {
     SERVER_FIRST_PORTS.to_vec()
+}
+
+// `authorization:` entries as written; checked and compiled by `authorization.rs`.
+
+/// `action:` as Istio spells it.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+pub enum ActionConfig {
+    #[serde(rename = "ALLOW", alias = "allow")]
+    Allow,
+    #[serde(rename = "DENY", alias = "deny")]
+    Deny,
+}
+
+/// `source:`: which identity `principals` match.
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceConfig {
+    /// The peer's X509-SVID (mTLS).
+    #[default]
+    Peer,
+    /// A validated JWT-SVID.
+    Jwt,
+}
+
+/// One entry of `authorization:`.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationRuleConfig {
+    pub action: ActionConfig,
+    #[serde(default)]
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub principals: Option<Vec<MatcherConfig>>,
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+    #[serde(default)]
+    pub paths: Option<Vec<PathMatcherConfig>>,
+    #[serde(default)]
+    pub not_paths: Option<Vec<PathMatcherConfig>>,
+    #[serde(default)]
+    pub ports: Option<Vec<RulePortConfig>>,
+}
+
+/// A path matcher: Istio's string form or a StringMatcher object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathMatcherConfig {
+    Istio(String),
+    Matcher(PathStringMatcher),
+}
+
+impl<'de> Deserialize<'de> for PathMatcherConfig {
+    /// By hand rather than `untagged`, so a typo in an object (`prefx:`) is reported
+    /// as the unknown field it is, not as "did not match any variant".
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match serde_norway::Value::deserialize(d)? {
+            serde_norway::Value::String(s) => Ok(PathMatcherConfig::Istio(s)),
+            v @ serde_norway::Value::Mapping(_) => serde_norway::from_value(v)
+                .map(PathMatcherConfig::Matcher)
+                .map_err(serde::de::Error::custom),
+            _ => Err(serde::de::Error::custom(
+                "expected a path string (Istio form) or a matcher such as {prefix: /v1/}",
+            )),
+        }
+    }
+}
+
+/// An Envoy `StringMatcher` on the normalized path, or an Istio path `template`.
+#[derive(Debug, Deserialize, Clone, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PathStringMatcher {
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub suffix: Option<String>,
+    #[serde(default)]
+    pub contains: Option<String>,
+    #[serde(default)]
+    pub safe_regex: Option<SafeRegex>,
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default)]
+    pub ignore_case: bool,
+}
+
+/// A port as a number or, as Istio writes it, a string (`"8080"`).
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(untagged)]
+pub enum RulePortConfig {
+    Number(u16),
+    Text(String),
 }
