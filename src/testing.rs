@@ -105,7 +105,7 @@ pub async fn run_listener(spec: &ListenerSpec, state: Arc<IdentityState>) -> (So
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authz::IdRule;
+    use crate::authz::{IdRule, StrMatch};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
@@ -126,10 +126,10 @@ mod tests {
 
     fn exact(id: &str) -> AllowList {
         AllowList {
-            rules: vec![IdRule::Exact {
+            rules: vec![IdRule::Text(StrMatch::Exact {
                 value: id.into(),
                 ignore_case: false,
-            }],
+            })],
             any_in_own_trust_domain: false,
         }
     }

@@ -8,7 +8,7 @@
 //! Paths are matched on the normalized path (`proxy::http::path`), query excluded, so
 //! what a rule allowed is what the app receives.
 
-use regex::Regex;
+pub use super::string_match::StrMatch;
 
 /// What a matching rule does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,64 +34,6 @@ pub enum PrincipalSource {
     Peer,
     /// The SPIFFE ID (`sub`) of a validated JWT-SVID.
     Jwt,
-}
-
-/// Envoy `StringMatcher` semantics on some text. With `ignore_case` the value is stored
-/// lower-cased and compared ASCII-case-insensitively in place (no lower-cased copy of
-/// the input is made).
-#[derive(Debug, Clone)]
-pub enum StrMatch {
-    Exact {
-        value: String,
-        ignore_case: bool,
-    },
-    Prefix {
-        value: String,
-        ignore_case: bool,
-    },
-    Suffix {
-        value: String,
-        ignore_case: bool,
-    },
-    Contains {
-        value: String,
-        ignore_case: bool,
-    },
-    /// Whole-string match (anchored when compiled, as RE2 FullMatch in Envoy).
-    Regex(Regex),
-}
-
-fn eq(a: &[u8], b: &[u8], ignore_case: bool) -> bool {
-    if ignore_case {
-        a.eq_ignore_ascii_case(b)
-    } else {
-        a == b
-    }
-}
-
-impl StrMatch {
-    pub fn matches(&self, text: &str) -> bool {
-        let t = text.as_bytes();
-        match self {
-            StrMatch::Exact { value, ignore_case } => eq(t, value.as_bytes(), *ignore_case),
-            StrMatch::Prefix { value, ignore_case } => {
-                let v = value.as_bytes();
-                t.len() >= v.len() && eq(&t[..v.len()], v, *ignore_case)
-            }
-            StrMatch::Suffix { value, ignore_case } => {
-                let v = value.as_bytes();
-                t.len() >= v.len() && eq(&t[t.len() - v.len()..], v, *ignore_case)
-            }
-            StrMatch::Contains { value, ignore_case } => {
-                let v = value.as_bytes();
-                if !*ignore_case {
-                    return text.contains(value.as_str());
-                }
-                v.is_empty() || t.windows(v.len()).any(|w| w.eq_ignore_ascii_case(v))
-            }
-            StrMatch::Regex(re) => re.is_match(text),
-        }
-    }
 }
 
 /// One part of a compiled path template.
@@ -533,7 +475,7 @@ mod tests {
         assert!(ic(c, "SECRET").matches("/a/secret/b"));
         assert!(!c("SECRET".into(), false).matches("/a/secret/b"));
         assert!(!ic(c, "SECRET").matches("/a/secre"));
-        let re = StrMatch::Regex(Regex::new(r"^(?:/v1/users/[0-9]+)$").unwrap());
+        let re = StrMatch::Regex(regex::Regex::new(r"^(?:/v1/users/[0-9]+)$").unwrap());
         assert!(re.matches("/v1/users/42"));
         assert!(!re.matches("/v1/users/42/delete"));
     }

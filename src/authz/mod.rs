@@ -5,12 +5,14 @@
 //! swap them while connections are being accepted.
 
 pub mod http_rules;
+pub mod string_match;
+
+pub use string_match::StrMatch;
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use regex::Regex;
 
 use crate::spiffe::{SpiffeId, TrustDomain};
 
@@ -70,29 +72,11 @@ impl PeerPolicy {
     }
 }
 
-/// One allowlist entry, with Envoy's `StringMatcher` semantics on the SPIFFE ID text
-/// (so entries can be pasted from `match_subject_alt_names`), or a whole trust domain.
+/// One allowlist entry: an Envoy `StringMatcher` on the SPIFFE ID text (so entries can
+/// be pasted from `match_subject_alt_names`), or a whole trust domain.
 #[derive(Debug, Clone)]
 pub enum IdRule {
-    /// The value is stored lower-cased when `ignore_case` is set.
-    Exact {
-        value: String,
-        ignore_case: bool,
-    },
-    Prefix {
-        value: String,
-        ignore_case: bool,
-    },
-    Suffix {
-        value: String,
-        ignore_case: bool,
-    },
-    Contains {
-        value: String,
-        ignore_case: bool,
-    },
-    /// Envoy's `safe_regex` matches the whole string; `ignore_case` has no effect on it.
-    Regex(Regex),
+    Text(StrMatch),
     TrustDomain(TrustDomain),
 }
 
@@ -145,19 +129,8 @@ impl SpiffeIdMatcher {
 
 impl IdRule {
     fn matches(&self, id: &SpiffeId, text: &str) -> bool {
-        let cmp = |ic: bool| {
-            if ic {
-                std::borrow::Cow::Owned(text.to_ascii_lowercase())
-            } else {
-                std::borrow::Cow::Borrowed(text)
-            }
-        };
         match self {
-            IdRule::Exact { value, ignore_case } => cmp(*ignore_case) == value.as_str(),
-            IdRule::Prefix { value, ignore_case } => cmp(*ignore_case).starts_with(value.as_str()),
-            IdRule::Suffix { value, ignore_case } => cmp(*ignore_case).ends_with(value.as_str()),
-            IdRule::Contains { value, ignore_case } => cmp(*ignore_case).contains(value.as_str()),
-            IdRule::Regex(re) => re.is_match(text),
+            IdRule::Text(m) => m.matches(text),
             IdRule::TrustDomain(td) => id.is_member_of(td),
         }
     }
@@ -175,10 +148,10 @@ mod tests {
     #[test]
     fn a_swapped_policy_applies_to_the_next_check() {
         let only = |id: &str| {
-            SpiffeIdMatcher::new(vec![IdRule::Exact {
+            SpiffeIdMatcher::new(vec![IdRule::Text(StrMatch::Exact {
                 value: id.into(),
                 ignore_case: false,
-            }])
+            })])
         };
         let policy = PeerPolicy::new(only("spiffe://example.org/a"));
         let shared = policy.clone();

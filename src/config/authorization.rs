@@ -147,11 +147,7 @@ fn port(p: &RulePortConfig) -> Result<u16, String> {
 /// canonical form (lower-case trust domain), so a trust domain is a prefix.
 fn principal_matcher(rule: IdRule) -> StrMatch {
     match rule {
-        IdRule::Exact { value, ignore_case } => StrMatch::Exact { value, ignore_case },
-        IdRule::Prefix { value, ignore_case } => StrMatch::Prefix { value, ignore_case },
-        IdRule::Suffix { value, ignore_case } => StrMatch::Suffix { value, ignore_case },
-        IdRule::Contains { value, ignore_case } => StrMatch::Contains { value, ignore_case },
-        IdRule::Regex(re) => StrMatch::Regex(re),
+        IdRule::Text(m) => m,
         IdRule::TrustDomain(td) => StrMatch::Prefix {
             value: format!("spiffe://{td}/"),
             ignore_case: false,

@@ -2,7 +2,7 @@
 //! turned into `authz` rules. Listeners and authorization rules both use them.
 
 use super::raw::MatcherConfig;
-use crate::authz::{AllowList, IdRule};
+use crate::authz::{AllowList, IdRule, StrMatch};
 use crate::spiffe::parse_trust_domain;
 
 impl MatcherConfig {
@@ -43,19 +43,19 @@ impl MatcherConfig {
                 crate::spiffe::parse_workload_id(x).map_err(|err| format!("exact: {err}"))?;
             }
             let value = fold(x);
-            return Ok(IdRule::Exact { value, ignore_case });
+            return Ok(IdRule::Text(StrMatch::Exact { value, ignore_case }));
         }
         if let Some(x) = &e.prefix {
             let value = fold(x);
-            return Ok(IdRule::Prefix { value, ignore_case });
+            return Ok(IdRule::Text(StrMatch::Prefix { value, ignore_case }));
         }
         if let Some(x) = &e.suffix {
             let value = fold(x);
-            return Ok(IdRule::Suffix { value, ignore_case });
+            return Ok(IdRule::Text(StrMatch::Suffix { value, ignore_case }));
         }
         if let Some(x) = &e.contains {
             let value = fold(x);
-            return Ok(IdRule::Contains { value, ignore_case });
+            return Ok(IdRule::Text(StrMatch::Contains { value, ignore_case }));
         }
         if let Some(r) = &e.safe_regex {
             let re = regex::Regex::new(&format!("^(?:{})$", r.regex)).map_err(|err| {
@@ -67,7 +67,7 @@ impl MatcherConfig {
                     r.regex
                 )
             })?;
-            return Ok(IdRule::Regex(re));
+            return Ok(IdRule::Text(StrMatch::Regex(re)));
         }
         let td = e.trust_domain.as_deref().unwrap_or_default();
         let td = parse_trust_domain(td).map_err(|err| format!("trust_domain: {err}"))?;
