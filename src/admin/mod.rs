@@ -1,8 +1,14 @@
-//! The admin endpoint: `/ready`, `/live`, `/metrics`, `/certs`. Plain HTTP/1.1 on a
-//! local address; it shows serials and SPIFFE IDs, never key material.
+//! The admin endpoint: `/ready`, `/live`, `/metrics`, `/certs`, `/drain` (a preStop
+//! hook: not ready from then on) and `/app-health/<container>/<probe>` (the app's own
+//! probes, for kubelet; see [`app_health`]). Plain HTTP/1.1; it shows serials and SPIFFE
+//! IDs, never key material.
+
+pub mod app_health;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
@@ -30,10 +36,20 @@ struct Open {
     conns: std::collections::VecDeque<(u64, CancellationToken)>,
 }
 
+/// What the admin server serves besides the identity.
+#[derive(Debug, Default)]
+pub struct AdminOptions {
+    /// The app's original probes (JSON, see [`app_health::AppProbes`]), read per probe.
+    pub app_probes: Option<PathBuf>,
+    /// Set by `/drain`: `/ready` answers 503 from then on.
+    pub draining: AtomicBool,
+}
+
 /// Serves until `shutdown`; an error: the listening socket is gone.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<IdentityState>,
+    options: Arc<AdminOptions>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let open = Arc::new(std::sync::Mutex::new(Open::default()));
@@ -64,11 +80,13 @@ pub async fn serve(
             id
         };
         let state = state.clone();
+        let options = options.clone();
         let open = open.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&req, &state)) }
+                let options = options.clone();
+                async move { Ok::<_, Infallible>(route(&req, &state, &options).await) }
             });
             // One request per connection: probes and scrapes do not need keep-alive,
             // and a connection that holds no request is not worth a slot.
@@ -88,9 +106,47 @@ pub async fn serve(
     }
 }
 
-fn route(req: &Request<Incoming>, state: &IdentityState) -> Response<Full<Bytes>> {
-    match req.uri().path() {
+async fn route(
+    req: &Request<Incoming>,
+    state: &IdentityState,
+    options: &AdminOptions,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if let Some(rest) = path.strip_prefix("/app-health/") {
+        let Some(file) = &options.app_probes else {
+            return reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "no app probes\n".into(),
+            );
+        };
+        let probes = match app_health::AppProbes::load(file) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "app probes unreadable");
+                return reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("{e}\n"),
+                );
+            }
+        };
+        let (status, body) = app_health::answer(&probes, rest).await;
+        return reply(status, "text/plain", body);
+    }
+    match path {
         "/live" => reply(StatusCode::OK, "text/plain", "live\n".into()),
+        "/drain" => {
+            if !options.draining.swap(true, Ordering::Relaxed) {
+                tracing::info!("drain requested (preStop): not ready from now on");
+            }
+            reply(StatusCode::OK, "text/plain", "draining\n".into())
+        }
+        "/ready" if options.draining.load(Ordering::Relaxed) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: draining\n".into(),
+        ),
         "/ready" => match state.ready() {
             Ok(()) if state.is_cached() => reply(
                 StatusCode::OK,

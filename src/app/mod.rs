@@ -106,7 +106,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(addr) = config.admin {
         let l = crate::admin::bind(addr).await?;
         tracing::info!(%addr, "admin listening");
-        let admin = crate::admin::serve(l, state.clone(), shutdown.clone());
+        let options = Arc::new(crate::admin::AdminOptions {
+            app_probes: config.app_probes.clone(),
+            ..Default::default()
+        });
+        let admin = crate::admin::serve(l, state.clone(), options, shutdown.clone());
         supervised.spawn(async move {
             match admin.await {
                 Ok(()) => "the admin server stopped".to_string(),

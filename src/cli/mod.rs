@@ -14,6 +14,7 @@ use crate::identity::{self, dev_ca, IdentitySource};
 use crate::spiffe::parse_trust_domain;
 
 mod client_errors;
+mod inject;
 mod sds_fetch;
 
 use client_errors::call_error;
@@ -113,6 +114,8 @@ enum Command {
         #[arg(long)]
         cleanup: bool,
     },
+    /// Add the svidcar sidecar to Kubernetes workloads: YAML in, YAML out on stdout.
+    Inject(inject::InjectArgs),
     /// Print the version.
     Version,
 }
@@ -148,6 +151,7 @@ pub fn main() -> ExitCode {
             };
             crate::redirect::run(config.as_deref(), opts)
         }
+        Command::Inject(args) => inject::run(args),
         Command::Version => {
             println!("svidcar {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -71,6 +71,8 @@ pub struct Config {
     /// The tracing filter `log.level` means.
     pub log_filter: Option<String>,
     pub admin: Option<SocketAddr>,
+    /// `admin.app_probes`: the file behind `/app-health/`.
+    pub app_probes: Option<std::path::PathBuf>,
     pub drain_timeout: Duration,
     /// Inbound listeners first, then outbound, each in file order; then the
     /// transparent pair.
@@ -184,6 +186,7 @@ impl Config {
             worker_threads: raw.worker_threads,
             log_filter,
             admin: raw.admin.as_ref().map(|a| a.listen),
+            app_probes: raw.admin.as_ref().and_then(|a| a.app_probes.clone()),
             drain_timeout: raw.drain_timeout,
             listeners,
             sds,

@@ -138,6 +138,10 @@ pub struct LogConfig {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
+    /// The app's original `httpGet` probes (JSON by `container/probe`), answered at
+    /// `/app-health/<container>/<probe>`; `svidcar inject` sets it.
+    #[serde(default)]
+    pub app_probes: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
@@ -407,6 +411,9 @@ pub struct TransparentInboundConfig {
     /// Overrides by original destination port (`"9090": {mode: permissive}`).
     #[serde(default)]
     pub ports: BTreeMap<String, PortConfig>,
+    /// Only these ports are redirected (Istio's `includeInboundPorts`); empty: all.
+    #[serde(default)]
+    pub include_ports: Vec<u16>,
     /// Ports never redirected (ssh, a port the app must serve itself).
     #[serde(default)]
     pub exclude_ports: Vec<u16>,

@@ -59,6 +59,8 @@ pub struct RedirectSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedirectInbound {
     pub port: u16,
+    /// Only these ports are redirected; empty: every port.
+    pub include_ports: Vec<u16>,
     pub exclude_ports: Vec<u16>,
 }
 
@@ -103,6 +105,7 @@ impl TransparentConfig {
                 listeners.push(i.spec(tls)?);
                 Some(RedirectInbound {
                     port: listen_port(&format!("{at}.inbound.listen"), i.listen.port())?,
+                    include_ports: ports("transparent.inbound.include_ports", &i.include_ports)?,
                     exclude_ports: ports("transparent.inbound.exclude_ports", &i.exclude_ports)?,
                 })
             }

@@ -143,7 +143,20 @@ pub fn rules(spec: &RedirectSpec, family: Family, inbound: bool) -> Rules {
         hooks.push(rule("PREROUTING", "-p tcp", "inbound hook", INBOUND));
         chains.extend([INBOUND, IN_REDIRECT]);
         rules.extend(port_returns(INBOUND, "inbound", &i.exclude_ports));
-        rules.push(rule(INBOUND, "-p tcp", "inbound capture", IN_REDIRECT));
+        if i.include_ports.is_empty() {
+            rules.push(rule(INBOUND, "-p tcp", "inbound capture", IN_REDIRECT));
+        } else {
+            // Only the listed ports (exclusions above still win); others reach the pod
+            // as they are.
+            for p in &i.include_ports {
+                rules.push(rule(
+                    INBOUND,
+                    &format!("-p tcp -m tcp --dport {p}"),
+                    &format!("inbound capture port {p}"),
+                    IN_REDIRECT,
+                ));
+            }
+        }
         rules.push(rule(
             IN_REDIRECT,
             "-p tcp",
@@ -432,6 +445,35 @@ mod tests {
             .collect();
         assert_eq!(v6.rules, expect_v6);
         assert_eq!(v6.hooks, v4.hooks);
+    }
+
+    #[test]
+    fn include_ports_capture_only_those_ports_and_exclusions_still_win() {
+        let (v4, _) = both(&format!(
+            "{MINIMAL}{IN_SECTION}    include_ports: [8080, 22]\n    exclude_ports: [22]\n"
+        ));
+        let inbound: Vec<&String> = v4
+            .rules
+            .iter()
+            .filter(|r| r.starts_with("-A SVIDCAR_INBOUND "))
+            .collect();
+        let excluded = inbound
+            .iter()
+            .position(|r| r.contains("excluded port 22"))
+            .unwrap();
+        let captured: Vec<usize> = inbound
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.ends_with("-j SVIDCAR_IN_REDIRECT"))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(captured.len(), 2, "{inbound:?}");
+        assert!(captured.iter().all(|i| *i > excluded));
+        assert!(inbound[captured[0]].contains("--dport 22 "));
+        assert!(inbound[captured[1]].contains("--dport 8080 "));
+        assert!(!inbound
+            .iter()
+            .any(|r| r.contains("\"svidcar: inbound capture\"")));
     }
 
     #[test]

@@ -5,8 +5,11 @@
 //! Configs are built once per listener; what changes on rotation (our SVID, the
 //! bundles) is read from [`IdentityState`] inside the resolver and verifier.
 
+mod probe;
 mod resolver;
 mod verifier;
+
+pub use probe::probe_client_config;
 
 pub use resolver::SvidResolver;
 pub use verifier::{peer_identity_of, SpiffeClientVerifier, SpiffeServerVerifier, SpiffeVerifier};
