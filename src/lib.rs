@@ -26,4 +26,5 @@ pub mod spiffe;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tls;
+pub mod webhook;
 pub mod x509;

@@ -116,6 +116,11 @@ enum Command {
     },
     /// Add the svidcar sidecar to Kubernetes workloads: YAML in, YAML out on stdout.
     Inject(inject::InjectArgs),
+    /// Serve the mutating admission webhook that injects pods as `inject` does.
+    Webhook {
+        #[arg(long, short, env = "SVIDCAR_WEBHOOK_CONFIG")]
+        config: PathBuf,
+    },
     /// Print the version.
     Version,
 }
@@ -152,6 +157,10 @@ pub fn main() -> ExitCode {
             crate::redirect::run(config.as_deref(), opts)
         }
         Command::Inject(args) => inject::run(args),
+        Command::Webhook { config } => {
+            init_logging(None);
+            crate::webhook::run(&config)
+        }
         Command::Version => {
             println!("svidcar {}", env!("CARGO_PKG_VERSION"));
             Ok(())
