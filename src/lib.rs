@@ -13,6 +13,7 @@ pub mod crypto;
 pub mod dev_agent;
 pub mod h2_authority;
 pub mod identity;
+pub mod jwt;
 pub mod log_limit;
 pub mod metrics;
 pub mod net;
