@@ -433,3 +433,104 @@ inbound:
         );
     }
 }
+
+/// The dev CA mints and validates: two `dev` svidcars loading the same CA files agree
+/// on the JWT key (derived from the CA key), so the outbound's token passes the
+/// inbound's `source: jwt` rule.
+#[test]
+fn dev_ca_sidecars_mint_and_validate_each_others_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ca, key) = dev_ca(d, "example.org");
+    let app = App::start(d);
+    let (in_port, out_port) = (free_port(), free_port());
+    let dev = |id: &str| {
+        format!(
+            "identity:\n  dev: {{spiffe_id: \"{id}\", ca_cert: {}, ca_key: {}}}\n",
+            ca.display(),
+            key.display()
+        )
+    };
+    let inbound = Svidcar::start(
+        d,
+        "users",
+        &format!(
+            r#"{}inbound:
+  - name: users
+    listen: 127.0.0.1:{in_port}
+    forward: 127.0.0.1:{app}
+    protocol: http
+    allow: [{{trust_domain: example.org}}]
+    jwt: {{audiences: [users], required: true}}
+    authorization:
+      - action: ALLOW
+        source: jwt
+        principals: [{{exact: "{PAYMENT}"}}]
+"#,
+            dev(USERS),
+            app = app.port
+        ),
+    );
+    let _outbound = Svidcar::start(
+        d,
+        "caller",
+        &format!(
+            r#"{}outbound:
+  - name: users
+    listen: 127.0.0.1:{out_port}
+    connect: 127.0.0.1:{in_port}
+    protocol: http
+    expect: [{{exact: "{USERS}"}}]
+    jwt: {{audience: users}}
+"#,
+            dev(PAYMENT)
+        ),
+    );
+    let (code, body) = curl(&format!("http://127.0.0.1:{out_port}/"), &[]);
+    assert_eq!(code, 200, "{body}\n{}", inbound.logs());
+    let auth = authorization(&body);
+    let c = claims(auth[0].strip_prefix("Bearer ").unwrap());
+    assert_eq!(
+        (c["sub"].as_str(), c["aud"][0].as_str()),
+        (Some(PAYMENT), Some("users"))
+    );
+}
+
+/// No JWT-SVID can be had (the agent is gone before the first request; the X.509
+/// identity is cached): the app gets 503, the failure is logged and counted.
+#[test]
+fn no_jwt_svid_means_503_to_the_app() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut agent = DevAgent::start(
+        d,
+        &format!("trust_domain: example.org\nentries:\n  - spiffe_id: {PAYMENT}\n    selectors: [\"unix:uid:0\"]\n"),
+    );
+    let out_port = free_port();
+    let outbound = Svidcar::start(
+        d,
+        "caller",
+        &format!(
+            r#"identity:
+  workload_api: {{socket: "{}"}}
+outbound:
+  - name: users
+    listen: 127.0.0.1:{out_port}
+    connect: 127.0.0.1:{}
+    protocol: http
+    expect: [{{exact: "{PAYMENT}"}}]
+    jwt: {{audience: users}}
+"#,
+            agent.url(),
+            free_port()
+        ),
+    );
+    agent.kill();
+    let (code, body) = curl(&format!("http://127.0.0.1:{out_port}/"), &[]);
+    assert_eq!((code, body.as_str()), (503, "no JWT-SVID available\n"));
+    outbound.wait_log(&["no JWT-SVID for the request; answering 503", "FetchJWTSVID"]);
+    assert_eq!(
+        outbound.metric(r#"svidcar_jwt_outbound_total{listener="users",outcome="fetch_failed"}"#),
+        1.0
+    );
+}
