@@ -435,8 +435,9 @@ inbound:
 }
 
 /// The dev CA mints and validates: two `dev` svidcars loading the same CA files agree
-/// on the JWT key (derived from the CA key), so the outbound's token passes the
-/// inbound's `source: jwt` rule.
+/// on the JWT key (derived from the CA key). The claims reach Rego (`input.jwt_claims`);
+/// with `required: false` a request whose app sent another scheme (Basic) passes the JWT
+/// check without claims, and the policy refuses it.
 #[test]
 fn dev_ca_sidecars_mint_and_validate_each_others_tokens() {
     let dir = tempfile::tempdir().unwrap();
@@ -444,6 +445,13 @@ fn dev_ca_sidecars_mint_and_validate_each_others_tokens() {
     let (ca, key) = dev_ca(d, "example.org");
     let app = App::start(d);
     let (in_port, out_port) = (free_port(), free_port());
+    std::fs::write(
+        d.join("policy.rego"),
+        format!(
+            "package authz\ndefault allow = false\nallow {{\n  input.jwt_claims.sub == \"{PAYMENT}\"\n  input.jwt_claims.aud[_] == \"users\"\n}}\n"
+        ),
+    )
+    .unwrap();
     let dev = |id: &str| {
         format!(
             "identity:\n  dev: {{spiffe_id: \"{id}\", ca_cert: {}, ca_key: {}}}\n",
@@ -461,11 +469,8 @@ fn dev_ca_sidecars_mint_and_validate_each_others_tokens() {
     forward: 127.0.0.1:{app}
     protocol: http
     allow: [{{trust_domain: example.org}}]
-    jwt: {{audiences: [users], required: true}}
-    authorization:
-      - action: ALLOW
-        source: jwt
-        principals: [{{exact: "{PAYMENT}"}}]
+    jwt: {{audiences: [users], required: false}}
+    rego: {{policy: [policy.rego], query: data.authz.allow}}
 "#,
             dev(USERS),
             app = app.port
@@ -486,13 +491,22 @@ fn dev_ca_sidecars_mint_and_validate_each_others_tokens() {
             dev(PAYMENT)
         ),
     );
-    let (code, body) = curl(&format!("http://127.0.0.1:{out_port}/"), &[]);
+    let url = format!("http://127.0.0.1:{out_port}/");
+    let (code, body) = curl(&url, &[]);
     assert_eq!(code, 200, "{body}\n{}", inbound.logs());
     let auth = authorization(&body);
     let c = claims(auth[0].strip_prefix("Bearer ").unwrap());
     assert_eq!(
         (c["sub"].as_str(), c["aud"][0].as_str()),
         (Some(PAYMENT), Some("users"))
+    );
+    let (code, body) = curl(&url, &["-H", "Authorization: Basic dXNlcjpwdw=="]);
+    assert_eq!((code, body.as_str()), (403, "forbidden\n"));
+    inbound.wait_log(&["request refused by the Rego policy"]);
+    assert_eq!(
+        inbound.metric(r#"svidcar_jwt_refused_total{listener="users",reason="missing"}"#),
+        0.0,
+        "not required: no refusal"
     );
 }
 
