@@ -82,7 +82,10 @@ impl InboundJwt {
             };
         };
         let bytes = value.as_bytes();
-        let bearer = bytes.len() > 7 && bytes[..7].eq_ignore_ascii_case(b"bearer ");
+        // RFC 6750: the scheme is case-insensitive; `Bearer` alone is an empty token.
+        let bearer = bytes.len() >= 6
+            && bytes[..6].eq_ignore_ascii_case(b"bearer")
+            && bytes.get(6).is_none_or(|b| *b == b' ');
         if !bearer {
             // Another scheme (Basic, say) is the app's business unless a JWT is required.
             return if self.required {
@@ -91,7 +94,7 @@ impl InboundJwt {
                 Ok(None)
             };
         }
-        let token = std::str::from_utf8(&bytes[7..])
+        let token = std::str::from_utf8(bytes.get(7..).unwrap_or_default())
             .map_err(|_| JwtError::Malformed("token is not ASCII"))?
             .trim();
         validate(
@@ -101,5 +104,44 @@ impl InboundJwt {
             super::unix_now(),
         )
         .map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn check(required: bool, values: &[&'static str]) -> Result<bool, &'static str> {
+        let j = InboundJwt::new(
+            Arc::default(),
+            vec!["users".into()],
+            required,
+            Duration::from_secs(30),
+            "l".into(),
+        );
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(AUTHORIZATION, HeaderValue::from_static(v));
+        }
+        j.check(&h, None)
+            .map(|v| v.is_some())
+            .map_err(|e| e.label())
+    }
+
+    #[test]
+    fn reads_the_authorization_header_as_rfc_6750_says() {
+        assert_eq!(check(false, &[]), Ok(false));
+        assert_eq!(check(true, &[]), Err("missing"));
+        assert_eq!(check(false, &["Basic dXNlcjpwdw=="]), Ok(false));
+        assert_eq!(check(true, &["Basic dXNlcjpwdw=="]), Err("malformed"));
+        assert_eq!(check(false, &["Bearer"]), Err("malformed"));
+        assert_eq!(check(false, &["Bearer "]), Err("malformed"));
+        assert_eq!(check(false, &["bearer a.b.c"]), Err("malformed"));
+        assert_eq!(check(false, &["Bearerx a.b.c"]), Ok(false));
+        assert_eq!(
+            check(false, &["Bearer a.b.c", "Bearer a.b.c"]),
+            Err("malformed")
+        );
     }
 }
