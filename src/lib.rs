@@ -14,6 +14,7 @@ pub mod dev_agent;
 pub mod h2_authority;
 pub mod identity;
 pub mod inject;
+pub mod jwt;
 pub mod log_limit;
 pub mod metrics;
 pub mod net;

@@ -25,6 +25,9 @@ pub struct Metrics {
     pub sds_requests: IntCounterVec,
     pub sds_responses: IntCounter,
     pub grpc_closed: IntCounterVec,
+    pub jwt_refused: IntCounterVec,
+    pub jwt_outbound: IntCounterVec,
+    pub jwt_bundle_keys: IntGaugeVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -83,6 +86,16 @@ impl Metrics {
                 .expect("metric registered once");
         }
         r.register(Box::new(identity_updates.clone()))
+            .expect("metric registered once");
+        let jwt_bundle_keys = IntGaugeVec::new(
+            Opts::new(
+                "svidcar_jwt_bundle_keys",
+                "JWT-SVID signing keys in the JWT bundle of each trust domain",
+            ),
+            &["trust_domain"],
+        )
+        .expect("static metric definition");
+        r.register(Box::new(jwt_bundle_keys.clone()))
             .expect("metric registered once");
         Self {
             connections: counter_vec(
@@ -146,6 +159,19 @@ impl Metrics {
                 "Unix-socket gRPC connections closed because a header block could not be repaired, by reason",
                 &["reason"],
             ),
+            jwt_refused: counter_vec(
+                &r,
+                "svidcar_jwt_refused_total",
+                "Inbound JWT-SVIDs refused (401), by reason: missing, malformed, bad_alg, bad_typ, missing_kid, bad_subject, no_bundle, unknown_key, foreign_trust_domain, bad_signature, missing_exp, expired, not_yet_valid, wrong_audience",
+                &["listener", "reason"],
+            ),
+            jwt_outbound: counter_vec(
+                &r,
+                "svidcar_jwt_outbound_total",
+                "Outbound requests by what happened to the JWT-SVID: injected, app_header_kept (the app's Authorization forwarded), fetch_failed (503)",
+                &["listener", "outcome"],
+            ),
+            jwt_bundle_keys,
             registry: r,
         }
     }

@@ -166,6 +166,15 @@ impl BoundListener {
                     f.rules = Some(h.rules.clone());
                     f.xfcc = h.xfcc.as_ref().map(xfcc);
                     f.rego = rego;
+                    f.jwt = h.jwt_inbound.as_ref().map(|j| {
+                        crate::jwt::InboundJwt::new(
+                            state.jwt().clone(),
+                            j.audiences.clone(),
+                            j.required,
+                            j.leeway,
+                            spec.name.clone(),
+                        )
+                    });
                     Arc::new(f)
                 });
                 let l = InboundListener {
@@ -185,13 +194,21 @@ impl BoundListener {
                         let c = b.connector(Target::Fixed(o.connect.clone()), &metrics);
                         let mtls = b.mtls(&o.expect, &spec.tls, Some(o.server_name.clone()))?;
                         let up = UpstreamConnector::new(spec.name.clone(), c, Some(mtls));
-                        Some(Arc::new(HttpForwarder::new(
+                        let mut f = HttpForwarder::new(
                             metrics.clone(),
                             http_client(up, false, h.pool),
                             http::uri::Scheme::HTTPS,
                             authority(&o.connect),
                             spec.listen.port(),
-                        )))
+                        );
+                        f.jwt_out = h.jwt_audience.as_ref().map(|a| {
+                            crate::jwt::OutboundJwt::new(
+                                state.jwt().clone(),
+                                a.clone(),
+                                spec.name.clone(),
+                            )
+                        });
+                        Some(Arc::new(f))
                     }
                     None => None,
                 };

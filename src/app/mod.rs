@@ -58,6 +58,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| identity_error(e, &config.identity))?;
     state.publish(update);
+    source.install_jwt(state.jwt());
     let own_td = state
         .load()
         .default_svid()

@@ -49,7 +49,7 @@ impl IdentityConfigRaw {
             if let Some(b) = &mut f.bundle {
                 resolve_path(base, b);
             }
-            for p in f.bundles.values_mut() {
+            for p in f.bundles.values_mut().chain(f.jwt_bundles.values_mut()) {
                 resolve_path(base, p);
             }
         }
@@ -84,6 +84,11 @@ impl IdentityConfigRaw {
             for td in files.bundles.keys() {
                 parse_trust_domain(td).map_err(|e| {
                     ConfigError::new(format!("identity.files.bundles.{td}"), e.to_string())
+                })?;
+            }
+            for td in files.jwt_bundles.keys() {
+                parse_trust_domain(td).map_err(|e| {
+                    ConfigError::new(format!("identity.files.jwt_bundles.{td}"), e.to_string())
                 })?;
             }
             return Ok(IdentityConfig::Files(files.clone()));

@@ -138,7 +138,25 @@ pub struct HttpSpec {
     pub rules: std::sync::Arc<crate::authz::http_rules::HttpRules>,
     /// Inbound: Rego policy files and query.
     pub rego: Option<super::raw::RegoConfig>,
+    /// Inbound: JWT-SVID validation of `Authorization: Bearer`.
+    pub jwt_inbound: Option<JwtInboundSpec>,
+    /// Outbound: the audience of the JWT-SVID set on each request.
+    pub jwt_audience: Option<String>,
 }
+
+/// Inbound `jwt:`, checked.
+#[derive(Debug, Clone)]
+pub struct JwtInboundSpec {
+    /// Not empty: a token must name one of these in `aud`.
+    pub audiences: Vec<String>,
+    /// A request without a token is refused (401).
+    pub required: bool,
+    /// Allowed clock skew for `exp`, `nbf`, `iat`.
+    pub leeway: Duration,
+}
+
+/// Clock skew allowed on `exp`, `nbf` and `iat` unless `leeway` says otherwise.
+const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(30);
 
 /// TLS settings of one listener.
 #[derive(Debug, Clone)]
@@ -304,6 +322,7 @@ impl ListenerConfig {
             ("pool", self.pool.is_some()),
             ("authorization", !self.authorization.is_empty()),
             ("rego", self.rego.is_some()),
+            ("jwt", self.jwt.is_some()),
         ];
         if self.protocol == Protocol::Tcp {
             if let Some((key, _)) = http_only.iter().find(|(_, set)| *set) {
@@ -364,16 +383,18 @@ impl ListenerConfig {
                 format!("{h} has another meaning in HTTP (or is written by `xfcc`); choose a header of its own, such as X-Workload-ID"),
             ));
         }
-        // A `source: jwt` rule could never match until JWT-SVIDs are validated: a DENY
-        // rule would silently do nothing, so it is refused rather than accepted.
+        let (jwt_inbound, jwt_audience) = self.jwt_spec(at, inbound)?;
+        // A `source: jwt` rule could never match on a listener that validates no
+        // JWT-SVIDs: a DENY rule would silently do nothing, so it is refused.
         if let Some(i) = self
             .authorization
             .iter()
             .position(|r| r.source == super::raw::SourceConfig::Jwt)
+            .filter(|_| jwt_inbound.is_none())
         {
             return Err(ConfigError::new(
                 format!("{at}.authorization[{i}].source"),
-                "jwt: JWT-SVID validation is not available in this version; match the mTLS peer (source: peer)",
+                "jwt principals need JWT-SVID validation on this listener: add jwt: {audiences: [...]}",
             ));
         }
         let rules = super::authorization::authorization_rules(
@@ -392,7 +413,65 @@ impl ListenerConfig {
             pool: self.pool.unwrap_or(true),
             rules: std::sync::Arc::new(rules),
             rego: self.rego.clone(),
+            jwt_inbound,
+            jwt_audience,
         }))
+    }
+
+    /// `jwt:` of an HTTP listener: inbound needs a non-empty `audiences`, outbound one
+    /// `audience`; each side's keys are refused on the other.
+    #[allow(clippy::type_complexity)]
+    fn jwt_spec(
+        &self,
+        at: &str,
+        inbound: bool,
+    ) -> Result<(Option<JwtInboundSpec>, Option<String>), ConfigError> {
+        let Some(j) = &self.jwt else {
+            return Ok((None, None));
+        };
+        let key = |k: &str| format!("{at}.jwt.{k}");
+        if inbound {
+            if j.audience.is_some() {
+                return Err(ConfigError::new(
+                    key("audience"),
+                    "only for outbound listeners; inbound lists the accepted ones in audiences",
+                ));
+            }
+            let audiences = j.audiences.clone().unwrap_or_default();
+            if audiences.is_empty() || audiences.iter().any(|a| a.is_empty()) {
+                return Err(ConfigError::new(
+                    key("audiences"),
+                    "empty: list the audiences a token must name (aud), such as this service's name",
+                ));
+            }
+            return Ok((
+                Some(JwtInboundSpec {
+                    audiences,
+                    required: j.required.unwrap_or(false),
+                    leeway: j.leeway.unwrap_or(DEFAULT_JWT_LEEWAY),
+                }),
+                None,
+            ));
+        }
+        for (k, set) in [
+            ("audiences", j.audiences.is_some()),
+            ("required", j.required.is_some()),
+            ("leeway", j.leeway.is_some()),
+        ] {
+            if set {
+                return Err(ConfigError::new(
+                    key(k),
+                    "only for inbound listeners; outbound sets one audience",
+                ));
+            }
+        }
+        match &j.audience {
+            Some(a) if !a.is_empty() => Ok((None, Some(a.clone()))),
+            _ => Err(ConfigError::new(
+                key("audience"),
+                "required: the audience of the JWT-SVID to send (the peer's inbound audiences)",
+            )),
+        }
     }
 }
 

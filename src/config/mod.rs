@@ -159,6 +159,7 @@ impl Config {
                 });
             }
         }
+        jwt_needs_a_source(&listeners, &identity)?;
         let mut redirect = None;
         if let Some(tr) = &raw.transparent {
             let (mut spec, pair) = tr.specs(raw.tls.min_version)?;
@@ -208,6 +209,34 @@ impl Config {
             })
             .count()
     }
+}
+
+/// `jwt:` needs an identity source that has what it uses: outbound, one that issues
+/// JWT-SVIDs (dev CA or Workload API; PEM files cannot); inbound with `files`, at least
+/// one `jwt_bundles` file (else every token would be refused).
+fn jwt_needs_a_source(
+    listeners: &[ListenerSpec],
+    identity: &IdentityConfig,
+) -> Result<(), ConfigError> {
+    let IdentityConfig::Files(files) = identity else {
+        return Ok(());
+    };
+    for l in listeners {
+        let Some(h) = &l.http else { continue };
+        if h.jwt_audience.is_some() {
+            return Err(ConfigError::new(
+                format!("{}.jwt.audience", l.key),
+                "the files identity source cannot issue JWT-SVIDs; use identity dev or workload_api",
+            ));
+        }
+        if h.jwt_inbound.is_some() && files.jwt_bundles.is_empty() {
+            return Err(ConfigError::new(
+                format!("{}.jwt", l.key),
+                "no JWT bundle to validate tokens with: set identity.files.jwt_bundles",
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -333,5 +362,53 @@ outbound:
         );
         let e = err(&http.replace("X-Workload-ID", "bad header"));
         assert!(e.starts_with("inbound[0].identity_header:"), "{e}");
+    }
+
+    #[test]
+    fn jwt_keys_are_checked() {
+        let http = GOOD.replace(
+            "    forward: 127.0.0.1:8080\n",
+            "    forward: 127.0.0.1:8080\n    protocol: http\n    JWT\n",
+        );
+        let with = |jwt: &str| http.replace("JWT", jwt);
+        let c = Config::parse(&with("jwt: {audiences: [users], required: true, leeway: 5s}\n    authorization:\n      - action: ALLOW\n        source: jwt\n        principals: [{prefix: \"spiffe://example.org/\"}]")).unwrap();
+        let j = c.listeners[0]
+            .http
+            .as_ref()
+            .unwrap()
+            .jwt_inbound
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (j.audiences, j.required, j.leeway),
+            (vec!["users".to_string()], true, Duration::from_secs(5))
+        );
+        let c = Config::parse(&with("jwt: {audiences: [users]}")).unwrap();
+        let j = c.listeners[0]
+            .http
+            .as_ref()
+            .unwrap()
+            .jwt_inbound
+            .clone()
+            .unwrap();
+        assert_eq!((j.required, j.leeway), (false, Duration::from_secs(30)));
+        for (jwt, want) in [
+            ("jwt: {audiences: []}", "inbound[0].jwt.audiences: empty"),
+            ("jwt: {required: true}", "inbound[0].jwt.audiences: empty"),
+            (
+                "jwt: {audiences: [a], audience: b}",
+                "inbound[0].jwt.audience: only for outbound",
+            ),
+            ("jwt: {audiences: [a], foo: 1}", "inbound[0]"),
+        ] {
+            let e = err(&with(jwt));
+            assert!(e.starts_with(want), "{jwt}: {e}");
+            assert!(!e.contains("panick"), "{e}");
+        }
+        let e = err(&GOOD.replace(
+            "    forward: 127.0.0.1:8080\n",
+            "    forward: 127.0.0.1:8080\n    jwt: {audiences: [users]}\n",
+        ));
+        assert!(e.starts_with("inbound[0].jwt: only for HTTP"), "{e}");
     }
 }

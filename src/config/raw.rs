@@ -215,6 +215,9 @@ pub struct FilesConfig {
     /// Further bundles keyed by trust domain name (federation).
     #[serde(default)]
     pub bundles: BTreeMap<String, PathBuf>,
+    /// JWT bundles (JWKS files) keyed by trust domain name, for validating JWT-SVIDs.
+    #[serde(default)]
+    pub jwt_bundles: BTreeMap<String, PathBuf>,
 }
 
 /// One listener, inbound or outbound. Inbound uses `forward` and `allow`; outbound
@@ -271,6 +274,29 @@ pub struct ListenerConfig {
     /// HTTP inbound: Rego policies evaluated in-process for each request.
     #[serde(default)]
     pub rego: Option<RegoConfig>,
+    /// HTTP: JWT-SVIDs; inbound validates `Authorization: Bearer`, outbound sets it.
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+}
+
+/// `jwt`: inbound `{audiences: [..], required: true|false, leeway: 30s}`, outbound
+/// `{audience: X}`. One struct for both sides, so a key of the other side gets a keyed
+/// error from the listener check rather than serde's "unknown field".
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    #[serde(default)]
+    pub audiences: Option<Vec<String>>,
+    #[serde(default)]
+    pub required: Option<bool>,
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub leeway: Option<Duration>,
+    #[serde(default)]
+    pub audience: Option<String>,
+}
+
+fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 /// `rego`: policy files (relative to the config file) and the rule that decides.

@@ -158,6 +158,13 @@ impl DevCa {
         )
     }
 
+    /// A JWT-SVID signer on the CA's own key: every process that loads this CA mints
+    /// under the same key ID and can validate the others' tokens.
+    pub fn jwt_signer(&self) -> Result<crate::jwt::JwtSigner, IdentityError> {
+        crate::jwt::JwtSigner::from_pkcs8(&self.issuer.key().serialize_der())
+            .map_err(|e| IdentityError::DevCa(format!("JWT signing key: {e}")))
+    }
+
     pub fn bundle(&self) -> Result<Bundle, IdentityError> {
         Bundle::new(self.trust_domain.clone(), vec![self.cert.clone()])
     }
@@ -241,11 +248,30 @@ fn dev_err(e: impl std::fmt::Display) -> IdentityError {
     IdentityError::DevCa(e.to_string())
 }
 
+/// How long a dev JWT-SVID is valid (SPIRE's default JWT-SVID TTL).
+const JWT_TTL: Duration = Duration::from_secs(300);
+
 /// The running `dev` source.
 pub struct DevSource {
     ca: DevCa,
     spiffe_id: SpiffeId,
     ttl: Duration,
+    jwt: Arc<crate::jwt::JwtSigner>,
+}
+
+/// Mints our JWT-SVIDs with the dev CA's key.
+struct DevJwtMinter {
+    signer: Arc<crate::jwt::JwtSigner>,
+    spiffe_id: SpiffeId,
+}
+
+impl crate::jwt::JwtMinter for DevJwtMinter {
+    fn mint<'a>(&'a self, audience: &'a str) -> crate::jwt::MintFuture<'a> {
+        let token = self
+            .signer
+            .mint(&self.spiffe_id, &[audience.to_string()], JWT_TTL);
+        Box::pin(async move { token })
+    }
 }
 
 impl DevSource {
@@ -261,6 +287,7 @@ impl DevSource {
             )?,
         };
         let source = Self {
+            jwt: Arc::new(ca.jwt_signer()?),
             ca,
             spiffe_id: config.spiffe_id.clone(),
             ttl: config.svid_ttl,
@@ -282,6 +309,23 @@ impl DevSource {
             )?;
         }
         Ok((source, update))
+    }
+
+    /// The CA's JWT key is the JWT bundle of our trust domain; we mint with it.
+    pub fn install_jwt(&self, jwt: &crate::jwt::JwtState) {
+        let mut bundle = crate::jwt::JwtBundle::default();
+        bundle
+            .keys
+            .insert(self.jwt.kid().to_string(), self.jwt.public_key());
+        let mut bundles = crate::jwt::JwtBundles::default();
+        bundles
+            .by_domain
+            .insert(self.spiffe_id.trust_domain().clone(), Arc::new(bundle));
+        jwt.set_bundles(bundles, "dev CA");
+        jwt.set_minter(Arc::new(DevJwtMinter {
+            signer: self.jwt.clone(),
+            spiffe_id: self.spiffe_id.clone(),
+        }));
     }
 
     fn update(&self) -> Result<IdentityUpdate, IdentityError> {

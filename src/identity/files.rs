@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{pem, Bundle, IdentityError, IdentityState, IdentityUpdate, Svid};
 use crate::config::FilesConfig;
+use crate::jwt::{JwtBundle, JwtBundles};
 use crate::spiffe::parse_trust_domain;
 
 /// Writers often put the certificate and the key down as two steps; wait this long
@@ -24,17 +25,27 @@ const SETTLE: Duration = Duration::from_millis(150);
 
 pub struct FilesSource {
     config: FilesConfig,
+    /// `jwt_bundles` as loaded at start-up (each file must load then).
+    jwt: JwtBundles,
 }
 
 impl FilesSource {
     pub fn load(config: &FilesConfig) -> Result<(Self, IdentityUpdate), IdentityError> {
         let update = read(config)?;
+        let jwt = read_jwt_bundles(config, None)?;
         Ok((
             Self {
                 config: config.clone(),
+                jwt,
             },
             update,
         ))
+    }
+
+    pub fn install_jwt(&self, jwt: &crate::jwt::JwtState) {
+        if !self.config.jwt_bundles.is_empty() {
+            jwt.set_bundles(self.jwt.clone(), "files");
+        }
     }
 
     /// Reloads on every change in the watched directories until cancelled. A change
@@ -71,6 +82,13 @@ impl FilesSource {
                     got = rx.recv() => if got.is_none() { return },
                 }
             }
+            if !self.config.jwt_bundles.is_empty() {
+                // Per file: one that does not load keeps its trust domain's old bundle.
+                let current = state.jwt().bundles();
+                if let Ok(next) = read_jwt_bundles(&self.config, Some(&current)) {
+                    state.jwt().set_bundles(next, "files");
+                }
+            }
             let config = self.config.clone();
             match tokio::task::spawn_blocking(move || read(&config)).await {
                 Ok(Ok(update)) => {
@@ -91,6 +109,7 @@ fn watched_names(config: &FilesConfig) -> Vec<std::ffi::OsString> {
     let mut files = vec![&config.cert, &config.key];
     files.extend(config.bundle.iter());
     files.extend(config.bundles.values());
+    files.extend(config.jwt_bundles.values());
     files
         .iter()
         .filter_map(|f| f.file_name().map(|n| n.to_os_string()))
@@ -115,6 +134,7 @@ fn watched_dirs(config: &FilesConfig) -> BTreeSet<PathBuf> {
     let mut files = vec![&config.cert, &config.key];
     files.extend(config.bundle.iter());
     files.extend(config.bundles.values());
+    files.extend(config.jwt_bundles.values());
     files
         .into_iter()
         .map(|f| match f.parent() {
@@ -176,4 +196,42 @@ fn bundle_file(td: &str, path: &std::path::Path) -> Result<Bundle, IdentityError
         path: path.display().to_string(),
         problem: e.to_string(),
     })
+}
+
+/// Reads `jwt_bundles`. With no `current` (start-up, `check`) any file that does not
+/// load is an error; on a reload such a file is logged and its trust domain keeps the
+/// bundle in `current`. Keys skipped inside a file are logged either way.
+pub fn read_jwt_bundles(
+    config: &FilesConfig,
+    current: Option<&JwtBundles>,
+) -> Result<JwtBundles, IdentityError> {
+    let mut out = JwtBundles::default();
+    for (td, path) in &config.jwt_bundles {
+        let file_err = |problem: String| IdentityError::File {
+            path: path.display().to_string(),
+            problem,
+        };
+        let td = parse_trust_domain(td).map_err(|e| file_err(e.to_string()))?;
+        let loaded = std::fs::read(path)
+            .map_err(|e| file_err(format!("cannot read: {e}")))
+            .and_then(|bytes| {
+                JwtBundle::parse(&bytes).map_err(|e| file_err(format!("JWT bundle: {e}")))
+            });
+        match (loaded, current) {
+            (Ok((bundle, skipped)), _) => {
+                for why in skipped {
+                    tracing::warn!(file = %path.display(), trust_domain = %td, "JWT bundle key skipped: {why}");
+                }
+                out.by_domain.insert(td, Arc::new(bundle));
+            }
+            (Err(e), None) => return Err(e),
+            (Err(e), Some(current)) => {
+                tracing::warn!(error = %e, trust_domain = %td, "JWT bundle file changed but does not load; keeping the previous bundle");
+                if let Some(old) = current.by_domain.get(&td) {
+                    out.by_domain.insert(td, old.clone());
+                }
+            }
+        }
+    }
+    Ok(out)
 }

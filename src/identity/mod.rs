@@ -119,7 +119,10 @@ impl IdentitySource {
     pub fn check(config: &IdentityConfig) -> Result<String, IdentityError> {
         let update = match config {
             IdentityConfig::Dev(c) => dev_ca::DevSource::load(c)?.1,
-            IdentityConfig::Files(c) => files::FilesSource::load(c)?.1,
+            IdentityConfig::Files(c) => {
+                files::read_jwt_bundles(c, None)?;
+                files::FilesSource::load(c)?.1
+            }
             IdentityConfig::WorkloadApi(c) => {
                 return Ok(format!(
                     "workload_api at unix://{} (not contacted by check)",
@@ -132,6 +135,16 @@ impl IdentitySource {
             .first()
             .map(|s| s.spiffe_id.to_string())
             .unwrap_or_default())
+    }
+
+    /// Hands the JWT side of the identity to `jwt`: bundles known at start-up (dev CA,
+    /// files) and the minter (dev CA, Workload API). Called once, before listeners bind.
+    pub fn install_jwt(&self, jwt: &crate::jwt::JwtState) {
+        match self {
+            Self::Dev(s) => s.install_jwt(jwt),
+            Self::Files(s) => s.install_jwt(jwt),
+            Self::WorkloadApi(s) => s.install_jwt(jwt),
+        }
     }
 
     /// Keeps `state` current until `shutdown` fires.

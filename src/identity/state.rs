@@ -27,6 +27,9 @@ pub struct IdentityState {
     changed: watch::Sender<Arc<Snapshot>>,
     /// The source cannot reach its origin: we serve the last good snapshot.
     cached: AtomicBool,
+    /// JWT bundles and the JWT-SVID minter, kept apart from the X.509 snapshot: they
+    /// come from other streams and files, and no handshake reads them.
+    jwt: Arc<crate::jwt::JwtState>,
 }
 
 impl IdentityState {
@@ -37,7 +40,13 @@ impl IdentityState {
             current: ArcSwap::new(empty),
             changed,
             cached: AtomicBool::new(false),
+            jwt: Arc::default(),
         }
+    }
+
+    /// The JWT side of the identity: bundles for validation, the minter for outbound.
+    pub fn jwt(&self) -> &Arc<crate::jwt::JwtState> {
+        &self.jwt
     }
 
     /// The current snapshot.

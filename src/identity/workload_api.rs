@@ -51,6 +51,7 @@ pub type Client = SpiffeWorkloadApiClient<InterceptedService<Channel, SecurityHe
 
 /// A Workload API client over a unix socket. The channel connects lazily and
 /// reconnects by itself; a call fails with UNAVAILABLE while the socket is absent.
+#[derive(Clone)]
 pub struct WorkloadApiClient {
     inner: Client,
 }
@@ -91,6 +92,17 @@ impl WorkloadApiClient {
             spiffe_id: spiffe_id.map(|s| s.to_string()).unwrap_or_default(),
         };
         Ok(self.inner.fetch_jwtsvid(req).await?.into_inner())
+    }
+
+    /// The JWT bundles stream: every message is the complete set.
+    pub async fn jwt_bundle_stream(
+        &mut self,
+    ) -> Result<Streaming<crate::proto::workload::JwtBundlesResponse>, Status> {
+        Ok(self
+            .inner
+            .fetch_jwt_bundles(JwtBundlesRequest {})
+            .await?
+            .into_inner())
     }
 
     /// The first JWKS bundles message: trust domain ID → JWKS JSON.
@@ -291,8 +303,22 @@ impl WorkloadApiSource {
         Ok(update)
     }
 
+    /// JWT-SVIDs come from `FetchJWTSVID`, for our selected identity if one is configured.
+    pub fn install_jwt(&self, jwt: &crate::jwt::JwtState) {
+        jwt.set_minter(Arc::new(WorkloadJwtMinter {
+            client: self.client.clone(),
+            spiffe_id: self.config.spiffe_id.clone(),
+            hint: self.config.hint.clone(),
+        }));
+    }
+
     /// Applies every message until the streams break, then reconnects, forever.
     pub async fn run(mut self, state: Arc<IdentityState>, shutdown: CancellationToken) {
+        tokio::spawn(follow_jwt_bundles(
+            self.client.clone(),
+            state.jwt().clone(),
+            shutdown.clone(),
+        ));
         let mut backoff = Backoff::default();
         loop {
             if let Some(session) = self.session.as_mut() {
@@ -325,6 +351,96 @@ impl WorkloadApiSource {
                     tracing::debug!(error = %e, retry_in = ?backoff.peek(), "Workload API still unreachable")
                 }
             }
+        }
+    }
+}
+
+/// Fetches JWT-SVIDs from the Workload API.
+struct WorkloadJwtMinter {
+    client: WorkloadApiClient,
+    spiffe_id: Option<SpiffeId>,
+    hint: Option<String>,
+}
+
+impl crate::jwt::JwtMinter for WorkloadJwtMinter {
+    fn mint<'a>(&'a self, audience: &'a str) -> crate::jwt::MintFuture<'a> {
+        Box::pin(async move {
+            let mut client = self.client.clone();
+            let resp = client
+                .jwt_svids(vec![audience.to_string()], self.spiffe_id.as_ref())
+                .await
+                .map_err(|e| format!("FetchJWTSVID: {}: {}", code_name(e.code()), e.message()))?;
+            let chosen = resp
+                .svids
+                .iter()
+                .find(|s| self.hint.as_ref().is_some_and(|h| *h == s.hint))
+                .or_else(|| match &self.hint {
+                    Some(_) => None,
+                    None => resp.svids.first(),
+                })
+                .ok_or_else(|| "FetchJWTSVID: no JWT-SVID for our identity".to_string())?;
+            Ok(chosen.svid.clone())
+        })
+    }
+}
+
+/// Follows `FetchJWTBundles` until shutdown, reconnecting with backoff: each message
+/// replaces the JWT bundles; a trust domain whose JWKS does not parse keeps its old one.
+async fn follow_jwt_bundles(
+    mut client: WorkloadApiClient,
+    jwt: Arc<crate::jwt::JwtState>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::default();
+    loop {
+        let end = match client.jwt_bundle_stream().await {
+            Err(e) if e.code() == tonic::Code::Unimplemented => {
+                tracing::warn!("the Workload API does not serve JWT bundles; inbound JWT-SVIDs cannot be validated");
+                return;
+            }
+            Err(e) => format!("{}: {}", code_name(e.code()), e.message()),
+            Ok(mut stream) => loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = stream.message() => m,
+                };
+                match msg {
+                    Ok(Some(m)) => {
+                        backoff = Backoff::default();
+                        let current = jwt.bundles();
+                        let mut next = crate::jwt::JwtBundles::default();
+                        for (td, jwks) in m.bundles {
+                            let Ok(td) = parse_trust_domain(&td) else {
+                                tracing::warn!(trust_domain = %crate::log_limit::printable(&td, 128), "JWT bundle for an invalid trust domain skipped");
+                                continue;
+                            };
+                            match crate::jwt::JwtBundle::parse(&jwks) {
+                                Ok((b, skipped)) => {
+                                    for why in skipped {
+                                        tracing::warn!(trust_domain = %td, "JWT bundle key skipped: {why}");
+                                    }
+                                    next.by_domain.insert(td, Arc::new(b));
+                                }
+                                Err(e) => {
+                                    tracing::warn!(trust_domain = %td, error = %e, "JWT bundle does not parse; keeping the previous one");
+                                    if let Some(old) = current.by_domain.get(&td) {
+                                        next.by_domain.insert(td, old.clone());
+                                    }
+                                }
+                            }
+                        }
+                        jwt.set_bundles(next, "workload_api");
+                    }
+                    Ok(None) => break "JWT bundle stream closed by the server".to_string(),
+                    Err(e) => break format!("{}: {}", code_name(e.code()), e.message()),
+                }
+            },
+        };
+        let wait = backoff.next();
+        tracing::debug!(error = %end, retry_in = ?wait, "JWT bundle stream ended; the last bundles stay in use");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }

@@ -92,6 +92,10 @@ pub struct HttpForwarder {
     pub xfcc: Option<Xfcc>,
     /// Inbound: a Rego policy that decides each request (after the rules).
     pub rego: Option<RegoAuthorizer>,
+    /// Inbound: JWT-SVID validation (before the rules, which may name its `sub`).
+    pub jwt: Option<crate::jwt::InboundJwt>,
+    /// Outbound: the JWT-SVID set as `Authorization: Bearer`.
+    pub jwt_out: Option<crate::jwt::OutboundJwt>,
     pub requests: IntCounterVec,
 }
 
@@ -115,6 +119,8 @@ impl HttpForwarder {
             port,
             xfcc: None,
             rego: None,
+            jwt: None,
+            jwt_out: None,
             requests: metrics::get().http_requests.clone(),
         }
     }
@@ -224,6 +230,19 @@ impl HttpForwarder {
                 }
             }
         }
+        // Inbound JWT-SVID (logged and counted inside); outbound, ours set.
+        let jwt = match &self.jwt {
+            Some(j) => match j.check(req.headers(), peer.map(|p| p.uri.as_str())) {
+                Ok(v) => v,
+                Err(_) => return self.unauthorized(),
+            },
+            None => None,
+        };
+        if let Some(j) = &self.jwt_out {
+            if j.apply(req.headers_mut()).await.is_err() {
+                return self.answer(StatusCode::SERVICE_UNAVAILABLE, "no JWT-SVID available\n");
+            }
+        }
         let mut path_and_query = req.uri().path_and_query().cloned();
         if let Some(rules) = &self.rules {
             // Inbound: what is authorized is what the app receives.
@@ -237,7 +256,7 @@ impl HttpForwarder {
             };
             let view = RequestView {
                 principal: peer.map(|p| p.uri.as_str()),
-                jwt_principal: None,
+                jwt_principal: jwt.as_ref().map(|j| j.sub.as_str()),
                 method: req.method().as_str(),
                 path: &normalized.path,
                 port: self.port,
@@ -274,7 +293,7 @@ impl HttpForwarder {
                     query: normalized.query,
                     host: &host,
                     headers: req.headers(),
-                    jwt_claims: None,
+                    jwt_claims: jwt.as_ref().map(|j| &j.claims),
                 };
                 match rego.decide_request(&view) {
                     RegoDecision::Allow { headers } => {
@@ -385,6 +404,16 @@ impl HttpForwarder {
         res.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        res
+    }
+
+    /// 401 with RFC 6750's challenge; the reason is in the log and the metric only.
+    fn unauthorized(&self) -> Response<ProxyBody> {
+        let mut res = self.answer(StatusCode::UNAUTHORIZED, "unauthorized\n");
+        res.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer error=\"invalid_token\""),
         );
         res
     }
