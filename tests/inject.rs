@@ -206,6 +206,48 @@ fn injected_pod_has_the_promised_shape() {
     assert_eq!(inbound["allow"][1]["trust_domain"], "example.org");
 }
 
+/// The ConfigMap and image annotations, and the hostPath socket option.
+#[test]
+fn config_map_image_and_host_path_options() {
+    let out = inject(GOLDEN_ARGS, &Path::new(SAMPLES).join("in/multi.yaml"));
+    let docs: Vec<Value> = serde_norway::Deserializer::from_slice(&out.stdout)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let custom = &docs[3];
+    assert_eq!(custom["metadata"]["name"], "custom");
+    let sidecar = &custom["spec"]["initContainers"][1];
+    assert_eq!(sidecar["image"], "registry.example/svidcar:dev");
+    assert_eq!(sidecar["args"][2], "/etc/svidcar/config/config.yaml");
+    let volumes = custom["spec"]["volumes"].as_sequence().unwrap();
+    assert!(volumes
+        .iter()
+        .any(|v| v["configMap"]["name"] == "custom-svidcar"));
+    // No generated config: the ConfigMap's is used.
+    assert!(custom["metadata"]["annotations"]
+        .get("svidcar.io/sidecar-config")
+        .is_none());
+
+    let out = inject(
+        &[
+            "--image",
+            "svidcar:test",
+            "--socket-host-path",
+            "/run/spire/agent-sockets",
+        ],
+        &Path::new(SAMPLES).join("in/job.yaml"),
+    );
+    let doc: Value = serde_norway::from_slice(&out.stdout).unwrap();
+    let volumes = doc["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap();
+    let api = volumes
+        .iter()
+        .find(|v| v["name"] == "svidcar-workload-api")
+        .unwrap();
+    assert_eq!(api["hostPath"]["path"], "/run/spire/agent-sockets");
+    assert!(api.get("csi").is_none());
+}
+
 /// Every golden output (and so every generated pod) is valid against the Kubernetes 1.33
 /// schemas; a broken manifest is caught (the check can fail).
 #[test]
