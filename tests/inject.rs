@@ -435,6 +435,11 @@ spec:
       httpGet: {path: /healthz, port: http}
     livenessProbe:
       tcpSocket: {port: 8080}
+  - name: tls
+    image: openssl
+    ports: [{containerPort: 8443}]
+    readinessProbe:
+      httpGet: {path: /, port: 8443, scheme: HTTPS}
 "#;
 
 const CLIENT_POD: &str = r#"
@@ -486,6 +491,37 @@ fn injected_pods_talk_over_mtls_and_kubelet_probes_work() {
     std::fs::write(www.join("index.html"), "hello from users\n").unwrap();
     open_up(&www);
     server.http_app(8080, &www, &d.join("app.log"));
+    // The second container: an HTTPS server with a self-signed certificate, as apps
+    // that serve TLS themselves have (kubelet does not verify it, nor does svidcar).
+    let tls_key = d.join("app-tls.key");
+    let tls_cert = d.join("app-tls.pem");
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=app"])
+        .arg("-keyout")
+        .arg(&tls_key)
+        .arg("-out")
+        .arg(&tls_cert)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    open_up(d);
+    let mut tls_app = server.ns.cmd_as(1000, "openssl");
+    tls_app
+        .args(["s_server", "-quiet", "-www", "-accept", "8443", "-cert"])
+        .arg(&tls_cert)
+        .arg("-key")
+        .arg(&tls_key)
+        .stdin(std::process::Stdio::null());
+    server.spawn(&mut tls_app, &d.join("tls-app.log"));
+    server.wait_port(8443);
 
     let server_dir = d.join("server-pod");
     let client_dir = d.join("client-pod");
@@ -570,6 +606,14 @@ fn injected_pods_talk_over_mtls_and_kubelet_probes_work() {
     assert_eq!(kubelet_get(&lan, &probe), 404);
     std::fs::write(www.join("healthz"), "ok\n").unwrap();
     assert_eq!(kubelet_get(&lan, &probe), 200);
+    // The HTTPS app's probe, over TLS to localhost without verification, as kubelet.
+    assert_eq!(
+        kubelet_get(
+            &lan,
+            &format!("http://{srv}:15020/app-health/tls/readiness")
+        ),
+        200
+    );
     // A probe the pod does not have.
     assert_eq!(
         kubelet_get(&lan, &format!("http://{srv}:15020/app-health/app/liveness")),
