@@ -178,6 +178,7 @@ impl BoundListener {
                     Arc::new(f)
                 });
                 let l = InboundListener {
+                    proxy_protocol: i.proxy_protocol,
                     acceptor: b.acceptor(&i.allow)?,
                     upstream: b.connector(Target::Fixed(i.forward.clone()), &metrics),
                     metrics: metrics.clone(),

@@ -114,6 +114,9 @@ pub fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
 pub struct InboundSpec {
     pub forward: HostPort,
     pub allow: AllowList,
+    /// `proxy_protocol`: the TLV type that carries the caller's SPIFFE ID in the PROXY
+    /// v2 header written to the app; `None`: no header.
+    pub proxy_protocol: Option<u8>,
 }
 
 /// Takes plaintext from the app and originates mTLS to a peer.
@@ -192,11 +195,51 @@ impl ListenerConfig {
         )?;
         let forward = self.target(at, "forward", &self.forward)?;
         let allow = self.allow_list(at, "allow", &self.allow)?;
+        let proxy_protocol = self.proxy_protocol(at)?;
         self.spec(
             at,
             tls,
-            ListenerKind::Inbound(InboundSpec { forward, allow }),
+            ListenerKind::Inbound(InboundSpec {
+                forward,
+                allow,
+                proxy_protocol,
+            }),
         )
+    }
+
+    /// `proxy_protocol`: v2 only, TCP mode only, a custom TLV type for the SPIFFE ID.
+    fn proxy_protocol(&self, at: &str) -> Result<Option<u8>, ConfigError> {
+        use super::raw::ProxyProtocolConfig as P;
+        use crate::net::proxy_protocol::{CUSTOM_TLV_TYPES, DEFAULT_SPIFFE_ID_TLV};
+        let key = format!("{at}.proxy_protocol");
+        let (version, tlv) = match &self.proxy_protocol {
+            None => return Ok(None),
+            Some(P::Version(v)) => (v.as_str(), None),
+            Some(P::Full {
+                version,
+                spiffe_id_tlv,
+            }) => (version.as_str(), *spiffe_id_tlv),
+        };
+        if version != "v2" {
+            return Err(ConfigError::new(
+                key,
+                format!("{version:?}: only v2 is written (v1 has no room for the SPIFFE ID)"),
+            ));
+        }
+        if self.protocol == Protocol::Http {
+            return Err(ConfigError::new(
+                key,
+                "only with protocol: tcp; in HTTP mode the caller's identity goes in headers (identity_header, xfcc)",
+            ));
+        }
+        let tlv = tlv.unwrap_or(DEFAULT_SPIFFE_ID_TLV);
+        if !CUSTOM_TLV_TYPES.contains(&tlv) {
+            return Err(ConfigError::new(
+                format!("{key}.spiffe_id_tlv"),
+                format!("{tlv:#04x}: use a custom type, 0xE0 to 0xEF"),
+            ));
+        }
+        Ok(Some(tlv))
     }
 
     /// Checks an `outbound` entry and types it.

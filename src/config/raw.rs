@@ -277,10 +277,25 @@ pub struct ListenerConfig {
     /// HTTP: JWT-SVIDs; inbound validates `Authorization: Bearer`, outbound sets it.
     #[serde(default)]
     pub jwt: Option<JwtConfig>,
+    /// Inbound TCP: a PROXY protocol header to the app before the caller's bytes.
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocolConfig>,
 }
 
 /// `jwt`: inbound `{audiences: [..], required: true|false, leeway: 30s}`, outbound
 /// `{audience: X}`. One struct for both sides, so a key of the other side gets a keyed
+/// `proxy_protocol: v2`, or `{version: v2, spiffe_id_tlv: 0xE1}`.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(untagged)]
+pub enum ProxyProtocolConfig {
+    Version(String),
+    Full {
+        version: String,
+        #[serde(default)]
+        spiffe_id_tlv: Option<u8>,
+    },
+}
+
 /// error from the listener check rather than serde's "unknown field".
 #[derive(Debug, Deserialize, Clone, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields)]

@@ -4,6 +4,7 @@
 
 pub mod accept;
 mod original_dst;
+pub mod proxy_protocol;
 pub mod unix;
 
 pub use original_dst::original_dst;

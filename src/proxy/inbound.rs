@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
+use tokio::io::AsyncWriteExt;
 use tokio_rustls::TlsAcceptor;
+
+use crate::net::proxy_protocol::ProxyHeader;
 
 use super::{handshake, reject, relay};
 use super::{Accepted, Connector, ListenerMetrics};
@@ -19,6 +22,16 @@ pub struct InboundListener {
     pub state: Arc<IdentityState>,
     /// HTTP mode: requests forwarded one by one, with the caller's identity set.
     pub http: Option<Arc<super::http::HttpForwarder>>,
+    /// A PROXY v2 header to the app first, the caller's SPIFFE ID in this TLV type.
+    pub proxy_protocol: Option<u8>,
+}
+
+fn tls_version_name(v: rustls::ProtocolVersion) -> &'static str {
+    match v {
+        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
+        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
+        _ => "TLS",
+    }
 }
 
 impl InboundListener {
@@ -48,9 +61,29 @@ impl InboundListener {
             });
             return http.clone().serve(tls, caller, conn.drain).await;
         }
-        let Some(upstream) = self.upstream.connect(conn.original_dst).await else {
+        let Some(mut upstream) = self.upstream.connect(conn.original_dst).await else {
             return;
         };
+        if let Some(tlv) = self.proxy_protocol {
+            let session = tls.get_ref().1;
+            let id = crate::tls::peer_identity_of(session.peer_certificates());
+            let header = ProxyHeader {
+                source: Some(conn.peer),
+                destination: Some(conn.local),
+                alpn: session.alpn_protocol(),
+                authority: session.server_name(),
+                tls_version: session.protocol_version().map(tls_version_name),
+                cipher: session
+                    .negotiated_cipher_suite()
+                    .and_then(|c| c.suite().as_str()),
+                spiffe_id: id.as_ref().map(|i| i.uri.as_str()),
+                spiffe_id_tlv: tlv,
+            };
+            if let Err(e) = upstream.write_all(&header.encode()).await {
+                tracing::debug!(listener = %name, error = %e, "app closed before the PROXY header");
+                return;
+            }
+        }
         relay(
             &self.metrics,
             tls,
