@@ -73,6 +73,7 @@ pub fn inbound(forward: SocketAddr, allow: AllowList) -> ListenerKind {
     ListenerKind::Inbound(InboundSpec {
         forward: HostPort::parse(&forward.to_string()).expect("address"),
         allow,
+        proxy_protocol: None,
     })
 }
 
