@@ -10,8 +10,11 @@ use std::process::Command;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-/// The build stage's `WORKDIR`, its `COPY` sources and destinations, and its `RUN`.
-fn build_stage(dockerfile: &str) -> (String, Vec<(Vec<String>, String)>, Vec<String>) {
+/// One `COPY`: its sources and its destination.
+type Copy = (Vec<String>, String);
+
+/// The build stage's `WORKDIR`, its `COPY`s, and its `RUN`s.
+fn build_stage(dockerfile: &str) -> (String, Vec<Copy>, Vec<String>) {
     let mut workdir = String::from("/");
     let mut copies = Vec::new();
     let mut runs = Vec::new();
