@@ -15,7 +15,7 @@ use crate::authz::{AllowList, PeerPolicy};
 use crate::config::{ListenerKind, ListenerSpec, TlsSpec};
 use crate::identity::IdentityState;
 use crate::proxy::http::xfcc::{Xfcc, XfccDetails, XfccField, XfccMode};
-use crate::proxy::http::{client as http_client, HttpForwarder, UpstreamConnector};
+use crate::proxy::http::{HttpForwarder, Pool, UpstreamConnector};
 use crate::proxy::{
     serve, AcceptSettings, Connector, Drain, InboundCounters, InboundListener, ListenerMetrics,
     MtlsOriginator, OutboundListener, OutboundRoute, OwnPorts, Target, TransparentInbound,
@@ -148,10 +148,11 @@ impl BoundListener {
                 let http = spec.http.as_ref().map(|h| {
                     let to_app = |h2c| {
                         let c = b.connector(Target::Fixed(i.forward.clone()), &metrics);
-                        http_client(
+                        Pool::new(
                             UpstreamConnector::new(spec.name.clone(), c, None),
                             h2c,
                             true,
+                            None,
                         )
                     };
                     let mut f = HttpForwarder::new(
@@ -166,6 +167,8 @@ impl BoundListener {
                     f.rules = Some(h.rules.clone());
                     f.xfcc = h.xfcc.as_ref().map(xfcc);
                     f.rego = rego;
+                    f.limits = h.limits;
+                    f.idle = spec.timeouts.idle;
                     Arc::new(f)
                 });
                 let l = InboundListener {
@@ -185,13 +188,16 @@ impl BoundListener {
                         let c = b.connector(Target::Fixed(o.connect.clone()), &metrics);
                         let mtls = b.mtls(&o.expect, &spec.tls, Some(o.server_name.clone()))?;
                         let up = UpstreamConnector::new(spec.name.clone(), c, Some(mtls));
-                        Some(Arc::new(HttpForwarder::new(
+                        let mut f = HttpForwarder::new(
                             metrics.clone(),
-                            http_client(up, false, h.pool),
+                            Pool::new(up, false, h.pool, Some(state.clone())),
                             http::uri::Scheme::HTTPS,
                             authority(&o.connect),
                             spec.listen.port(),
-                        )))
+                        );
+                        f.limits = h.limits;
+                        f.idle = spec.timeouts.idle;
+                        Some(Arc::new(f))
                     }
                     None => None,
                 };

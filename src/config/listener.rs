@@ -138,7 +138,27 @@ pub struct HttpSpec {
     pub rules: std::sync::Arc<crate::authz::http_rules::HttpRules>,
     /// Inbound: Rego policy files and query.
     pub rego: Option<super::raw::RegoConfig>,
+    /// Limits on what a client may send and how long it may take.
+    pub limits: HttpLimits,
 }
+
+/// Limits of one HTTP listener (defaults as Envoy's where Envoy has one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// The largest request head, in bytes (h1 read buffer; h2 header list size).
+    pub max_request_headers: usize,
+    /// Time for a request head to arrive, and for the first byte of a connection.
+    pub request_header_timeout: Duration,
+    /// Time for the upstream's response head; `None`: no limit.
+    pub request_timeout: Option<Duration>,
+}
+
+/// Envoy's default `max_request_headers_kb`.
+pub const DEFAULT_MAX_REQUEST_HEADERS_KB: u32 = 60;
+/// Envoy's largest `max_request_headers_kb`.
+const MAX_REQUEST_HEADERS_KB: u32 = 8192;
+/// hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
+const MIN_REQUEST_HEADERS_KB: u32 = 8;
 
 /// TLS settings of one listener.
 #[derive(Debug, Clone)]
@@ -304,6 +324,15 @@ impl ListenerConfig {
             ("pool", self.pool.is_some()),
             ("authorization", !self.authorization.is_empty()),
             ("rego", self.rego.is_some()),
+            (
+                "max_request_headers_kb",
+                self.max_request_headers_kb.is_some(),
+            ),
+            (
+                "request_header_timeout",
+                self.request_header_timeout.is_some(),
+            ),
+            ("request_timeout", self.request_timeout.is_some()),
         ];
         if self.protocol == Protocol::Tcp {
             if let Some((key, _)) = http_only.iter().find(|(_, set)| *set) {
@@ -376,6 +405,30 @@ impl ListenerConfig {
                 "jwt: JWT-SVID validation is not available in this version; match the mTLS peer (source: peer)",
             ));
         }
+        let kb = self
+            .max_request_headers_kb
+            .unwrap_or(DEFAULT_MAX_REQUEST_HEADERS_KB);
+        if !(MIN_REQUEST_HEADERS_KB..=MAX_REQUEST_HEADERS_KB).contains(&kb) {
+            return Err(ConfigError::new(
+                format!("{at}.max_request_headers_kb"),
+                format!("{kb} is out of range: must be from {MIN_REQUEST_HEADERS_KB} to {MAX_REQUEST_HEADERS_KB} (KiB)"),
+            ));
+        }
+        let request_header_timeout = self
+            .request_header_timeout
+            .unwrap_or(Duration::from_secs(10));
+        if request_header_timeout.is_zero() {
+            return Err(ConfigError::new(
+                format!("{at}.request_header_timeout"),
+                "must be more than 0s (a client could hold a connection forever)",
+            ));
+        }
+        let limits = HttpLimits {
+            max_request_headers: kb as usize * 1024,
+            request_header_timeout,
+            request_timeout: Some(self.request_timeout.unwrap_or(Duration::from_secs(15)))
+                .filter(|t| !t.is_zero()),
+        };
         let rules = super::authorization::authorization_rules(
             &format!("{at}.authorization"),
             &self.authorization,
@@ -392,6 +445,7 @@ impl ListenerConfig {
             pool: self.pool.unwrap_or(true),
             rules: std::sync::Arc::new(rules),
             rego: self.rego.clone(),
+            limits,
         }))
     }
 }

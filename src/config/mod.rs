@@ -17,7 +17,7 @@ pub use authorization::authorization_rules;
 pub use file::{config_dir, parse_yaml, read_text, resolve_path};
 pub use identity::{DevConfig, IdentityConfig, WorkloadApiConfig};
 pub use listener::{
-    canonical_ip, HttpSpec, InboundSpec, ListenerKind, ListenerSpec, OutboundSpec, PortPolicy,
+    canonical_ip, HttpLimits, DEFAULT_MAX_REQUEST_HEADERS_KB, HttpSpec, InboundSpec, ListenerKind, ListenerSpec, OutboundSpec, PortPolicy,
     Route, Timeouts, TlsSpec, TransparentInboundSpec, TransparentOutboundSpec,
 };
 pub use matchers::allow_list;

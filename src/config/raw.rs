@@ -267,6 +267,23 @@ pub struct ListenerConfig {
     /// HTTP inbound: Rego policies evaluated in-process for each request.
     #[serde(default)]
     pub rego: Option<RegoConfig>,
+    /// HTTP: the largest request head (request line and headers) accepted, in KiB;
+    /// larger ones get 431. Default 60, as Envoy.
+    #[serde(default)]
+    pub max_request_headers_kb: Option<u32>,
+    /// HTTP: how long a client may take to send a request head (and, on a new
+    /// connection, its first byte); a slow one is disconnected. Default 10s.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub request_header_timeout: Option<Duration>,
+    /// HTTP: how long the upstream may take to answer a request (its response head);
+    /// then 504. Default 15s, as Envoy's route timeout; `0s` turns it off.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub request_timeout: Option<Duration>,
+}
+
+/// A duration key that may be absent (its default depends on other keys).
+fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 /// `rego`: policy files (relative to the config file) and the rule that decides.
