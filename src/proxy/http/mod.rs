@@ -4,6 +4,7 @@
 //! `xfcc` writes Envoy's `x-forwarded-client-cert`; `limits` bounds what clients send
 //! and how long they take; `upgrade` carries websockets and `CONNECT` tunnels.
 
+pub mod body;
 pub mod client;
 pub mod limits;
 pub mod path;

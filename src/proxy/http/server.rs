@@ -17,6 +17,7 @@ use prometheus::IntCounterVec;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::body::Inspect;
 use super::client::{Pool, ReqBody};
 use super::limits::{Activity, Expired, Watched};
 use super::upgrade;
@@ -166,9 +167,8 @@ impl HttpForwarder {
                 let guard = ctx.activity.request();
                 let res = this.forward(req, &ctx).await;
                 Ok::<_, Infallible>(res.map(|b| {
-                    b.map_frame(move |f| {
+                    Inspect::new(b, move |_: &mut hyper::body::Frame<Bytes>| {
                         let _in_flight = &guard;
-                        f
                     })
                     .boxed()
                 }))
@@ -517,7 +517,7 @@ impl HttpForwarder {
     fn clean_trailers(&self, body: Incoming) -> ReqBody {
         let inbound = self.rules.is_some();
         let identity = self.identity_header.clone();
-        body.map_frame(move |mut frame| {
+        Inspect::new(body, move |frame: &mut hyper::body::Frame<Bytes>| {
             if let Some(t) = frame.trailers_mut() {
                 t.remove(super::xfcc::XFCC);
                 if inbound {
@@ -527,7 +527,6 @@ impl HttpForwarder {
                     }
                 }
             }
-            frame
         })
         .boxed()
     }
