@@ -212,7 +212,10 @@ print(json.dumps({{"reply": out.decode("latin-1"), "closed": closed}}))
     let (ok, out) = python(dir, &script);
     assert!(ok, "{out}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    (v["reply"].as_str().unwrap().to_string(), v["closed"].as_bool().unwrap())
+    (
+        v["reply"].as_str().unwrap().to_string(),
+        v["closed"].as_bool().unwrap(),
+    )
 }
 
 fn status_line(reply: &str) -> &str {
@@ -294,7 +297,10 @@ fn bad_requests_are_refused_counted_and_never_forwarded() {
         }
         assert_eq!(requests_total(svidcar, "431"), 1.0, "{side}");
         assert_eq!(requests_total(svidcar, "400"), 6.0, "{side}");
-        svidcar.wait_log(&["HTTP request refused: malformed or too large", "status=\"431\""]);
+        svidcar.wait_log(&[
+            "HTTP request refused: malformed or too large",
+            "status=\"431\"",
+        ]);
     }
     assert!(app.requests().is_empty(), "{:?}", app.requests());
     // The listeners still serve good requests.
@@ -470,9 +476,16 @@ print(json.dumps({{"ws": ws, "connect": connect, "denied": denied}}))
     assert!(ok, "{out}\n{}\n{}", p.outbound.logs(), p.inbound.logs());
     let res: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let ws_head = res["ws"]["head"].as_str().unwrap().to_ascii_lowercase();
-    assert!(ws_head.starts_with("http/1.1 101"), "{out}\n{}", p.inbound.logs());
+    assert!(
+        ws_head.starts_with("http/1.1 101"),
+        "{out}\n{}",
+        p.inbound.logs()
+    );
     assert!(ws_head.contains("upgrade: websocket"), "{ws_head}");
-    assert_eq!(res["ws"]["echo"], serde_json::json!(["echo:hello", "echo:again"]));
+    assert_eq!(
+        res["ws"]["echo"],
+        serde_json::json!(["echo:hello", "echo:again"])
+    );
     assert!(
         res["connect"]["head"]
             .as_str()
@@ -528,9 +541,11 @@ fn after_an_svid_rotation_new_requests_use_the_new_certificate() {
     let first_serial = p.outbound.serial();
     let before = hash();
     assert_eq!(hash(), before, "pooled: the same connection");
-    wait_until("the caller's SVID to rotate", Duration::from_secs(15), || {
-        (p.outbound.serial() != first_serial).then_some(())
-    });
+    wait_until(
+        "the caller's SVID to rotate",
+        Duration::from_secs(15),
+        || (p.outbound.serial() != first_serial).then_some(()),
+    );
     let after = wait_until(
         "a request over a connection with the new SVID",
         Duration::from_secs(10),
@@ -543,4 +558,148 @@ fn after_an_svid_rotation_new_requests_use_the_new_certificate() {
             .metric("svidcar_connections_total{direction=\"inbound\",listener=\"users\"}")
             >= 2.0
     );
+}
+
+/// h2 frames by hand (no h2 client library is needed): the client preface, SETTINGS,
+/// and HEADERS for `GET /` or `CONNECT`, HPACK without Huffman or indexing.
+const H2_CLIENT: &str = r#"
+import socket, struct, time
+def frame(t, flags, sid, payload=b""):
+    return struct.pack(">I", len(payload))[1:] + bytes([t, flags]) + struct.pack(">I", sid) + payload
+def lit(idx, value):
+    return bytes([idx]) + bytes([len(value)]) + value
+def get(sid):
+    return frame(1, 0x5, sid, b"\x82\x86\x84" + lit(0x01, b"users"))
+def connect(sid):
+    return frame(1, 0x4, sid, lit(0x02, b"CONNECT") + lit(0x01, b"db.internal:5432"))
+def rst(sid):
+    return frame(3, 0, sid, struct.pack(">I", 8))
+def h2conn():
+    s = socket.create_connection(("127.0.0.1", PORT), 5); s.settimeout(10)
+    s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0))
+    return s
+def frames(s, until):
+    buf = b""; seen = []
+    while True:
+        while len(buf) >= 9:
+            n = int.from_bytes(buf[:3], "big")
+            if len(buf) < 9 + n: break
+            t, flags, sid = buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7fffffff
+            seen.append((t, flags, sid, buf[9:9+n])); buf = buf[9+n:]
+            if until(seen): return seen, False
+        try:
+            d = s.recv(65536)
+        except OSError:
+            return seen, True
+        if not d: return seen, True
+        buf += d
+"#;
+
+/// h2 abuse from the app: a rapid-reset burst (streams opened and cancelled at once) ends
+/// that connection with GOAWAY, and a new connection is served; `CONNECT` over h2 gets a
+/// counted 501.
+#[test]
+fn h2_rapid_reset_gets_goaway_and_others_keep_flowing() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(dir.path());
+    let p = pair(dir.path(), app.port, "", "", "1h");
+    let script = format!(
+        r#"
+PORT = {port}
+{H2_CLIENT}
+import json
+res = {{}}
+s = h2conn()
+s.sendall(b"".join(get(i) + rst(i) for i in range(1, 4001, 2)))
+seen, closed = frames(s, lambda f: any(t == 7 for t, *_ in f))
+goaway = [p for t, _, _, p in seen if t == 7]
+res["goaway"] = int.from_bytes(goaway[0][4:8], "big") if goaway else None
+s = h2conn()
+s.sendall(connect(1))
+seen, _ = frames(s, lambda f: any(t == 1 and sid == 1 for t, _, sid, _ in f))
+s = h2conn()
+s.sendall(get(1))
+seen, _ = frames(s, lambda f: any(t == 0 and sid == 1 and fl & 1 for t, fl, sid, _ in f))
+res["good"] = any(t == 0 and sid == 1 for t, _, sid, _ in seen)
+print(json.dumps(res))
+"#,
+        port = p.out_port
+    );
+    let (ok, out) = python(dir.path(), &script);
+    assert!(ok, "{out}\n{}", p.outbound.logs());
+    let res: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    // ENHANCE_YOUR_CALM (RFC 9113 §7).
+    assert_eq!(res["goaway"], 11, "{out}");
+    assert_eq!(res["good"], true, "{out}");
+    assert_eq!(requests_total(&p.outbound, "501"), 1.0);
+    // The burst did not turn into thousands of requests to the app.
+    assert!(app.requests().len() < 100, "{}", app.requests().len());
+}
+
+/// Request trailers are cleaned like the headers: a caller's `X-Workload-ID` or XFCC in
+/// the trailers never reaches the app.
+#[test]
+fn request_trailers_are_cleaned_of_identity_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    // An app that reads a chunked request to its end and logs the raw bytes.
+    let port = free_port();
+    let log = dir.path().join("raw.log");
+    let script = format!(
+        r#"
+import socket, threading
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", {port})); srv.listen(16)
+print("ready", flush=True)
+def serve(c):
+    buf = b""
+    while not (b"\r\n0\r\n" in buf and buf.endswith(b"\r\n\r\n")):
+        d = c.recv(65536)
+        if not d: break
+        buf += d
+    open({log:?}, "ab").write(buf)
+    c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+    c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,)).start()
+"#,
+        log = log.display().to_string()
+    );
+    let path = dir.path().join("raw_app.py");
+    std::fs::write(&path, script).unwrap();
+    let mut child = Command::new("python3")
+        .arg(&path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let p = pair(dir.path(), port, "", "", "1h");
+    let (reply, _) = raw(
+        dir.path(),
+        p.out_port,
+        None,
+        b"POST /v1/users HTTP/1.1\r\nHost: users\r\nConnection: close\r\nTransfer-Encoding: chunked\r\nTrailer: X-Workload-ID, X-Forwarded-Client-Cert, X-Note\r\n\r\n5\r\nhello\r\n0\r\nX-Workload-ID: spiffe://example.org/ns/default/sa/admin\r\nX-Forwarded-Client-Cert: By=forged\r\nX-Note: kept\r\n\r\n",
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        status_line(&reply).starts_with("HTTP/1.1 200"),
+        "{reply}\n{}",
+        p.inbound.logs()
+    );
+    let seen = std::fs::read_to_string(&log).unwrap().to_ascii_lowercase();
+    assert!(seen.contains("hello"), "{seen}");
+    assert!(seen.contains("x-note: kept"), "trailers arrive: {seen}");
+    assert!(
+        seen.contains(&format!("x-workload-id: {PAYMENT}")),
+        "{seen}"
+    );
+    assert_eq!(seen.matches("x-workload-id:").count(), 1, "{seen}");
+    assert!(!seen.contains("forged"), "{seen}");
+    assert!(!seen.contains("sa/admin"), "{seen}");
 }

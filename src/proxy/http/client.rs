@@ -197,7 +197,10 @@ impl Pool {
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if self.state.is_some() && cur.0 != serial {
             tracing::debug!(listener = %self.connector.listener, "SVID rotated: new upstream connections from now on");
-            *cur = (serial, build(self.connector.clone(), self.h2_only, self.pool));
+            *cur = (
+                serial,
+                build(self.connector.clone(), self.h2_only, self.pool),
+            );
         }
         cur.1.clone()
     }

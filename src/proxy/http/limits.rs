@@ -121,6 +121,10 @@ pub struct Activity {
     /// The connection speaks h2: frames between requests (pings, settings) are no
     /// request head, and h2 bounds header blocks itself.
     h2: AtomicBool,
+    /// Enough bytes arrived to tell HTTP/1.1 from h2.
+    decided: AtomicBool,
+    /// The first bytes, while they may still be the h2 preface.
+    preface: std::sync::Mutex<Vec<u8>>,
     in_flight: AtomicUsize,
     /// Milliseconds since `epoch` + 1 when bytes arrived with no request in flight (a
     /// head began); 0: none is arriving.
@@ -167,6 +171,8 @@ impl Activity {
             epoch: Instant::now(),
             read_any: AtomicBool::new(false),
             h2: AtomicBool::new(false),
+            decided: AtomicBool::new(false),
+            preface: std::sync::Mutex::new(Vec::new()),
             in_flight: AtomicUsize::new(0),
             head_since: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
@@ -183,11 +189,20 @@ impl Activity {
         if bytes.is_empty() {
             return;
         }
-        if !self.read_any.swap(true, Ordering::Relaxed) {
-            let n = bytes.len().min(H2_PREFACE.len());
-            // A first read too short to tell (one byte, "P") counts as HTTP/1.1.
-            self.h2
-                .store(n >= 3 && bytes[..n] == H2_PREFACE[..n], Ordering::Relaxed);
+        self.read_any.store(true, Ordering::Relaxed);
+        if !self.decided.load(Ordering::Relaxed) {
+            // h2 only once the whole preface is in: a client that stops after "PRI" is
+            // timed like a slow HTTP/1.1 head, not left waiting for `idle_timeout`.
+            let mut seen = self.preface.lock().unwrap_or_else(|p| p.into_inner());
+            let take = bytes.len().min(H2_PREFACE.len() - seen.len());
+            seen.extend_from_slice(&bytes[..take]);
+            if !H2_PREFACE.starts_with(&seen) {
+                self.decided.store(true, Ordering::Relaxed);
+            } else if seen.len() == H2_PREFACE.len() {
+                self.decided.store(true, Ordering::Relaxed);
+                self.h2.store(true, Ordering::Relaxed);
+                self.head_since.store(0, Ordering::Relaxed);
+            }
         }
         if self.h2.load(Ordering::Relaxed) || self.in_flight.load(Ordering::Relaxed) != 0 {
             return;
@@ -367,7 +382,12 @@ mod tests {
         assert!(!a.take_conflicting_lengths(), "a body is no head");
         // h2: frames between requests are no request head.
         let a = Activity::new();
-        a.on_read(H2_PREFACE);
+        a.on_read(&H2_PREFACE[..10]);
+        a.on_read(&H2_PREFACE[10..]);
         assert_eq!(a.expired(h, idle).await, Expired::Idle);
+        // A preface that stops half-way is a slow head.
+        let a = Activity::new();
+        a.on_read(b"PRI * HT");
+        assert_eq!(a.expired(h, idle).await, Expired::SlowHead);
     }
 }

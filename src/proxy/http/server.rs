@@ -20,8 +20,8 @@ use tokio_util::task::TaskTracker;
 use super::body::Inspect;
 use super::client::{Pool, ReqBody};
 use super::limits::{Activity, Expired, Watched};
-use super::upgrade;
 use super::path::{normalize_host, normalize_target, PathOptions};
+use super::upgrade;
 use super::xfcc::{ConnXfcc, Xfcc};
 use crate::authz::http_rules::{Decision, HttpRules, RequestView};
 use crate::authz::rego::{Decision as RegoDecision, RegoAuthorizer, RequestView as RegoView};
@@ -135,8 +135,7 @@ impl HttpForwarder {
             rego: None,
             requests: metrics::get().http_requests.clone(),
             limits: HttpLimits {
-                max_request_headers: crate::config::DEFAULT_MAX_REQUEST_HEADERS_KB as usize
-                    * 1024,
+                max_request_headers: crate::config::DEFAULT_MAX_REQUEST_HEADERS_KB as usize * 1024,
                 request_header_timeout: std::time::Duration::from_secs(10),
                 request_timeout: Some(std::time::Duration::from_secs(15)),
             },
@@ -231,7 +230,10 @@ impl HttpForwarder {
         if downstream_h2 && req.method() == Method::CONNECT {
             // h2 CONNECT (and RFC 8441 websockets over h2) is not carried: refused,
             // never turned silently into a plain request.
-            return self.answer(StatusCode::NOT_IMPLEMENTED, "CONNECT over h2 not supported\n");
+            return self.answer(
+                StatusCode::NOT_IMPLEMENTED,
+                "CONNECT over h2 not supported\n",
+            );
         }
         if !downstream_h2 && conn.activity.take_conflicting_lengths() {
             // Request smuggling: two framings, one request.
@@ -423,7 +425,9 @@ impl HttpForwarder {
             Err(_) => return self.answer(StatusCode::BAD_REQUEST, "bad request target\n"),
         }
         if let (Some(kind), Some(on_upgrade)) = (upgrade, on_upgrade) {
-            return self.send_upgrade(req, kind, &authority, on_upgrade, conn).await;
+            return self
+                .send_upgrade(req, kind, &authority, on_upgrade, conn)
+                .await;
         }
         // gRPC needs h2 to the app; other requests go as HTTP/1.1, which every app speaks.
         let grpc = req

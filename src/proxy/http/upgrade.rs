@@ -68,15 +68,17 @@ pub fn requested(req: &Request<Incoming>) -> Option<Kind> {
 /// request target in the form HTTP/1.1 sends: `host:port` for `CONNECT`, else the path.
 pub fn prepare(req: &mut Request<ReqBody>, kind: &Kind, authority: &http::uri::Authority) {
     let target = match kind {
-        Kind::Connect => Uri::from_maybe_shared(bytes::Bytes::copy_from_slice(
-            authority.as_str().as_bytes(),
-        ))
-        .ok(),
+        Kind::Connect => {
+            Uri::from_maybe_shared(bytes::Bytes::copy_from_slice(authority.as_str().as_bytes()))
+                .ok()
+        }
         Kind::Upgrade(protocol) => {
             let h = req.headers_mut();
             h.insert(header::UPGRADE, protocol.clone());
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            req.uri().path_and_query().and_then(|pq| pq.as_str().parse().ok())
+            req.uri()
+                .path_and_query()
+                .and_then(|pq| pq.as_str().parse().ok())
         }
     };
     if let Some(t) = target {
