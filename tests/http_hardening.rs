@@ -302,6 +302,18 @@ fn bad_requests_are_refused_counted_and_never_forwarded() {
             "status=\"431\"",
         ]);
     }
+    // h2 from the app: the same limit on the header list; the h2 library ends the
+    // connection on an oversized header block (no response, nothing forwarded).
+    let out = Command::new("curl")
+        .args(["-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["--http2-prior-knowledge", "-H"])
+        .arg(format!("X-Big: {}", "a".repeat(70 * 1024)))
+        .arg(format!("http://127.0.0.1:{}/v1/users/1", p.out_port))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "000", "{stderr}");
     assert!(app.requests().is_empty(), "{:?}", app.requests());
     // The listeners still serve good requests.
     let (reply, _) = raw(
