@@ -149,8 +149,8 @@ pub struct HttpLimits {
     pub max_request_headers: usize,
     /// Time for a request head to arrive, and for the first byte of a connection.
     pub request_header_timeout: Duration,
-    /// Time for the upstream's response head; `None`: no limit.
-    pub request_timeout: Option<Duration>,
+    /// Time for the upstream's response head (a streamed body may take longer).
+    pub request_timeout: Duration,
 }
 
 /// Envoy's default `max_request_headers_kb`.
@@ -417,17 +417,10 @@ impl ListenerConfig {
         let request_header_timeout = self
             .request_header_timeout
             .unwrap_or(Duration::from_secs(10));
-        if request_header_timeout.is_zero() {
-            return Err(ConfigError::new(
-                format!("{at}.request_header_timeout"),
-                "must be more than 0s (a client could hold a connection forever)",
-            ));
-        }
         let limits = HttpLimits {
             max_request_headers: kb as usize * 1024,
             request_header_timeout,
-            request_timeout: Some(self.request_timeout.unwrap_or(Duration::from_secs(15)))
-                .filter(|t| !t.is_zero()),
+            request_timeout: self.request_timeout.unwrap_or(Duration::from_secs(15)),
         };
         let rules = super::authorization::authorization_rules(
             &format!("{at}.authorization"),
@@ -495,5 +488,58 @@ impl Common<'_> {
             timeouts: self.timeouts,
             max_connections: self.max_connections,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::config::Config;
+
+    fn http(extra: &str) -> Result<Config, String> {
+        Config::parse(&format!(
+            r#"
+identity:
+  dev: {{trust_domain: example.org, spiffe_id: "spiffe://example.org/ns/default/sa/web"}}
+inbound:
+  - name: web
+    listen: 127.0.0.1:8443
+    forward: 127.0.0.1:8080
+    allow: [{{trust_domain: example.org}}]
+{extra}"#
+        ))
+        .map_err(|e| e.to_string())
+    }
+
+    /// Defaults as Envoy's; each bad value names its key and the problem.
+    #[test]
+    fn http_limits_defaults_and_errors() {
+        let c = http("    protocol: http\n").unwrap();
+        let l = c.listeners[0].http.as_ref().unwrap().limits;
+        assert_eq!(l.max_request_headers, 60 * 1024);
+        assert_eq!(l.request_header_timeout, Duration::from_secs(10));
+        assert_eq!(l.request_timeout, Duration::from_secs(15));
+        let c =
+            http("    protocol: http\n    request_timeout: 2m\n    max_request_headers_kb: 96\n")
+                .unwrap();
+        let l = c.listeners[0].http.as_ref().unwrap().limits;
+        assert_eq!(l.request_timeout, Duration::from_secs(120));
+        assert_eq!(l.max_request_headers, 96 * 1024);
+        let e = http("    protocol: http\n    max_request_headers_kb: 9000\n").unwrap_err();
+        assert!(
+            e.starts_with("inbound[0].max_request_headers_kb: 9000 is out of range"),
+            "{e}"
+        );
+        let e = http("    protocol: http\n    request_header_timeout: 0s\n").unwrap_err();
+        assert!(
+            e.starts_with("inbound[0].request_header_timeout: duration must be greater than zero"),
+            "{e}"
+        );
+        let e = http("    request_timeout: 5s\n").unwrap_err();
+        assert!(
+            e.starts_with("inbound[0].request_timeout: only for HTTP listeners"),
+            "{e}"
+        );
     }
 }

@@ -276,7 +276,7 @@ pub struct ListenerConfig {
     #[serde(default, deserialize_with = "opt_duration")]
     pub request_header_timeout: Option<Duration>,
     /// HTTP: how long the upstream may take to answer a request (its response head);
-    /// then 504. Default 15s, as Envoy's route timeout; `0s` turns it off.
+    /// then 504. Default 15s, as Envoy's route timeout.
     #[serde(default, deserialize_with = "opt_duration")]
     pub request_timeout: Option<Duration>,
 }

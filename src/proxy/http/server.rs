@@ -137,7 +137,7 @@ impl HttpForwarder {
             limits: HttpLimits {
                 max_request_headers: crate::config::DEFAULT_MAX_REQUEST_HEADERS_KB as usize * 1024,
                 request_header_timeout: std::time::Duration::from_secs(10),
-                request_timeout: Some(std::time::Duration::from_secs(15)),
+                request_timeout: std::time::Duration::from_secs(15),
             },
             idle: std::time::Duration::from_secs(3600),
         }
@@ -441,13 +441,10 @@ impl HttpForwarder {
                 self.client.get()
             }
         };
-        let sent = client.request(req);
-        let res = match self.limits.request_timeout {
-            Some(limit) => match tokio::time::timeout(limit, sent).await {
-                Ok(res) => res,
-                Err(_) => return self.timed_out(limit),
-            },
-            None => sent.await,
+        let limit = self.limits.request_timeout;
+        let res = match tokio::time::timeout(limit, client.request(req)).await {
+            Ok(res) => res,
+            Err(_) => return self.timed_out(limit),
         };
         match res {
             Ok(mut res) => {
@@ -481,12 +478,10 @@ impl HttpForwarder {
             conn.closing.clone(),
             self.metrics.name.clone(),
         );
-        let res = match self.limits.request_timeout {
-            Some(limit) => match tokio::time::timeout(limit, sent).await {
-                Ok(res) => res,
-                Err(_) => return self.timed_out(limit),
-            },
-            None => sent.await,
+        let limit = self.limits.request_timeout;
+        let res = match tokio::time::timeout(limit, sent).await {
+            Ok(res) => res,
+            Err(_) => return self.timed_out(limit),
         };
         match res {
             Ok(mut res) => {
