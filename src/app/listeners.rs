@@ -15,7 +15,7 @@ use crate::authz::{AllowList, PeerPolicy};
 use crate::config::{ListenerKind, ListenerSpec, TlsSpec};
 use crate::identity::IdentityState;
 use crate::proxy::http::xfcc::{Xfcc, XfccDetails, XfccField, XfccMode};
-use crate::proxy::http::{client as http_client, HttpForwarder, UpstreamConnector};
+use crate::proxy::http::{HttpForwarder, Pool, UpstreamConnector};
 use crate::proxy::{
     serve, AcceptSettings, Connector, Drain, InboundCounters, InboundListener, ListenerMetrics,
     MtlsOriginator, OutboundListener, OutboundRoute, OwnPorts, Target, TransparentInbound,
@@ -148,10 +148,11 @@ impl BoundListener {
                 let http = spec.http.as_ref().map(|h| {
                     let to_app = |h2c| {
                         let c = b.connector(Target::Fixed(i.forward.clone()), &metrics);
-                        http_client(
+                        Pool::new(
                             UpstreamConnector::new(spec.name.clone(), c, None),
                             h2c,
                             true,
+                            None,
                         )
                     };
                     let mut f = HttpForwarder::new(
@@ -175,6 +176,8 @@ impl BoundListener {
                             spec.name.clone(),
                         )
                     });
+                    f.limits = h.limits;
+                    f.idle = spec.timeouts.idle;
                     Arc::new(f)
                 });
                 let l = InboundListener {
@@ -197,7 +200,7 @@ impl BoundListener {
                         let up = UpstreamConnector::new(spec.name.clone(), c, Some(mtls));
                         let mut f = HttpForwarder::new(
                             metrics.clone(),
-                            http_client(up, false, h.pool),
+                            Pool::new(up, false, h.pool, Some(state.clone())),
                             http::uri::Scheme::HTTPS,
                             authority(&o.connect),
                             spec.listen.port(),
@@ -209,6 +212,8 @@ impl BoundListener {
                                 spec.name.clone(),
                             )
                         });
+                        f.limits = h.limits;
+                        f.idle = spec.timeouts.idle;
                         Some(Arc::new(f))
                     }
                     None => None,

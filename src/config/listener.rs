@@ -145,6 +145,8 @@ pub struct HttpSpec {
     pub jwt_inbound: Option<JwtInboundSpec>,
     /// Outbound: the audience of the JWT-SVID set on each request.
     pub jwt_audience: Option<String>,
+    /// Limits on what a client may send and how long it may take.
+    pub limits: HttpLimits,
 }
 
 /// Inbound `jwt:`, checked.
@@ -160,6 +162,24 @@ pub struct JwtInboundSpec {
 
 /// Clock skew allowed on `exp`, `nbf` and `iat` unless `leeway` says otherwise.
 const DEFAULT_JWT_LEEWAY: Duration = Duration::from_secs(30);
+
+/// Limits of one HTTP listener (defaults as Envoy's where Envoy has one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// The largest request head, in bytes (h1 read buffer; h2 header list size).
+    pub max_request_headers: usize,
+    /// Time for a request head to arrive, and for the first byte of a connection.
+    pub request_header_timeout: Duration,
+    /// Time for the upstream's response head (a streamed body may take longer).
+    pub request_timeout: Duration,
+}
+
+/// Envoy's default `max_request_headers_kb`.
+pub const DEFAULT_MAX_REQUEST_HEADERS_KB: u32 = 60;
+/// Envoy's largest `max_request_headers_kb`.
+const MAX_REQUEST_HEADERS_KB: u32 = 8192;
+/// hyper's HTTP/1 read buffer cannot be smaller than 8 KiB.
+const MIN_REQUEST_HEADERS_KB: u32 = 8;
 
 /// TLS settings of one listener.
 #[derive(Debug, Clone)]
@@ -366,6 +386,15 @@ impl ListenerConfig {
             ("authorization", !self.authorization.is_empty()),
             ("rego", self.rego.is_some()),
             ("jwt", self.jwt.is_some()),
+            (
+                "max_request_headers_kb",
+                self.max_request_headers_kb.is_some(),
+            ),
+            (
+                "request_header_timeout",
+                self.request_header_timeout.is_some(),
+            ),
+            ("request_timeout", self.request_timeout.is_some()),
         ];
         if self.protocol == Protocol::Tcp {
             if let Some((key, _)) = http_only.iter().find(|(_, set)| *set) {
@@ -440,6 +469,23 @@ impl ListenerConfig {
                 "jwt principals need JWT-SVID validation on this listener: add jwt: {audiences: [...]}",
             ));
         }
+        let kb = self
+            .max_request_headers_kb
+            .unwrap_or(DEFAULT_MAX_REQUEST_HEADERS_KB);
+        if !(MIN_REQUEST_HEADERS_KB..=MAX_REQUEST_HEADERS_KB).contains(&kb) {
+            return Err(ConfigError::new(
+                format!("{at}.max_request_headers_kb"),
+                format!("{kb} is out of range: must be from {MIN_REQUEST_HEADERS_KB} to {MAX_REQUEST_HEADERS_KB} (KiB)"),
+            ));
+        }
+        let request_header_timeout = self
+            .request_header_timeout
+            .unwrap_or(Duration::from_secs(10));
+        let limits = HttpLimits {
+            max_request_headers: kb as usize * 1024,
+            request_header_timeout,
+            request_timeout: self.request_timeout.unwrap_or(Duration::from_secs(15)),
+        };
         let rules = super::authorization::authorization_rules(
             &format!("{at}.authorization"),
             &self.authorization,
@@ -458,6 +504,7 @@ impl ListenerConfig {
             rego: self.rego.clone(),
             jwt_inbound,
             jwt_audience,
+            limits,
         }))
     }
 
@@ -563,5 +610,58 @@ impl Common<'_> {
             timeouts: self.timeouts,
             max_connections: self.max_connections,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::config::Config;
+
+    fn http(extra: &str) -> Result<Config, String> {
+        Config::parse(&format!(
+            r#"
+identity:
+  dev: {{trust_domain: example.org, spiffe_id: "spiffe://example.org/ns/default/sa/web"}}
+inbound:
+  - name: web
+    listen: 127.0.0.1:8443
+    forward: 127.0.0.1:8080
+    allow: [{{trust_domain: example.org}}]
+{extra}"#
+        ))
+        .map_err(|e| e.to_string())
+    }
+
+    /// Defaults as Envoy's; each bad value names its key and the problem.
+    #[test]
+    fn http_limits_defaults_and_errors() {
+        let c = http("    protocol: http\n").unwrap();
+        let l = c.listeners[0].http.as_ref().unwrap().limits;
+        assert_eq!(l.max_request_headers, 60 * 1024);
+        assert_eq!(l.request_header_timeout, Duration::from_secs(10));
+        assert_eq!(l.request_timeout, Duration::from_secs(15));
+        let c =
+            http("    protocol: http\n    request_timeout: 2m\n    max_request_headers_kb: 96\n")
+                .unwrap();
+        let l = c.listeners[0].http.as_ref().unwrap().limits;
+        assert_eq!(l.request_timeout, Duration::from_secs(120));
+        assert_eq!(l.max_request_headers, 96 * 1024);
+        let e = http("    protocol: http\n    max_request_headers_kb: 9000\n").unwrap_err();
+        assert!(
+            e.starts_with("inbound[0].max_request_headers_kb: 9000 is out of range"),
+            "{e}"
+        );
+        let e = http("    protocol: http\n    request_header_timeout: 0s\n").unwrap_err();
+        assert!(
+            e.starts_with("inbound[0].request_header_timeout: duration must be greater than zero"),
+            "{e}"
+        );
+        let e = http("    request_timeout: 5s\n").unwrap_err();
+        assert!(
+            e.starts_with("inbound[0].request_timeout: only for HTTP listeners"),
+            "{e}"
+        );
     }
 }

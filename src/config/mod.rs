@@ -17,8 +17,9 @@ pub use authorization::authorization_rules;
 pub use file::{config_dir, parse_yaml, read_text, resolve_path};
 pub use identity::{DevConfig, IdentityConfig, WorkloadApiConfig};
 pub use listener::{
-    canonical_ip, HttpSpec, InboundSpec, ListenerKind, ListenerSpec, OutboundSpec, PortPolicy,
-    Route, Timeouts, TlsSpec, TransparentInboundSpec, TransparentOutboundSpec,
+    canonical_ip, HttpLimits, HttpSpec, InboundSpec, ListenerKind, ListenerSpec, OutboundSpec,
+    PortPolicy, Route, Timeouts, TlsSpec, TransparentInboundSpec, TransparentOutboundSpec,
+    DEFAULT_MAX_REQUEST_HEADERS_KB,
 };
 pub use matchers::allow_list;
 pub use raw::{

@@ -280,10 +280,20 @@ pub struct ListenerConfig {
     /// Inbound TCP: a PROXY protocol header to the app before the caller's bytes.
     #[serde(default)]
     pub proxy_protocol: Option<ProxyProtocolConfig>,
+    /// HTTP: the largest request head (request line and headers) accepted, in KiB;
+    /// larger ones get 431. Default 60, as Envoy.
+    #[serde(default)]
+    pub max_request_headers_kb: Option<u32>,
+    /// HTTP: how long a client may take to send a request head (and, on a new
+    /// connection, its first byte); a slow one is disconnected. Default 10s.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub request_header_timeout: Option<Duration>,
+    /// HTTP: how long the upstream may take to answer a request (its response head);
+    /// then 504. Default 15s, as Envoy's route timeout.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub request_timeout: Option<Duration>,
 }
 
-/// `jwt`: inbound `{audiences: [..], required: true|false, leeway: 30s}`, outbound
-/// `{audience: X}`. One struct for both sides, so a key of the other side gets a keyed
 /// `proxy_protocol: v2`, or `{version: v2, spiffe_id_tlv: 0xE1}`.
 #[derive(Debug, Deserialize, Clone, PartialEq)]
 #[serde(untagged)]
@@ -296,6 +306,8 @@ pub enum ProxyProtocolConfig {
     },
 }
 
+/// `jwt`: inbound `{audiences: [..], required: true|false, leeway: 30s}`, outbound
+/// `{audience: X}`. One struct for both sides, so a key of the other side gets a keyed
 /// error from the listener check rather than serde's "unknown field".
 #[derive(Debug, Deserialize, Clone, PartialEq, Eq, Default)]
 #[serde(deny_unknown_fields)]

@@ -1,7 +1,9 @@
 //! Upstream HTTP clients: to the local app (plaintext; HTTP/1.1, or h2c when the caller
 //! spoke h2, as gRPC needs) and to peers (mTLS, h2 or HTTP/1.1 by ALPN, pooled). Both
 //! connect through the proxy's [`Connector`], so connect failures are logged and
-//! counted as for TCP listeners.
+//! counted as for TCP listeners. The pool is replaced when our SVID rotates, so new
+//! requests go over connections made with the new certificate; upgraded requests get a
+//! connection of their own (HTTP/1.1 only), never a pooled one.
 
 use std::future::Future;
 use std::io;
@@ -10,8 +12,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::Uri;
-use hyper::body::Incoming;
+use http_body_util::combinators::BoxBody;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
@@ -19,7 +22,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::identity::IdentityState;
 use crate::proxy::{reject, Connector, MtlsOriginator};
+
+/// The body of a request svidcar sends upstream (the caller's, trailers cleaned).
+pub type ReqBody = BoxBody<Bytes, hyper::Error>;
 
 /// One upstream connection: plaintext to the app, or mTLS to a peer.
 pub enum UpstreamConn {
@@ -82,15 +89,49 @@ pub struct UpstreamConnector {
     listener: Arc<str>,
     connector: Arc<Connector>,
     mtls: Option<Arc<MtlsOriginator>>,
+    /// The same, offering only `http/1.1` by ALPN: an upgrade (websocket, CONNECT) is an
+    /// HTTP/1.1 exchange, which an h2 connection could not carry.
+    mtls_h1: Option<Arc<MtlsOriginator>>,
 }
 
 impl UpstreamConnector {
     pub fn new(listener: Arc<str>, connector: Connector, mtls: Option<MtlsOriginator>) -> Self {
+        let mtls_h1 = mtls.as_ref().map(|m| {
+            let mut config = (**m.connector.config()).clone();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(MtlsOriginator {
+                connector: Arc::new(config).into(),
+                server_name: m.server_name.clone(),
+                handshake_timeout: m.handshake_timeout,
+            })
+        });
         Self {
             listener,
             connector: Arc::new(connector),
             mtls: mtls.map(Arc::new),
+            mtls_h1,
         }
+    }
+
+    /// A new connection, not from any pool; `h1_only`: HTTP/1.1 by ALPN.
+    pub async fn open(&self, h1_only: bool) -> io::Result<UpstreamConn> {
+        let tcp = self.connector.connect(None).await.ok_or_else(|| {
+            io::Error::other(format!("cannot connect to {}", self.connector.describe()))
+        })?;
+        let mtls = if h1_only { &self.mtls_h1 } else { &self.mtls };
+        let Some(mtls) = mtls else {
+            return Ok(UpstreamConn::Plain(TokioIo::new(tcp)));
+        };
+        let peer = tcp.peer_addr()?;
+        let tls = match mtls.originate(tcp).await {
+            Ok(tls) => tls,
+            Err(why) => {
+                reject(&self.listener, peer, &why);
+                return Err(io::Error::other(why.to_string()));
+            }
+        };
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        Ok(UpstreamConn::Tls(Box::new(TokioIo::new(tls)), h2))
     }
 }
 
@@ -107,43 +148,84 @@ impl tower::Service<Uri> for UpstreamConnector {
 
     fn call(&mut self, _: Uri) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move {
-            let tcp = this.connector.connect(None).await.ok_or_else(|| {
-                io::Error::other(format!("cannot connect to {}", this.connector.describe()))
-            })?;
-            let Some(mtls) = &this.mtls else {
-                return Ok(UpstreamConn::Plain(TokioIo::new(tcp)));
-            };
-            let peer = tcp.peer_addr()?;
-            let tls = match mtls.originate(tcp).await {
-                Ok(tls) => tls,
-                Err(why) => {
-                    reject(&this.listener, peer, &why);
-                    return Err(io::Error::other(why.to_string()));
-                }
-            };
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-            Ok(UpstreamConn::Tls(Box::new(TokioIo::new(tls)), h2))
-        })
+        Box::pin(async move { this.open(false).await })
     }
 }
 
 /// How long an unused pooled connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
 
-/// A pooled client over `connector`; `h2_only` for h2c to the app.
-pub fn client(
+/// Idle connections kept per pool key. The key is the authority the caller named (hyper's
+/// pool is keyed so), which the app chooses: a bound keeps a stream of made-up `Host`
+/// names from piling up idle connections.
+const POOL_MAX_IDLE_PER_HOST: usize = 32;
+
+/// The client for one listener's upstream: a hyper client whose pool belongs to one
+/// SVID. When `state` shows another default SVID, the next request gets a new client
+/// (new connections, new certificate); the old one's connections finish the requests
+/// they carry and close, as its last handle goes.
+pub struct Pool {
     connector: UpstreamConnector,
     h2_only: bool,
     pool: bool,
-) -> Client<UpstreamConnector, Incoming> {
+    state: Option<Arc<IdentityState>>,
+    current: std::sync::Mutex<(Option<String>, Client<UpstreamConnector, ReqBody>)>,
+}
+
+impl Pool {
+    /// `state`: reconnect after a rotation (mTLS upstreams); `None` for the app.
+    pub fn new(
+        connector: UpstreamConnector,
+        h2_only: bool,
+        pool: bool,
+        state: Option<Arc<IdentityState>>,
+    ) -> Self {
+        let serial = state.as_deref().and_then(default_serial);
+        let client = build(connector.clone(), h2_only, pool);
+        Self {
+            connector,
+            h2_only,
+            pool,
+            state,
+            current: std::sync::Mutex::new((serial, client)),
+        }
+    }
+
+    /// The client to use now.
+    pub fn get(&self) -> Client<UpstreamConnector, ReqBody> {
+        let serial = self.state.as_deref().and_then(default_serial);
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if self.state.is_some() && cur.0 != serial {
+            tracing::debug!(listener = %self.connector.listener, "SVID rotated: new upstream connections from now on");
+            *cur = (
+                serial,
+                build(self.connector.clone(), self.h2_only, self.pool),
+            );
+        }
+        cur.1.clone()
+    }
+
+    /// Opens a connection of its own, HTTP/1.1 (for an upgrade).
+    pub async fn open_h1(&self) -> io::Result<UpstreamConn> {
+        self.connector.open(true).await
+    }
+}
+
+fn default_serial(state: &IdentityState) -> Option<String> {
+    state.load().default_svid().map(|s| s.serial.clone())
+}
+
+/// A pooled client over `connector`; `h2_only` for h2c to the app.
+fn build(
+    connector: UpstreamConnector,
+    h2_only: bool,
+    pool: bool,
+) -> Client<UpstreamConnector, ReqBody> {
     let mut b = Client::builder(TokioExecutor::new());
     b.pool_idle_timeout(POOL_IDLE)
+        .pool_max_idle_per_host(if pool { POOL_MAX_IDLE_PER_HOST } else { 0 })
         .pool_timer(hyper_util::rt::TokioTimer::new())
         .http2_only(h2_only)
         .timer(hyper_util::rt::TokioTimer::new());
-    if !pool {
-        b.pool_max_idle_per_host(0);
-    }
     b.build(connector)
 }

@@ -2,6 +2,7 @@
 //! the client's preface on plaintext) and forwarding each request: inbound to the app
 //! with the caller's identity set, outbound to the peer over pooled mTLS connections.
 //! A drain sends GOAWAY / `Connection: close` and lets requests in flight finish.
+//! Limits and deadlines live in `limits`, upgrades and tunnels in `upgrade`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -11,17 +12,21 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use prometheus::IntCounterVec;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use super::client::UpstreamConnector;
+use super::body::Inspect;
+use super::client::{Pool, ReqBody};
+use super::limits::{Activity, Expired, Watched};
 use super::path::{normalize_host, normalize_target, PathOptions};
+use super::upgrade;
 use super::xfcc::{ConnXfcc, Xfcc};
 use crate::authz::http_rules::{Decision, HttpRules, RequestView};
 use crate::authz::rego::{Decision as RegoDecision, RegoAuthorizer, RequestView as RegoView};
 use crate::authz::PeerIdentity;
+use crate::config::HttpLimits;
 use crate::log_limit::LogLimiter;
 use crate::metrics;
 use crate::proxy::{Drain, ListenerMetrics};
@@ -77,9 +82,9 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 pub struct HttpForwarder {
     pub metrics: ListenerMetrics,
     /// Plaintext or mTLS, HTTP/1.1 (or h2 as ALPN says).
-    pub client: Client<UpstreamConnector, Incoming>,
+    pub client: Pool,
     /// h2c, for requests that came as h2 (inbound only: the app may need h2, as gRPC).
-    pub h2c: Option<Client<UpstreamConnector, Incoming>>,
+    pub h2c: Option<Pool>,
     pub scheme: http::uri::Scheme,
     /// `host:port` of the upstream, when the request names no authority.
     pub authority: http::uri::Authority,
@@ -97,13 +102,26 @@ pub struct HttpForwarder {
     /// Outbound: the JWT-SVID set as `Authorization: Bearer`.
     pub jwt_out: Option<crate::jwt::OutboundJwt>,
     pub requests: IntCounterVec,
+    /// Sizes and deadlines for what clients send, and the upstream's answer time.
+    pub limits: HttpLimits,
+    /// `idle_timeout`: a connection with no request for this long is closed.
+    pub idle: std::time::Duration,
+}
+
+/// What the requests of one connection share.
+struct ConnCtx {
+    caller: Option<Caller>,
+    activity: Arc<Activity>,
+    /// Upgraded streams of this connection: it counts as open until they end.
+    tunnels: TaskTracker,
+    closing: CancellationToken,
 }
 
 impl HttpForwarder {
     /// A forwarder with no identity handling and no rules; the caller sets those fields.
     pub fn new(
         metrics: ListenerMetrics,
-        client: Client<UpstreamConnector, Incoming>,
+        client: Pool,
         scheme: http::uri::Scheme,
         authority: http::uri::Authority,
         port: u16,
@@ -122,41 +140,77 @@ impl HttpForwarder {
             jwt: None,
             jwt_out: None,
             requests: metrics::get().http_requests.clone(),
+            limits: HttpLimits {
+                max_request_headers: crate::config::DEFAULT_MAX_REQUEST_HEADERS_KB as usize * 1024,
+                request_header_timeout: std::time::Duration::from_secs(10),
+                request_timeout: std::time::Duration::from_secs(15),
+            },
+            idle: std::time::Duration::from_secs(3600),
         }
     }
 
-    /// Serves `io` until the client is done or the drain ends it. `peer` is the caller
-    /// the TLS handshake authenticated (inbound), `None` for the app (outbound).
+    /// Serves `io` until the client is done, a deadline passes or the drain ends it.
+    /// `peer` is the caller the TLS handshake authenticated (inbound), `None` for the
+    /// app (outbound).
     pub async fn serve<I>(self: Arc<Self>, io: I, peer: Option<Caller>, drain: Drain)
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let peer = peer.map(Arc::new);
-        let this = self.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let (this, peer) = (this.clone(), peer.clone());
-            async move { Ok::<_, Infallible>(this.forward(req, peer.as_deref()).await) }
+        let activity = Activity::new();
+        let ctx = Arc::new(ConnCtx {
+            caller: peer,
+            activity: activity.clone(),
+            tunnels: TaskTracker::new(),
+            closing: drain.closing.clone(),
         });
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(std::time::Duration::from_secs(10))
-            .max_buf_size(64 * 1024);
-        builder
-            .http2()
-            .timer(hyper_util::rt::TokioTimer::new())
-            .keep_alive_interval(std::time::Duration::from_secs(30))
-            .keep_alive_timeout(std::time::Duration::from_secs(10))
-            .max_concurrent_streams(256)
-            .max_header_list_size(64 * 1024);
-        let conn = builder.serve_connection(TokioIo::new(io), service);
+        let this = self.clone();
+        let service_ctx = ctx.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let (this, ctx) = (this.clone(), service_ctx.clone());
+            async move {
+                // In flight until its response has been sent (the guard goes with the body).
+                let guard = ctx.activity.request();
+                let res = this.forward(req, &ctx).await;
+                Ok::<_, Infallible>(res.map(|b| {
+                    Inspect::new(b, move |_: &mut hyper::body::Frame<Bytes>| {
+                        let _in_flight = &guard;
+                    })
+                    .boxed()
+                }))
+            }
+        });
+        let builder = super::limits::server(&self.limits);
+        let io = TokioIo::new(Watched::new(io, activity.clone()));
+        let conn = builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(conn);
         let name = &self.metrics.name;
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
-                    tracing::debug!(listener = %name, error = %e, "HTTP connection ended with error");
+                    if let Some(status) = super::limits::status_sent_by_hyper(&*e) {
+                        self.count(status);
+                        if DENIED_LOG.allow("malformed") {
+                            tracing::warn!(listener = %name, status = status.as_str(), error = %e, "HTTP request refused: malformed or too large");
+                        }
+                    } else {
+                        tracing::debug!(listener = %name, error = %e, "HTTP connection ended with error");
+                    }
+                }
+            }
+            why = activity.expired(self.limits.request_header_timeout, self.idle) => {
+                metrics::get()
+                    .connection_errors
+                    .with_label_values(&[name, why.label()])
+                    .inc();
+                tracing::debug!(listener = %name, reason = why.label(), "HTTP connection closed: {why}");
+                if why == Expired::Idle {
+                    // GOAWAY / close for a client that is not sending: a short grace.
+                    conn.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = drain.closing.cancelled() => {}
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    }
                 }
             }
             _ = drain.draining.cancelled() => {
@@ -167,21 +221,38 @@ impl HttpForwarder {
                 }
             }
         }
+        ctx.tunnels.close();
+        tokio::select! {
+            _ = ctx.tunnels.wait() => {}
+            _ = drain.closing.cancelled() => {}
+        }
     }
 
     /// One request: identity set (inbound), hop-by-hop headers dropped, sent upstream.
-    async fn forward(
-        &self,
-        mut req: Request<Incoming>,
-        caller: Option<&Caller>,
-    ) -> Response<ProxyBody> {
+    async fn forward(&self, mut req: Request<Incoming>, conn: &ConnCtx) -> Response<ProxyBody> {
+        let caller = conn.caller.as_ref();
         let downstream_h2 = req.version() == Version::HTTP_2;
         let peer = caller.map(|c| &c.identity);
-        if req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
-            // Tunnels and protocol upgrades are not carried (yet): refused, never
-            // turned silently into plain requests.
-            return self.answer(StatusCode::NOT_IMPLEMENTED, "not supported\n");
+        if downstream_h2 && req.method() == Method::CONNECT {
+            // h2 CONNECT (and RFC 8441 websockets over h2) is not carried: refused,
+            // never turned silently into a plain request.
+            return self.answer(
+                StatusCode::NOT_IMPLEMENTED,
+                "CONNECT over h2 not supported\n",
+            );
         }
+        if !downstream_h2 && conn.activity.take_conflicting_lengths() {
+            // Request smuggling: two framings, one request.
+            if DENIED_LOG.allow("smuggling") {
+                tracing::warn!(listener = %self.metrics.name, "HTTP request refused: both Content-Length and Transfer-Encoding");
+            }
+            let mut res = self.answer(StatusCode::BAD_REQUEST, "bad request framing\n");
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return res;
+        }
+        // Read before the hop-by-hop headers (Upgrade, Connection) are removed.
+        let upgrade = upgrade::requested(&req);
         // Hop-by-hop headers first: a caller must not be able to name the identity
         // headers in `Connection` and have the ones svidcar sets removed.
         strip_hop_by_hop(req.headers_mut());
@@ -309,7 +380,7 @@ impl HttpForwarder {
                             }
                         };
                         return self
-                            .send(req, path_and_query, authority, downstream_h2)
+                            .send(req, path_and_query, authority, downstream_h2, conn, upgrade)
                             .await;
                     }
                     RegoDecision::Deny {
@@ -347,25 +418,35 @@ impl HttpForwarder {
                 Err(_) => return self.answer(StatusCode::BAD_REQUEST, "bad request path\n"),
             };
         }
-        self.send(req, path_and_query, authority, downstream_h2)
+        self.send(req, path_and_query, authority, downstream_h2, conn, upgrade)
             .await
     }
 
-    /// Sends `req` upstream with `path_and_query` and `authority`.
+    /// Sends `req` upstream with `path_and_query` and `authority`: pooled, or on a
+    /// connection of its own for an upgrade.
     async fn send(
         &self,
         mut req: Request<Incoming>,
         path_and_query: Option<http::uri::PathAndQuery>,
         authority: http::uri::Authority,
         downstream_h2: bool,
+        conn: &ConnCtx,
+        upgrade: Option<upgrade::Kind>,
     ) -> Response<ProxyBody> {
+        let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let mut req = req.map(|b| self.clean_trailers(b));
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(authority);
+        parts.authority = Some(authority.clone());
         parts.path_and_query = path_and_query.or_else(|| Some("/".parse().expect("static")));
         match Uri::from_parts(parts) {
             Ok(u) => *req.uri_mut() = u,
             Err(_) => return self.answer(StatusCode::BAD_REQUEST, "bad request target\n"),
+        }
+        if let (Some(kind), Some(on_upgrade)) = (upgrade, on_upgrade) {
+            return self
+                .send_upgrade(req, kind, &authority, on_upgrade, conn)
+                .await;
         }
         // gRPC needs h2 to the app; other requests go as HTTP/1.1, which every app speaks.
         let grpc = req
@@ -373,13 +454,18 @@ impl HttpForwarder {
             .get(header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
         let client = match (&self.h2c, downstream_h2 && grpc) {
-            (Some(h2c), true) => h2c,
+            (Some(h2c), true) => h2c.get(),
             _ => {
                 *req.version_mut() = Version::HTTP_11;
-                &self.client
+                self.client.get()
             }
         };
-        match client.request(req).await {
+        let limit = self.limits.request_timeout;
+        let res = match tokio::time::timeout(limit, client.request(req)).await {
+            Ok(res) => res,
+            Err(_) => return self.timed_out(limit),
+        };
+        match res {
             Ok(mut res) => {
                 strip_hop_by_hop(res.headers_mut());
                 self.count(res.status());
@@ -390,6 +476,77 @@ impl HttpForwarder {
                 self.answer(StatusCode::SERVICE_UNAVAILABLE, "upstream unavailable\n")
             }
         }
+    }
+
+    /// An upgrade or `CONNECT`: its own upstream connection, then bytes both ways.
+    async fn send_upgrade(
+        &self,
+        mut req: Request<ReqBody>,
+        kind: upgrade::Kind,
+        authority: &http::uri::Authority,
+        on_upgrade: hyper::upgrade::OnUpgrade,
+        conn: &ConnCtx,
+    ) -> Response<ProxyBody> {
+        upgrade::prepare(&mut req, &kind, authority);
+        let sent = upgrade::forward(
+            &self.client,
+            req,
+            &kind,
+            on_upgrade,
+            &conn.tunnels,
+            conn.closing.clone(),
+            self.metrics.name.clone(),
+        );
+        let limit = self.limits.request_timeout;
+        let res = match tokio::time::timeout(limit, sent).await {
+            Ok(res) => res,
+            Err(_) => return self.timed_out(limit),
+        };
+        match res {
+            Ok(mut res) => {
+                let protocol = res.headers().get(header::UPGRADE).cloned();
+                strip_hop_by_hop(res.headers_mut());
+                if let (upgrade::Kind::Upgrade(_), true, Some(p)) =
+                    (&kind, upgrade::switched(&kind, res.status()), protocol)
+                {
+                    // The caller needs to see the switch it asked for.
+                    res.headers_mut().insert(header::UPGRADE, p);
+                    res.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                }
+                self.count(res.status());
+                res.map(|b| b.boxed())
+            }
+            Err(e) => {
+                tracing::warn!(listener = %self.metrics.name, error = %e, "upstream upgrade failed");
+                self.answer(StatusCode::SERVICE_UNAVAILABLE, "upstream unavailable\n")
+            }
+        }
+    }
+
+    /// 504: the upstream did not answer within `request_timeout`.
+    fn timed_out(&self, limit: std::time::Duration) -> Response<ProxyBody> {
+        tracing::warn!(listener = %self.metrics.name, timeout = ?limit, "upstream did not answer within request_timeout");
+        self.answer(StatusCode::GATEWAY_TIMEOUT, "upstream timeout\n")
+    }
+
+    /// The request body, its trailers cleaned as the headers are: inbound, no copy of
+    /// the identity header or XFCC from the caller; outbound, no XFCC from the app.
+    fn clean_trailers(&self, body: Incoming) -> ReqBody {
+        let inbound = self.rules.is_some();
+        let identity = self.identity_header.clone();
+        Inspect::new(body, move |frame: &mut hyper::body::Frame<Bytes>| {
+            if let Some(t) = frame.trailers_mut() {
+                t.remove(super::xfcc::XFCC);
+                if inbound {
+                    remove_lookalikes(t, identity.as_ref());
+                    if let Some(h) = &identity {
+                        t.remove(h);
+                    }
+                }
+            }
+        })
+        .boxed()
     }
 
     /// A short answer of svidcar's own (no internals in the body).
