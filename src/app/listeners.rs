@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
+use crate::authz::opa::OpaClient;
 use crate::authz::{AllowList, PeerPolicy};
 use crate::config::{ListenerKind, ListenerSpec, TlsSpec};
 use crate::identity::IdentityState;
@@ -166,6 +167,7 @@ impl BoundListener {
                     f.rules = Some(h.rules.clone());
                     f.xfcc = h.xfcc.as_ref().map(xfcc);
                     f.rego = rego;
+                    f.opa = h.opa.clone().map(|o| OpaClient::new(spec.name.clone(), o));
                     Arc::new(f)
                 });
                 let l = InboundListener {

@@ -11,9 +11,11 @@ use rustls_pki_types::ServerName;
 
 use super::matchers::allow_list;
 use super::raw::{
-    ListenerConfig, MatcherConfig, Mode, Otherwise, Protocol, TlsVersion, XfccConfig,
+    AuthorizationRuleConfig, ListenerConfig, MatcherConfig, Mode, OnErrorConfig, OpaConfig,
+    Otherwise, Protocol, RegoConfig, TlsVersion, XfccConfig,
 };
 use super::ConfigError;
+use crate::authz::opa::{OnError, OpaSettings};
 use crate::authz::AllowList;
 use crate::net::HostPort;
 
@@ -138,6 +140,8 @@ pub struct HttpSpec {
     pub rules: std::sync::Arc<crate::authz::http_rules::HttpRules>,
     /// Inbound: Rego policy files and query.
     pub rego: Option<super::raw::RegoConfig>,
+    /// Inbound: an external OPA asked for each request (after `rego`; both must allow).
+    pub opa: Option<OpaSettings>,
 }
 
 /// TLS settings of one listener.
@@ -297,13 +301,41 @@ impl ListenerConfig {
 
     /// The HTTP settings, checked; keys of HTTP mode on a TCP listener are errors.
     fn http_spec(&self, at: &str, kind: &ListenerKind) -> Result<Option<HttpSpec>, ConfigError> {
-        let inbound = matches!(kind, ListenerKind::Inbound(_));
+        HttpKeys {
+            protocol: self.protocol,
+            identity_header: self.identity_header.as_deref(),
+            xfcc: self.xfcc.as_ref(),
+            pool: self.pool,
+            authorization: &self.authorization,
+            rego: self.rego.as_ref(),
+            opa: self.opa.as_ref(),
+        }
+        .spec(at, matches!(kind, ListenerKind::Inbound(_)))
+    }
+}
+
+/// The HTTP mode keys of one listener or transparent port, as written.
+pub(super) struct HttpKeys<'a> {
+    pub protocol: Protocol,
+    pub identity_header: Option<&'a str>,
+    pub xfcc: Option<&'a XfccConfig>,
+    pub pool: Option<bool>,
+    pub authorization: &'a [AuthorizationRuleConfig],
+    pub rego: Option<&'a RegoConfig>,
+    pub opa: Option<&'a OpaConfig>,
+}
+
+impl HttpKeys<'_> {
+    /// The HTTP settings, checked; keys of HTTP mode on a TCP listener are errors, and
+    /// so are keys of the other direction.
+    pub(super) fn spec(&self, at: &str, inbound: bool) -> Result<Option<HttpSpec>, ConfigError> {
         let http_only = [
             ("identity_header", self.identity_header.is_some()),
             ("xfcc", self.xfcc.is_some()),
             ("pool", self.pool.is_some()),
             ("authorization", !self.authorization.is_empty()),
             ("rego", self.rego.is_some()),
+            ("opa", self.opa.is_some()),
         ];
         if self.protocol == Protocol::Tcp {
             if let Some((key, _)) = http_only.iter().find(|(_, set)| *set) {
@@ -322,6 +354,8 @@ impl ListenerConfig {
             (("authorization", true), "inbound")
         } else if self.rego.is_some() {
             (("rego", true), "inbound")
+        } else if self.opa.is_some() {
+            (("opa", true), "inbound")
         } else {
             (("xfcc", self.xfcc.is_some()), "inbound")
         };
@@ -331,8 +365,8 @@ impl ListenerConfig {
                 format!("only for {side} listeners"),
             ));
         }
-        let identity_header = match &self.identity_header {
-            Some(h) => Some(http::HeaderName::try_from(h.as_str()).map_err(|_| {
+        let identity_header = match self.identity_header {
+            Some(h) => Some(http::HeaderName::try_from(h).map_err(|_| {
                 ConfigError::new(
                     format!("{at}.identity_header"),
                     format!("{h:?} is not a valid header name"),
@@ -378,22 +412,79 @@ impl ListenerConfig {
         }
         let rules = super::authorization::authorization_rules(
             &format!("{at}.authorization"),
-            &self.authorization,
+            self.authorization,
         )?;
+        let opa = match self.opa {
+            Some(o) => Some(opa_settings(&format!("{at}.opa"), o)?),
+            None => None,
+        };
         Ok(Some(HttpSpec {
             identity_header,
             // Envoy's mode for a mesh sidecar: the caller's own entry, forged ones gone.
             xfcc: inbound.then(|| {
-                self.xfcc.clone().unwrap_or(XfccConfig {
+                self.xfcc.cloned().unwrap_or(XfccConfig {
                     mode: Default::default(),
                     details: vec![super::raw::XfccDetail::Uri],
                 })
             }),
             pool: self.pool.unwrap_or(true),
             rules: std::sync::Arc::new(rules),
-            rego: self.rego.clone(),
+            rego: self.rego.cloned(),
+            opa,
         }))
     }
+}
+
+/// `opa:` checked: a plain `http://` URL with a host and the rule's path, a timeout
+/// that is not zero.
+fn opa_settings(at: &str, c: &OpaConfig) -> Result<OpaSettings, ConfigError> {
+    let url: http::Uri = c.url.parse().map_err(|_| {
+        ConfigError::new(
+            format!("{at}.url"),
+            format!(
+                "{:?} is not a URL (write http://127.0.0.1:8181/v1/data/authz/allow)",
+                c.url
+            ),
+        )
+    })?;
+    if url.scheme_str() != Some("http") {
+        return Err(ConfigError::new(
+            format!("{at}.url"),
+            format!(
+                "{:?}: must be http:// (OPA beside the app, on loopback or the pod network; https is not supported)",
+                c.url
+            ),
+        ));
+    }
+    if url.host().is_none_or(str::is_empty) {
+        return Err(ConfigError::new(
+            format!("{at}.url"),
+            format!("{:?} names no host", c.url),
+        ));
+    }
+    if matches!(url.path(), "" | "/") {
+        return Err(ConfigError::new(
+            format!("{at}.url"),
+            format!(
+                "{:?} names no rule: add the Data API path, like /v1/data/authz/allow",
+                c.url
+            ),
+        ));
+    }
+    if c.timeout.is_zero() {
+        return Err(ConfigError::new(
+            format!("{at}.timeout"),
+            "must be more than 0 (default 1s)",
+        ));
+    }
+    Ok(OpaSettings {
+        url,
+        timeout: c.timeout,
+        on_error: match c.on_error {
+            OnErrorConfig::Deny => OnError::Deny,
+            OnErrorConfig::Allow => OnError::Allow,
+        },
+    })
 }
 
 /// An allowlist at `key`: empty is an error unless any ID of our trust domain is allowed

@@ -267,6 +267,37 @@ pub struct ListenerConfig {
     /// HTTP inbound: Rego policies evaluated in-process for each request.
     #[serde(default)]
     pub rego: Option<RegoConfig>,
+    /// HTTP inbound: an external OPA asked for each request over its REST Data API.
+    #[serde(default)]
+    pub opa: Option<OpaConfig>,
+}
+
+/// `opa`: where OPA's Data API answers for the deciding rule, how long to wait, and
+/// what to do when it cannot answer.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OpaConfig {
+    /// `http://127.0.0.1:8181/v1/data/authz/allow`: plain HTTP (OPA runs beside us).
+    pub url: String,
+    /// The whole exchange (connect, request, answer); default 1 s.
+    #[serde(default = "default_opa_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// When OPA is down, slow or answers garbage: `deny` (default) or `allow`.
+    #[serde(default)]
+    pub on_error: OnErrorConfig,
+}
+
+/// What an OPA failure decides.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnErrorConfig {
+    #[default]
+    Deny,
+    Allow,
+}
+
+fn default_opa_timeout() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// `rego`: policy files (relative to the config file) and the rule that decides.

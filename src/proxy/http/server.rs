@@ -20,6 +20,7 @@ use super::client::UpstreamConnector;
 use super::path::{normalize_host, normalize_target, PathOptions};
 use super::xfcc::{ConnXfcc, Xfcc};
 use crate::authz::http_rules::{Decision, HttpRules, RequestView};
+use crate::authz::opa::{decide_request, OpaClient};
 use crate::authz::rego::{Decision as RegoDecision, RegoAuthorizer, RequestView as RegoView};
 use crate::authz::PeerIdentity;
 use crate::log_limit::LogLimiter;
@@ -92,6 +93,8 @@ pub struct HttpForwarder {
     pub xfcc: Option<Xfcc>,
     /// Inbound: a Rego policy that decides each request (after the rules).
     pub rego: Option<RegoAuthorizer>,
+    /// Inbound: an external OPA asked after `rego` (both must allow).
+    pub opa: Option<OpaClient>,
     pub requests: IntCounterVec,
 }
 
@@ -115,6 +118,7 @@ impl HttpForwarder {
             port,
             xfcc: None,
             rego: None,
+            opa: None,
             requests: metrics::get().http_requests.clone(),
         }
     }
@@ -214,6 +218,12 @@ impl HttpForwarder {
                 }
                 None => {}
             }
+        } else if let Some(x) = &self.xfcc {
+            // Inbound plaintext (a permissive port): no client certificate, so Envoy's
+            // modes all remove the header but `always_forward_only`.
+            if let Ok(c) = x.connection::<&[u8]>(None, &[]) {
+                c.apply(req.headers_mut());
+            }
         }
         if let Some(h) = &self.identity_header {
             // Whatever the caller claims is dropped first, on every request.
@@ -255,7 +265,7 @@ impl HttpForwarder {
                 }
                 return self.answer(StatusCode::FORBIDDEN, "forbidden\n");
             }
-            if let Some(rego) = &self.rego {
+            if self.rego.is_some() || self.opa.is_some() {
                 let host = req
                     .uri()
                     .authority()
@@ -276,7 +286,9 @@ impl HttpForwarder {
                     headers: req.headers(),
                     jwt_claims: None,
                 };
-                match rego.decide_request(&view) {
+                let (decision, by) =
+                    decide_request(self.rego.as_ref(), self.opa.as_ref(), &view).await;
+                match decision {
                     RegoDecision::Allow { headers } => {
                         let add = headers;
                         let pq = normalized.path_and_query();
@@ -305,7 +317,7 @@ impl HttpForwarder {
                                 caller = view.caller.unwrap_or("-"),
                                 method = view.method,
                                 reason = reason.label(),
-                                "request refused by the Rego policy"
+                                "request refused by the {by} policy"
                             );
                         }
                         self.count(status);
