@@ -12,9 +12,11 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 use crate::authz::opa::OpaClient;
+use crate::authz::rego::RegoAuthorizer;
 use crate::authz::{AllowList, PeerPolicy};
-use crate::config::{ListenerKind, ListenerSpec, TlsSpec};
+use crate::config::{HttpSpec, ListenerKind, ListenerSpec, TlsSpec};
 use crate::identity::IdentityState;
+use crate::net::HostPort;
 use crate::proxy::http::xfcc::{Xfcc, XfccDetails, XfccField, XfccMode};
 use crate::proxy::http::{client as http_client, HttpForwarder, UpstreamConnector};
 use crate::proxy::{
@@ -22,6 +24,7 @@ use crate::proxy::{
     MtlsOriginator, OutboundListener, OutboundRoute, OwnPorts, Target, TransparentInbound,
     TransparentOutbound,
 };
+use crate::proxy::{HttpForwarders, MakeForwarder};
 use crate::spiffe::TrustDomain;
 use crate::tls;
 
@@ -56,6 +59,108 @@ fn xfcc(c: &crate::config::XfccConfig) -> Xfcc {
         },
         details: XfccDetails::from_fields(&fields),
     }
+}
+
+/// The policies of one HTTP inbound (or transparent port), made once: a Rego policy
+/// compiled and watched, an OPA client with its pool.
+struct Policies {
+    rego: Option<RegoAuthorizer>,
+    opa: Option<OpaClient>,
+}
+
+fn policies(spec: &ListenerSpec, at: &str, h: &HttpSpec) -> anyhow::Result<Policies> {
+    let rego = match &h.rego {
+        Some(r) => Some(
+            RegoAuthorizer::start(
+                r.policy.clone(),
+                &r.query,
+                tokio_util::sync::CancellationToken::new(),
+            )
+            .map_err(|e| anyhow!("{at}.rego: {e}"))?,
+        ),
+        None => None,
+    };
+    let opa = h.opa.clone().map(|o| OpaClient::new(spec.name.clone(), o));
+    Ok(Policies { rego, opa })
+}
+
+/// The HTTP forwarder in front of the app at `forward`, with the caller's identity,
+/// rules and policies of `h`; `port` is the port rules match.
+fn app_forwarder(
+    spec: &ListenerSpec,
+    metrics: &ListenerMetrics,
+    h: &HttpSpec,
+    p: &Policies,
+    forward: HostPort,
+    port: u16,
+) -> HttpForwarder {
+    let to_app = |h2c| {
+        let c = Connector::new(
+            spec.name.clone(),
+            Target::Fixed(forward.clone()),
+            spec.timeouts.connect,
+            metrics.upstream_connect_failed.clone(),
+        );
+        http_client(
+            UpstreamConnector::new(spec.name.clone(), c, None),
+            h2c,
+            true,
+        )
+    };
+    let mut f = HttpForwarder::new(
+        metrics.clone(),
+        to_app(false),
+        http::uri::Scheme::HTTP,
+        authority(&forward),
+        port,
+    );
+    f.h2c = Some(to_app(true));
+    f.identity_header = h.identity_header.clone();
+    f.rules = Some(h.rules.clone());
+    f.xfcc = h.xfcc.as_ref().map(xfcc);
+    f.rego = p.rego.clone();
+    f.opa = p.opa.clone();
+    f
+}
+
+/// The forwarder of a transparent HTTP route to one destination: its own pool of mTLS
+/// connections to `dst`.
+fn peer_forwarder(
+    spec: &ListenerSpec,
+    metrics: &ListenerMetrics,
+    mtls: &MtlsOriginator,
+    pool: bool,
+    dst: SocketAddr,
+) -> Option<Arc<HttpForwarder>> {
+    let hp = HostPort::parse(&dst.to_string()).ok()?;
+    let c = Connector::new(
+        spec.name.clone(),
+        Target::Fixed(hp.clone()),
+        spec.timeouts.connect,
+        metrics.upstream_connect_failed.clone(),
+    );
+    let mtls = MtlsOriginator {
+        connector: mtls.connector.clone(),
+        server_name: mtls.server_name.clone(),
+        handshake_timeout: mtls.handshake_timeout,
+    };
+    let up = UpstreamConnector::new(spec.name.clone(), c, Some(mtls));
+    Some(Arc::new(HttpForwarder::new(
+        metrics.clone(),
+        http_client(up, false, pool),
+        http::uri::Scheme::HTTPS,
+        authority(&hp),
+        dst.port(),
+    )))
+}
+
+/// The app in this pod on `port`.
+fn loopback(port: u16) -> HostPort {
+    HostPort::parse(&SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)).to_string())
+        .unwrap_or_else(|_| {
+            // Only port 0 does not parse; nothing listens there.
+            HostPort::parse("127.0.0.1:1").expect("static")
+        })
 }
 
 /// A listener ready to run.
@@ -135,41 +240,21 @@ impl BoundListener {
         let (kind, metrics, transparent) = match &spec.kind {
             ListenerKind::Inbound(i) => {
                 let metrics = ListenerMetrics::new(&spec.name, "inbound");
-                let rego = match spec.http.as_ref().and_then(|h| h.rego.as_ref()) {
-                    Some(r) => Some(
-                        crate::authz::rego::RegoAuthorizer::start(
-                            r.policy.clone(),
-                            &r.query,
-                            tokio_util::sync::CancellationToken::new(),
-                        )
-                        .map_err(|e| anyhow!("{at}.rego: {e}"))?,
-                    ),
+                let http = match &spec.http {
+                    Some(h) => {
+                        let p = policies(spec, at, h)?;
+                        let port = spec.listen.port();
+                        Some(Arc::new(app_forwarder(
+                            spec,
+                            &metrics,
+                            h,
+                            &p,
+                            i.forward.clone(),
+                            port,
+                        )))
+                    }
                     None => None,
                 };
-                let http = spec.http.as_ref().map(|h| {
-                    let to_app = |h2c| {
-                        let c = b.connector(Target::Fixed(i.forward.clone()), &metrics);
-                        http_client(
-                            UpstreamConnector::new(spec.name.clone(), c, None),
-                            h2c,
-                            true,
-                        )
-                    };
-                    let mut f = HttpForwarder::new(
-                        metrics.clone(),
-                        to_app(false),
-                        http::uri::Scheme::HTTP,
-                        authority(&i.forward),
-                        spec.listen.port(),
-                    );
-                    f.h2c = Some(to_app(true));
-                    f.identity_header = h.identity_header.clone();
-                    f.rules = Some(h.rules.clone());
-                    f.xfcc = h.xfcc.as_ref().map(xfcc);
-                    f.rego = rego;
-                    f.opa = h.opa.clone().map(|o| OpaClient::new(spec.name.clone(), o));
-                    Arc::new(f)
-                });
                 let l = InboundListener {
                     acceptor: b.acceptor(&i.allow)?,
                     upstream: b.connector(Target::Fixed(i.forward.clone()), &metrics),
@@ -209,11 +294,47 @@ impl BoundListener {
             }
             ListenerKind::TransparentInbound(t) => {
                 let metrics = ListenerMetrics::new(&spec.name, "inbound");
+                // HTTP ports speak h2 or HTTP/1.1 with peer sidecars, chosen by ALPN (a
+                // client that offers none, as TCP routes, is not affected).
+                let mut with_alpn = spec.clone();
+                if t.default.http.is_some() || t.ports.values().any(|p| p.http.is_some()) {
+                    with_alpn.tls.alpn = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                }
+                let b = Builder {
+                    spec: &with_alpn,
+                    state: state.clone(),
+                    own_td,
+                };
                 let mut acceptors = HashMap::new();
                 for (port, policy) in &t.ports {
                     acceptors.insert(*port, b.acceptor(&policy.allow)?);
                 }
+                let mut configured = HashMap::new();
+                for (port, policy) in &t.ports {
+                    let f = match &policy.http {
+                        Some(h) => {
+                            let at = format!("{at}.ports.{port}");
+                            let p = policies(spec, &at, h)?;
+                            let f = app_forwarder(spec, &metrics, h, &p, loopback(*port), *port);
+                            Some(Arc::new(f))
+                        }
+                        None => None,
+                    };
+                    configured.insert(*port, f);
+                }
+                let make: Option<MakeForwarder<u16>> = match &t.default.http {
+                    Some(h) => {
+                        let p = policies(spec, at, h)?;
+                        let (spec, metrics, h) = (spec.clone(), metrics.clone(), h.clone());
+                        Some(Box::new(move |port: u16| {
+                            let f = app_forwarder(&spec, &metrics, &h, &p, loopback(port), port);
+                            Some(Arc::new(f))
+                        }))
+                    }
+                    None => None,
+                };
                 let l = TransparentInbound {
+                    http: HttpForwarders::new(configured, make),
                     counters: InboundCounters::new(&metrics),
                     spec: t.clone(),
                     default_acceptor: b.acceptor(&t.default.allow)?,
@@ -230,9 +351,26 @@ impl BoundListener {
                 let metrics = ListenerMetrics::new(&spec.name, "outbound");
                 let mut routes = Vec::with_capacity(t.routes.len());
                 for r in &t.routes {
+                    let http = match &r.http {
+                        Some(h) => {
+                            // HTTP between the sidecars: h2 or HTTP/1.1 by ALPN.
+                            let tls = TlsSpec {
+                                min_version: spec.tls.min_version,
+                                alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+                            };
+                            let mtls = b.mtls(&r.expect, &tls, r.sni.clone())?;
+                            let (spec, metrics, pool) = (spec.clone(), metrics.clone(), h.pool);
+                            let make: MakeForwarder<SocketAddr> = Box::new(move |dst| {
+                                peer_forwarder(&spec, &metrics, &mtls, pool, dst)
+                            });
+                            HttpForwarders::new(HashMap::new(), Some(make))
+                        }
+                        None => HttpForwarders::none(),
+                    };
                     routes.push(OutboundRoute {
                         route: r.clone(),
                         mtls: b.mtls(&r.expect, &spec.tls, r.sni.clone())?,
+                        http,
                     });
                 }
                 let carried = |o: &str| {

@@ -63,11 +63,13 @@ impl TransparentInboundSpec {
     }
 }
 
-/// Mode and allowlist for one original destination port (or the default).
+/// Mode, allowlist and protocol for one original destination port (or the default).
 #[derive(Debug, Clone)]
 pub struct PortPolicy {
     pub mode: Mode,
     pub allow: AllowList,
+    /// `Some`: the port carries HTTP, with these settings.
+    pub http: Option<HttpSpec>,
 }
 
 /// The transparent outbound listener's routes.
@@ -92,6 +94,8 @@ pub struct Route {
     pub ports: Vec<u16>,
     pub expect: AllowList,
     pub sni: Option<ServerName<'static>>,
+    /// `Some`: requests, forwarded over pooled mTLS connections (`pool`).
+    pub http: Option<HttpSpec>,
 }
 
 impl Route {

@@ -449,6 +449,25 @@ pub struct TransparentInboundConfig {
     /// once in permissive mode. Default: Linkerd's list.
     #[serde(default = "default_server_first_ports")]
     pub server_first_ports: Vec<u16>,
+    /// What ports carry unless `ports` says otherwise: `tcp` (default) or `http`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// HTTP ports: the header that carries the caller's SPIFFE ID to the app (default
+    /// for every HTTP port; a port may set its own).
+    #[serde(default)]
+    pub identity_header: Option<String>,
+    /// HTTP ports: `x-forwarded-client-cert` handling (default for every HTTP port).
+    #[serde(default)]
+    pub xfcc: Option<XfccConfig>,
+    /// HTTP ports: per-route rules (default for every HTTP port).
+    #[serde(default)]
+    pub authorization: Vec<AuthorizationRuleConfig>,
+    /// HTTP ports: Rego policies (default for every HTTP port).
+    #[serde(default)]
+    pub rego: Option<RegoConfig>,
+    /// HTTP ports: an external OPA (default for every HTTP port).
+    #[serde(default)]
+    pub opa: Option<OpaConfig>,
     #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
     pub connect_timeout: Duration,
     #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
@@ -471,6 +490,20 @@ pub struct PortConfig {
     pub allow: Option<Vec<MatcherConfig>>,
     #[serde(default)]
     pub allow_any_in_trust_domain: Option<bool>,
+    /// `tcp` or `http`; default: the listener's `protocol`.
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
+    /// HTTP keys of this port; each one absent takes the listener's.
+    #[serde(default)]
+    pub identity_header: Option<String>,
+    #[serde(default)]
+    pub xfcc: Option<XfccConfig>,
+    #[serde(default)]
+    pub authorization: Option<Vec<AuthorizationRuleConfig>>,
+    #[serde(default)]
+    pub rego: Option<RegoConfig>,
+    #[serde(default)]
+    pub opa: Option<OpaConfig>,
 }
 
 /// What the outbound listener does with a destination no route matches.
@@ -526,6 +559,12 @@ pub struct RouteConfig {
     /// Server name to send; default: none (the destination is an IP address).
     #[serde(default)]
     pub sni: Option<String>,
+    /// `tcp` (default): bytes; `http`: requests, over pooled mTLS connections.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// HTTP routes: reuse mTLS connections to each destination (default true).
+    #[serde(default)]
+    pub pool: Option<bool>,
 }
 
 fn default_detect_timeout() -> Duration {
