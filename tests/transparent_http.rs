@@ -180,6 +180,13 @@ fn http_on_transparent_ports_gives_the_app_the_callers_identity() {
         2.0,
         "two app connections"
     );
+    assert_eq!(
+        b.metric(
+            "svidcar_connections_total{direction=\"inbound\",listener=\"transparent-inbound\"}"
+        ),
+        1.0,
+        "one pooled mTLS connection between the sidecars"
+    );
 
     // The port's DENY rule: 403 from B's sidecar, logged with the caller; the app never
     // sees the request.

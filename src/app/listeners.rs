@@ -174,7 +174,7 @@ pub struct BoundListener {
 enum Bound {
     Inbound(InboundListener),
     Outbound(OutboundListener),
-    TransparentInbound(TransparentInbound),
+    TransparentInbound(Box<TransparentInbound>),
     TransparentOutbound(TransparentOutbound),
 }
 
@@ -345,7 +345,7 @@ impl BoundListener {
                     own,
                     state,
                 };
-                (Bound::TransparentInbound(l), metrics, true)
+                (Bound::TransparentInbound(Box::new(l)), metrics, true)
             }
             ListenerKind::TransparentOutbound(t) => {
                 let metrics = ListenerMetrics::new(&spec.name, "outbound");
@@ -458,9 +458,14 @@ impl BoundListener {
                 .await
             }
             Bound::TransparentInbound(l) => {
-                serve(Arc::new(l), sockets, settings, drain, tracker, |l, c| {
-                    l.handle(c)
-                })
+                serve(
+                    Arc::<TransparentInbound>::from(l),
+                    sockets,
+                    settings,
+                    drain,
+                    tracker,
+                    |l, c| l.handle(c),
+                )
                 .await
             }
             Bound::TransparentOutbound(l) => {

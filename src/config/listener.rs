@@ -68,8 +68,8 @@ impl TransparentInboundSpec {
 pub struct PortPolicy {
     pub mode: Mode,
     pub allow: AllowList,
-    /// `Some`: the port carries HTTP, with these settings.
-    pub http: Option<HttpSpec>,
+    /// `Some`: the port carries HTTP, with these settings (boxed: most ports are TCP).
+    pub http: Option<Box<HttpSpec>>,
 }
 
 /// The transparent outbound listener's routes.

@@ -150,7 +150,9 @@ impl TransparentInboundConfig {
                 &self.allow,
                 self.allow_any_in_trust_domain,
             )?,
-            http: http.filter(|_| self.protocol == Protocol::Http),
+            http: http
+                .filter(|_| self.protocol == Protocol::Http)
+                .map(Box::new),
         };
         let mut by_port = BTreeMap::new();
         for (key, over) in &self.ports {
@@ -186,7 +188,7 @@ impl TransparentInboundConfig {
             )?,
         };
         let protocol = over.protocol.unwrap_or(self.protocol);
-        let http = self.http_keys(over, protocol).spec(at, true)?;
+        let http = self.http_keys(over, protocol).spec(at, true)?.map(Box::new);
         Ok(PortPolicy {
             mode: over.mode.unwrap_or(default.mode),
             allow,
@@ -505,9 +507,7 @@ transparent:
             e.starts_with("transparent.inbound.ports.8080.authorization: only for HTTP"),
             "{e}"
         );
-        let e = err(&yaml
-            .replace("8181/v1", "8181/v1")
-            .replace("\"http://127", "\"https://127"));
+        let e = err(&yaml.replace("\"http://127", "\"https://127"));
         assert!(e.starts_with("transparent.inbound.opa.url:"), "{e}");
         let e = err(&yaml.replace("        protocol: http\n", ""));
         assert!(
