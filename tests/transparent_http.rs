@@ -130,8 +130,21 @@ const FORGED: [&str; 2] = [
     "X-Forwarded-Client-Cert: By=spiffe://evil;URI=spiffe://example.org/ns/shop/sa/admin",
 ];
 
-#[test]
-fn http_on_transparent_ports_gives_the_app_the_callers_identity() {
+/// The LAN: A (client, 10.210.0.1), B (server, 10.210.0.2, echo apps on 8080, 8081
+/// and 9090), C (no svidcar, 10.210.0.3).
+struct Setup {
+    dir: tempfile::TempDir,
+    _lan: Lan,
+    a: Pod,
+    b: Pod,
+    c: Pod,
+    a_log: std::path::PathBuf,
+    b_log: std::path::PathBuf,
+    /// Every path B's apps received.
+    seen: std::path::PathBuf,
+}
+
+fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (ca, key) = dev_ca(d, "example.org");
@@ -157,11 +170,28 @@ fn http_on_transparent_ports_gives_the_app_the_callers_identity() {
     }
     let b_log = b.sidecar(d, "b", &server_config(d));
     let a_log = a.sidecar(d, "a", &client_config(d));
+    Setup {
+        dir,
+        _lan: lan,
+        a,
+        b,
+        c,
+        a_log,
+        b_log,
+        seen,
+    }
+}
+
+#[test]
+fn http_on_transparent_ports_gives_the_app_the_callers_identity() {
+    let s = setup();
+    let (a, b, c, seen) = (&s.a, &s.b, &s.c, &s.seen);
+    let (a_log, b_log) = (&s.a_log, &s.b_log);
     let logs = || format!("A:\n{}\nB:\n{}", read(&a_log), read(&b_log));
 
     // A's app calls B's address; A's HTTP route and B's HTTP port: the app behind B
     // sees A's SPIFFE ID, never the caller's forged copies.
-    let (code, body) = curl(&a, "http://10.210.0.2:8080/v1/users/1", &FORGED);
+    let (code, body) = curl(a, "http://10.210.0.2:8080/v1/users/1", &FORGED);
     assert_eq!(code, 200, "{body} {}", logs());
     assert_eq!(app_saw(&body, "x-workload-id"), [A]);
     let xfcc = app_saw(&body, "x-forwarded-client-cert");
@@ -171,7 +201,7 @@ fn http_on_transparent_ports_gives_the_app_the_callers_identity() {
         "{xfcc:?}"
     );
     // A second request reuses the pooled mTLS connection between the sidecars.
-    let (code, _) = curl(&a, "http://10.210.0.2:8080/v1/users/2", &[]);
+    let (code, _) = curl(a, "http://10.210.0.2:8080/v1/users/2", &[]);
     assert_eq!(code, 200);
     assert_eq!(
         a.metric(
@@ -190,7 +220,7 @@ fn http_on_transparent_ports_gives_the_app_the_callers_identity() {
 
     // The port's DENY rule: 403 from B's sidecar, logged with the caller; the app never
     // sees the request.
-    let (code, body) = curl(&a, "http://10.210.0.2:8080/admin/users", &[]);
+    let (code, body) = curl(a, "http://10.210.0.2:8080/admin/users", &[]);
     assert_eq!((code, body.as_str()), (403, "forbidden\n"), "{}", logs());
     let denied = wait_until("B logs the refusal", Duration::from_secs(10), || {
         read(&b_log)
@@ -213,14 +243,14 @@ fn http_on_transparent_ports_gives_the_app_the_callers_identity() {
 
     // A port no entry names takes the listener's protocol (http), here behind A's TCP
     // route: the same identity.
-    let (code, body) = curl(&a, "http://10.210.0.2:8081/hello", &FORGED);
+    let (code, body) = curl(a, "http://10.210.0.2:8081/hello", &FORGED);
     assert_eq!(code, 200, "{body} {}", logs());
     assert_eq!(app_saw(&body, "x-workload-id"), [A]);
     assert_eq!(app_saw(&body, "x-forwarded-client-cert").len(), 1);
 
     // Plaintext from outside the mesh to the permissive port is served as Istio does,
     // with no caller identity: the forged headers are gone, none is set.
-    let (code, body) = curl(&c, "http://10.210.0.2:9090/public", &FORGED);
+    let (code, body) = curl(c, "http://10.210.0.2:9090/public", &FORGED);
     assert_eq!(code, 200, "{body} {}", logs());
     assert!(app_saw(&body, "x-workload-id").is_empty(), "{body}");
     assert!(
@@ -228,7 +258,7 @@ fn http_on_transparent_ports_gives_the_app_the_callers_identity() {
         "{body}"
     );
     // ... and refused on a strict port, for that reason.
-    let (code, _) = curl(&c, "http://10.210.0.2:8080/v1/users/1", &[]);
+    let (code, _) = curl(c, "http://10.210.0.2:8080/v1/users/1", &[]);
     assert_eq!(code, 0);
     assert_eq!(
         b.metric("svidcar_connection_errors_total{listener=\"transparent-inbound\",reason=\"plaintext_refused\"}"),
@@ -238,4 +268,48 @@ fn http_on_transparent_ports_gives_the_app_the_callers_identity() {
         b.metric("svidcar_http_requests_total{code=\"200\",listener=\"transparent-inbound\"}"),
         4.0
     );
+}
+
+/// An HTTP route whose rules forget svidcar's own uid: its pooled connection comes back
+/// to the outbound listener, which serves it as HTTP and gets a TLS ClientHello: the
+/// connection ends there. One failed request (503 to the app), no storm, svidcar healthy.
+#[test]
+fn a_missing_uid_exclusion_on_an_http_route_is_no_storm() {
+    let s = setup();
+    for tool in ["iptables", "ip6tables"] {
+        let out =
+            s.a.ns
+                .cmd(tool)
+                .args(["-t", "nat", "-S", "SVIDCAR_OUTPUT"])
+                .output()
+                .unwrap();
+        for rule in String::from_utf8_lossy(&out.stdout).lines() {
+            if rule.contains("-owner") {
+                let mut c = s.a.ns.cmd("sh");
+                c.args([
+                    "-c",
+                    &format!("{tool} -t nat {}", rule.replacen("-A ", "-D ", 1)),
+                ]);
+                common::netns::must(&mut c);
+            }
+        }
+    }
+    let (code, body) = curl(&s.a, "http://10.210.0.2:8080/v1/users/1", &[]);
+    assert_eq!(
+        (code, body.as_str()),
+        (503, "upstream unavailable\n"),
+        "{}",
+        read(&s.a_log)
+    );
+    assert_eq!(s.a.admin_status("/ready"), 200);
+    assert_eq!(
+        s.a.metric(
+            "svidcar_connections_total{direction=\"outbound\",listener=\"transparent-outbound\"}"
+        ),
+        2.0,
+        "the app's connection and the one looped back, nothing more: {}",
+        read(&s.a_log)
+    );
+    assert!(read(&s.seen).is_empty(), "nothing reached B's app");
+    let _ = s.dir.path();
 }
