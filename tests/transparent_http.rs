@@ -187,7 +187,7 @@ fn http_on_transparent_ports_gives_the_app_the_callers_identity() {
     let s = setup();
     let (a, b, c, seen) = (&s.a, &s.b, &s.c, &s.seen);
     let (a_log, b_log) = (&s.a_log, &s.b_log);
-    let logs = || format!("A:\n{}\nB:\n{}", read(&a_log), read(&b_log));
+    let logs = || format!("A:\n{}\nB:\n{}", read(a_log), read(b_log));
 
     // A's app calls B's address; A's HTTP route and B's HTTP port: the app behind B
     // sees A's SPIFFE ID, never the caller's forged copies.
@@ -223,7 +223,7 @@ fn http_on_transparent_ports_gives_the_app_the_callers_identity() {
     let (code, body) = curl(a, "http://10.210.0.2:8080/admin/users", &[]);
     assert_eq!((code, body.as_str()), (403, "forbidden\n"), "{}", logs());
     let denied = wait_until("B logs the refusal", Duration::from_secs(10), || {
-        read(&b_log)
+        read(b_log)
             .lines()
             .find(|l| l.contains("request refused by rule 0 (DENY)"))
             .map(str::to_string)
@@ -233,7 +233,7 @@ fn http_on_transparent_ports_gives_the_app_the_callers_identity() {
         "{denied}"
     );
     assert!(
-        !read(&seen).contains("/admin/"),
+        !read(seen).contains("/admin/"),
         "the app saw a denied request"
     );
     assert_eq!(
