@@ -377,6 +377,12 @@ fn bad_opa_settings_name_the_key() {
             "inbound[0].opa.url: \"https://opa:8181/v1/data/authz/allow\": must be http://",
         ),
         (
+            "credentials",
+            "http",
+            "{url: \"http://admin:secret@127.0.0.1:8181/v1/data/a/b\"}",
+            "inbound[0].opa.url: credentials in the URL are not supported",
+        ),
+        (
             "no-rule",
             "http",
             "{url: \"http://127.0.0.1:8181\"}",
@@ -410,6 +416,10 @@ fn bad_opa_settings_name_the_key() {
         let (ok, text) = check_config(d, name, &config(protocol, opa));
         assert!(!ok, "{name}: accepted");
         assert!(text.contains(want), "{name}: {text}");
+        assert!(
+            !text.contains("secret"),
+            "{name}: a password in an error: {text}"
+        );
     }
     let (ok, text) = check_config(
         d,

@@ -460,6 +460,12 @@ fn opa_settings(at: &str, c: &OpaConfig) -> Result<OpaSettings, ConfigError> {
             ),
         ));
     }
+    if url.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(ConfigError::new(
+            format!("{at}.url"),
+            "credentials in the URL are not supported (the URL is written in logs)",
+        ));
+    }
     if url.host().is_none_or(str::is_empty) {
         return Err(ConfigError::new(
             format!("{at}.url"),
