@@ -168,6 +168,14 @@ fn setup() -> Setup {
         b.spawn(&mut app, &d.join(format!("app-{port}.log")));
         b.wait_port(port);
     }
+    // A server-speaks-first service (MySQL's port): it sends a banner at once.
+    let mut banner = b.ns.cmd_as(1000, "/usr/bin/python3");
+    banner.args([
+        "-c",
+        "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 3306)); s.listen()\nwhile True:\n    c,_=s.accept(); c.sendall(b'BANNER mysql-ish\\n'); c.close()",
+    ]);
+    b.spawn(&mut banner, &d.join("app-3306.log"));
+    b.wait_port(3306);
     let b_log = b.sidecar(d, "b", &server_config(d));
     let a_log = a.sidecar(d, "a", &client_config(d));
     Setup {
@@ -247,6 +255,29 @@ fn http_on_transparent_ports_gives_the_app_the_callers_identity() {
     assert_eq!(code, 200, "{body} {}", logs());
     assert_eq!(app_saw(&body, "x-workload-id"), [A]);
     assert_eq!(app_saw(&body, "x-forwarded-client-cert").len(), 1);
+
+    // A server-first port stays TCP under the listener-wide `protocol: http`: A's app
+    // gets the banner over mTLS.
+    let mut read_banner = a.ns.cmd_as(1000, "/usr/bin/python3");
+    read_banner.args([
+        "-c",
+        "import socket\nc=socket.create_connection(('10.210.0.2', 3306), 5); c.settimeout(5); print(c.recv(100).decode(), end='')",
+    ]);
+    let out = wait_output(
+        read_banner
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        Duration::from_secs(15),
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "BANNER mysql-ish\n",
+        "{} {}",
+        String::from_utf8_lossy(&out.stderr),
+        logs()
+    );
 
     // Plaintext from outside the mesh to the permissive port is served as Istio does,
     // with no caller identity: the forged headers are gone, none is set.

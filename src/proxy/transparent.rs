@@ -245,7 +245,15 @@ impl TransparentInbound {
                 FirstByte::Closed => return,
             },
         };
-        let http = self.http.get(port);
+        // Server-speaks-first ports (MySQL, Redis, ...) cannot be HTTP: the listener-wide
+        // `protocol: http` leaves them TCP; only their own `ports` entry can say http.
+        let http = if self.spec.ports.contains_key(&port)
+            || !self.spec.server_first_ports.contains(&port)
+        {
+            self.http.get(port)
+        } else {
+            None
+        };
         if !tls {
             if let Some(http) = http {
                 // Permissive plaintext to an HTTP port: served as Istio does, without
