@@ -17,6 +17,7 @@ pub struct Metrics {
     pub transparent: IntCounterVec,
     pub detection: IntCounterVec,
     pub http_requests: IntCounterVec,
+    pub opa_errors: IntCounterVec,
     pub identity_version: IntGauge,
     pub svid_expiry: IntGauge,
     pub identity_updates: IntCounter,
@@ -127,6 +128,12 @@ impl Metrics {
                 "svidcar_http_requests_total",
                 "HTTP requests answered, by status code (the upstream's, or svidcar's own)",
                 &["listener", "code"],
+            ),
+            opa_errors: counter_vec(
+                &r,
+                "svidcar_opa_errors_total",
+                "Requests for which the external OPA gave no decision (on_error decided), by reason",
+                &["listener", "reason"],
             ),
             detection: counter_vec(
                 &r,

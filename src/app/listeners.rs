@@ -11,9 +11,12 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
+use crate::authz::opa::OpaClient;
+use crate::authz::rego::RegoAuthorizer;
 use crate::authz::{AllowList, PeerPolicy};
-use crate::config::{ListenerKind, ListenerSpec, TlsSpec};
+use crate::config::{HttpSpec, ListenerKind, ListenerSpec, TlsSpec};
 use crate::identity::IdentityState;
+use crate::net::HostPort;
 use crate::proxy::http::xfcc::{Xfcc, XfccDetails, XfccField, XfccMode};
 use crate::proxy::http::{HttpForwarder, Pool, UpstreamConnector};
 use crate::proxy::{
@@ -21,6 +24,7 @@ use crate::proxy::{
     MtlsOriginator, OutboundListener, OutboundRoute, OwnPorts, Target, TransparentInbound,
     TransparentOutbound,
 };
+use crate::proxy::{HttpForwarders, MakeForwarder};
 use crate::spiffe::TrustDomain;
 use crate::tls;
 
@@ -57,6 +61,125 @@ fn xfcc(c: &crate::config::XfccConfig) -> Xfcc {
     }
 }
 
+/// The policies of one HTTP inbound (or transparent port), made once: a Rego policy
+/// compiled and watched, an OPA client with its pool.
+struct Policies {
+    rego: Option<RegoAuthorizer>,
+    opa: Option<OpaClient>,
+}
+
+fn policies(spec: &ListenerSpec, at: &str, h: &HttpSpec) -> anyhow::Result<Policies> {
+    let rego = match &h.rego {
+        Some(r) => Some(
+            RegoAuthorizer::start(
+                r.policy.clone(),
+                &r.query,
+                tokio_util::sync::CancellationToken::new(),
+            )
+            .map_err(|e| anyhow!("{at}.rego: {e}"))?,
+        ),
+        None => None,
+    };
+    let opa = h.opa.clone().map(|o| OpaClient::new(spec.name.clone(), o));
+    Ok(Policies { rego, opa })
+}
+
+/// The HTTP forwarder in front of the app at `forward`, with the caller's identity,
+/// rules and policies of `h`; `port` is the port rules match.
+fn app_forwarder(
+    spec: &ListenerSpec,
+    metrics: &ListenerMetrics,
+    state: &Arc<IdentityState>,
+    h: &HttpSpec,
+    p: &Policies,
+    forward: HostPort,
+    port: u16,
+) -> HttpForwarder {
+    let to_app = |h2c| {
+        let c = Connector::new(
+            spec.name.clone(),
+            Target::Fixed(forward.clone()),
+            spec.timeouts.connect,
+            metrics.upstream_connect_failed.clone(),
+        );
+        Pool::new(
+            UpstreamConnector::new(spec.name.clone(), c, None),
+            h2c,
+            true,
+            None,
+        )
+    };
+    let mut f = HttpForwarder::new(
+        metrics.clone(),
+        to_app(false),
+        http::uri::Scheme::HTTP,
+        authority(&forward),
+        port,
+    );
+    f.h2c = Some(to_app(true));
+    f.identity_header = h.identity_header.clone();
+    f.rules = Some(h.rules.clone());
+    f.xfcc = h.xfcc.as_ref().map(xfcc);
+    f.rego = p.rego.clone();
+    f.opa = p.opa.clone();
+    f.jwt = h.jwt_inbound.as_ref().map(|j| {
+        crate::jwt::InboundJwt::new(
+            state.jwt().clone(),
+            j.audiences.clone(),
+            j.required,
+            j.leeway,
+            spec.name.clone(),
+        )
+    });
+    f.limits = h.limits;
+    f.idle = spec.timeouts.idle;
+    f
+}
+
+/// The forwarder of a transparent HTTP route to one destination: its own pool of mTLS
+/// connections to `dst`.
+fn peer_forwarder(
+    spec: &ListenerSpec,
+    metrics: &ListenerMetrics,
+    state: &Arc<IdentityState>,
+    mtls: &MtlsOriginator,
+    h: &HttpSpec,
+    dst: SocketAddr,
+) -> Option<Arc<HttpForwarder>> {
+    let hp = HostPort::parse(&dst.to_string()).ok()?;
+    let c = Connector::new(
+        spec.name.clone(),
+        Target::Fixed(hp.clone()),
+        spec.timeouts.connect,
+        metrics.upstream_connect_failed.clone(),
+    );
+    let mtls = MtlsOriginator {
+        connector: mtls.connector.clone(),
+        server_name: mtls.server_name.clone(),
+        handshake_timeout: mtls.handshake_timeout,
+    };
+    let up = UpstreamConnector::new(spec.name.clone(), c, Some(mtls));
+    let mut f = HttpForwarder::new(
+        metrics.clone(),
+        Pool::new(up, false, h.pool, Some(state.clone())),
+        http::uri::Scheme::HTTPS,
+        authority(&hp),
+        dst.port(),
+    );
+    f.limits = h.limits;
+    f.idle = spec.timeouts.idle;
+    Some(Arc::new(f))
+}
+
+/// The app in this pod on `port`.
+fn loopback(port: u16) -> HostPort {
+    HostPort::parse(&SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)).to_string())
+        .unwrap_or_else(|_| {
+            // Only port 0 does not parse; nothing listens there.
+            HostPort::parse("127.0.0.1:1").expect("static")
+        })
+}
+
 /// A listener ready to run.
 pub struct BoundListener {
     sockets: Vec<TcpListener>,
@@ -68,7 +191,7 @@ pub struct BoundListener {
 enum Bound {
     Inbound(InboundListener),
     Outbound(OutboundListener),
-    TransparentInbound(TransparentInbound),
+    TransparentInbound(Box<TransparentInbound>),
     TransparentOutbound(TransparentOutbound),
 }
 
@@ -134,52 +257,22 @@ impl BoundListener {
         let (kind, metrics, transparent) = match &spec.kind {
             ListenerKind::Inbound(i) => {
                 let metrics = ListenerMetrics::new(&spec.name, "inbound");
-                let rego = match spec.http.as_ref().and_then(|h| h.rego.as_ref()) {
-                    Some(r) => Some(
-                        crate::authz::rego::RegoAuthorizer::start(
-                            r.policy.clone(),
-                            &r.query,
-                            tokio_util::sync::CancellationToken::new(),
-                        )
-                        .map_err(|e| anyhow!("{at}.rego: {e}"))?,
-                    ),
+                let http = match &spec.http {
+                    Some(h) => {
+                        let p = policies(spec, at, h)?;
+                        let port = spec.listen.port();
+                        Some(Arc::new(app_forwarder(
+                            spec,
+                            &metrics,
+                            &state,
+                            h,
+                            &p,
+                            i.forward.clone(),
+                            port,
+                        )))
+                    }
                     None => None,
                 };
-                let http = spec.http.as_ref().map(|h| {
-                    let to_app = |h2c| {
-                        let c = b.connector(Target::Fixed(i.forward.clone()), &metrics);
-                        Pool::new(
-                            UpstreamConnector::new(spec.name.clone(), c, None),
-                            h2c,
-                            true,
-                            None,
-                        )
-                    };
-                    let mut f = HttpForwarder::new(
-                        metrics.clone(),
-                        to_app(false),
-                        http::uri::Scheme::HTTP,
-                        authority(&i.forward),
-                        spec.listen.port(),
-                    );
-                    f.h2c = Some(to_app(true));
-                    f.identity_header = h.identity_header.clone();
-                    f.rules = Some(h.rules.clone());
-                    f.xfcc = h.xfcc.as_ref().map(xfcc);
-                    f.rego = rego;
-                    f.jwt = h.jwt_inbound.as_ref().map(|j| {
-                        crate::jwt::InboundJwt::new(
-                            state.jwt().clone(),
-                            j.audiences.clone(),
-                            j.required,
-                            j.leeway,
-                            spec.name.clone(),
-                        )
-                    });
-                    f.limits = h.limits;
-                    f.idle = spec.timeouts.idle;
-                    Arc::new(f)
-                });
                 let l = InboundListener {
                     proxy_protocol: i.proxy_protocol,
                     acceptor: b.acceptor(&i.allow)?,
@@ -230,11 +323,64 @@ impl BoundListener {
             }
             ListenerKind::TransparentInbound(t) => {
                 let metrics = ListenerMetrics::new(&spec.name, "inbound");
+                // HTTP ports speak h2 or HTTP/1.1 with peer sidecars, chosen by ALPN (a
+                // client that offers none, as TCP routes, is not affected).
+                let mut with_alpn = spec.clone();
+                if t.default.http.is_some() || t.ports.values().any(|p| p.http.is_some()) {
+                    with_alpn.tls.alpn = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                }
+                let b = Builder {
+                    spec: &with_alpn,
+                    state: state.clone(),
+                    own_td,
+                };
                 let mut acceptors = HashMap::new();
                 for (port, policy) in &t.ports {
                     acceptors.insert(*port, b.acceptor(&policy.allow)?);
                 }
+                let mut configured = HashMap::new();
+                for (port, policy) in &t.ports {
+                    let f = match &policy.http {
+                        Some(h) => {
+                            let at = format!("{at}.ports.{port}");
+                            let p = policies(spec, &at, h)?;
+                            let f = app_forwarder(
+                                spec,
+                                &metrics,
+                                &state,
+                                h,
+                                &p,
+                                loopback(*port),
+                                *port,
+                            );
+                            Some(Arc::new(f))
+                        }
+                        None => None,
+                    };
+                    configured.insert(*port, f);
+                }
+                let make: Option<MakeForwarder<u16>> = match &t.default.http {
+                    Some(h) => {
+                        let p = policies(spec, at, h)?;
+                        let (spec, metrics, h) = (spec.clone(), metrics.clone(), h.clone());
+                        let state = state.clone();
+                        Some(Box::new(move |port: u16| {
+                            let f = app_forwarder(
+                                &spec,
+                                &metrics,
+                                &state,
+                                &h,
+                                &p,
+                                loopback(port),
+                                port,
+                            );
+                            Some(Arc::new(f))
+                        }))
+                    }
+                    None => None,
+                };
                 let l = TransparentInbound {
+                    http: HttpForwarders::new(configured, make),
                     counters: InboundCounters::new(&metrics),
                     spec: t.clone(),
                     default_acceptor: b.acceptor(&t.default.allow)?,
@@ -245,15 +391,33 @@ impl BoundListener {
                     own,
                     state,
                 };
-                (Bound::TransparentInbound(l), metrics, true)
+                (Bound::TransparentInbound(Box::new(l)), metrics, true)
             }
             ListenerKind::TransparentOutbound(t) => {
                 let metrics = ListenerMetrics::new(&spec.name, "outbound");
                 let mut routes = Vec::with_capacity(t.routes.len());
                 for r in &t.routes {
+                    let http = match &r.http {
+                        Some(h) => {
+                            // HTTP between the sidecars: h2 or HTTP/1.1 by ALPN.
+                            let tls = TlsSpec {
+                                min_version: spec.tls.min_version,
+                                alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+                            };
+                            let mtls = b.mtls(&r.expect, &tls, r.sni.clone())?;
+                            let (spec, metrics, h) = (spec.clone(), metrics.clone(), h.clone());
+                            let state = state.clone();
+                            let make: MakeForwarder<SocketAddr> = Box::new(move |dst| {
+                                peer_forwarder(&spec, &metrics, &state, &mtls, &h, dst)
+                            });
+                            HttpForwarders::new(HashMap::new(), Some(make))
+                        }
+                        None => HttpForwarders::none(),
+                    };
                     routes.push(OutboundRoute {
                         route: r.clone(),
                         mtls: b.mtls(&r.expect, &spec.tls, r.sni.clone())?,
+                        http,
                     });
                 }
                 let carried = |o: &str| {
@@ -341,9 +505,14 @@ impl BoundListener {
                 .await
             }
             Bound::TransparentInbound(l) => {
-                serve(Arc::new(l), sockets, settings, drain, tracker, |l, c| {
-                    l.handle(c)
-                })
+                serve(
+                    Arc::<TransparentInbound>::from(l),
+                    sockets,
+                    settings,
+                    drain,
+                    tracker,
+                    |l, c| l.handle(c),
+                )
                 .await
             }
             Bound::TransparentOutbound(l) => {

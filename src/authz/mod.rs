@@ -5,6 +5,7 @@
 //! swap them while connections are being accepted.
 
 pub mod http_rules;
+pub mod opa;
 pub mod string_match;
 
 pub use string_match::StrMatch;

@@ -498,6 +498,9 @@ pub enum DenyReason {
     BadDecision(String),
     #[error("request cannot be made into policy input: {0}")]
     BadInput(#[from] InputError),
+    /// The external OPA gave no decision and `on_error` is `deny`.
+    #[error("OPA gave no decision: {0}")]
+    Opa(crate::authz::opa::OpaError),
 }
 
 impl DenyReason {
@@ -509,6 +512,7 @@ impl DenyReason {
             DenyReason::Evaluation(_) => "error",
             DenyReason::BadDecision(_) => "bad_decision",
             DenyReason::BadInput(_) => "bad_input",
+            DenyReason::Opa(_) => "opa_error",
         }
     }
 }

@@ -11,9 +11,11 @@ use rustls_pki_types::ServerName;
 
 use super::matchers::allow_list;
 use super::raw::{
-    ListenerConfig, MatcherConfig, Mode, Otherwise, Protocol, TlsVersion, XfccConfig,
+    AuthorizationRuleConfig, JwtConfig, ListenerConfig, MatcherConfig, Mode, OnErrorConfig,
+    OpaConfig, Otherwise, Protocol, RegoConfig, TlsVersion, XfccConfig,
 };
 use super::ConfigError;
+use crate::authz::opa::{OnError, OpaSettings};
 use crate::authz::AllowList;
 use crate::net::HostPort;
 
@@ -61,11 +63,13 @@ impl TransparentInboundSpec {
     }
 }
 
-/// Mode and allowlist for one original destination port (or the default).
+/// Mode, allowlist and protocol for one original destination port (or the default).
 #[derive(Debug, Clone)]
 pub struct PortPolicy {
     pub mode: Mode,
     pub allow: AllowList,
+    /// `Some`: the port carries HTTP, with these settings (boxed: most ports are TCP).
+    pub http: Option<Box<HttpSpec>>,
 }
 
 /// The transparent outbound listener's routes.
@@ -90,6 +94,8 @@ pub struct Route {
     pub ports: Vec<u16>,
     pub expect: AllowList,
     pub sni: Option<ServerName<'static>>,
+    /// `Some`: requests, forwarded over pooled mTLS connections (`pool`).
+    pub http: Option<HttpSpec>,
 }
 
 impl Route {
@@ -147,6 +153,8 @@ pub struct HttpSpec {
     pub jwt_audience: Option<String>,
     /// Limits on what a client may send and how long it may take.
     pub limits: HttpLimits,
+    /// Inbound: an external OPA asked for each request (after `rego`; both must allow).
+    pub opa: Option<OpaSettings>,
 }
 
 /// Inbound `jwt:`, checked.
@@ -378,7 +386,60 @@ impl ListenerConfig {
 
     /// The HTTP settings, checked; keys of HTTP mode on a TCP listener are errors.
     fn http_spec(&self, at: &str, kind: &ListenerKind) -> Result<Option<HttpSpec>, ConfigError> {
-        let inbound = matches!(kind, ListenerKind::Inbound(_));
+        HttpKeys {
+            protocol: self.protocol,
+            identity_header: self.identity_header.as_deref(),
+            xfcc: self.xfcc.as_ref(),
+            pool: self.pool,
+            authorization: &self.authorization,
+            rego: self.rego.as_ref(),
+            opa: self.opa.as_ref(),
+            jwt: self.jwt.as_ref(),
+            max_request_headers_kb: self.max_request_headers_kb,
+            request_header_timeout: self.request_header_timeout,
+            request_timeout: self.request_timeout,
+        }
+        .spec(at, matches!(kind, ListenerKind::Inbound(_)))
+    }
+}
+
+/// The HTTP mode keys of one listener or transparent port, as written.
+pub(super) struct HttpKeys<'a> {
+    pub protocol: Protocol,
+    pub identity_header: Option<&'a str>,
+    pub xfcc: Option<&'a XfccConfig>,
+    pub pool: Option<bool>,
+    pub authorization: &'a [AuthorizationRuleConfig],
+    pub rego: Option<&'a RegoConfig>,
+    pub opa: Option<&'a OpaConfig>,
+    pub jwt: Option<&'a JwtConfig>,
+    pub max_request_headers_kb: Option<u32>,
+    pub request_header_timeout: Option<Duration>,
+    pub request_timeout: Option<Duration>,
+}
+
+impl HttpKeys<'_> {
+    /// No HTTP keys set (transparent ports and routes set the few they have; JWT and
+    /// the request limits take their defaults there).
+    pub(super) fn none(protocol: Protocol) -> Self {
+        HttpKeys {
+            protocol,
+            identity_header: None,
+            xfcc: None,
+            pool: None,
+            authorization: &[],
+            rego: None,
+            opa: None,
+            jwt: None,
+            max_request_headers_kb: None,
+            request_header_timeout: None,
+            request_timeout: None,
+        }
+    }
+
+    /// The HTTP settings, checked; keys of HTTP mode on a TCP listener are errors, and
+    /// so are keys of the other direction.
+    pub(super) fn spec(&self, at: &str, inbound: bool) -> Result<Option<HttpSpec>, ConfigError> {
         let http_only = [
             ("identity_header", self.identity_header.is_some()),
             ("xfcc", self.xfcc.is_some()),
@@ -395,6 +456,7 @@ impl ListenerConfig {
                 self.request_header_timeout.is_some(),
             ),
             ("request_timeout", self.request_timeout.is_some()),
+            ("opa", self.opa.is_some()),
         ];
         if self.protocol == Protocol::Tcp {
             if let Some((key, _)) = http_only.iter().find(|(_, set)| *set) {
@@ -413,6 +475,8 @@ impl ListenerConfig {
             (("authorization", true), "inbound")
         } else if self.rego.is_some() {
             (("rego", true), "inbound")
+        } else if self.opa.is_some() {
+            (("opa", true), "inbound")
         } else {
             (("xfcc", self.xfcc.is_some()), "inbound")
         };
@@ -422,8 +486,8 @@ impl ListenerConfig {
                 format!("only for {side} listeners"),
             ));
         }
-        let identity_header = match &self.identity_header {
-            Some(h) => Some(http::HeaderName::try_from(h.as_str()).map_err(|_| {
+        let identity_header = match self.identity_header {
+            Some(h) => Some(http::HeaderName::try_from(h).map_err(|_| {
                 ConfigError::new(
                     format!("{at}.identity_header"),
                     format!("{h:?} is not a valid header name"),
@@ -488,23 +552,28 @@ impl ListenerConfig {
         };
         let rules = super::authorization::authorization_rules(
             &format!("{at}.authorization"),
-            &self.authorization,
+            self.authorization,
         )?;
+        let opa = match self.opa {
+            Some(o) => Some(opa_settings(&format!("{at}.opa"), o)?),
+            None => None,
+        };
         Ok(Some(HttpSpec {
             identity_header,
             // Envoy's mode for a mesh sidecar: the caller's own entry, forged ones gone.
             xfcc: inbound.then(|| {
-                self.xfcc.clone().unwrap_or(XfccConfig {
+                self.xfcc.cloned().unwrap_or(XfccConfig {
                     mode: Default::default(),
                     details: vec![super::raw::XfccDetail::Uri],
                 })
             }),
             pool: self.pool.unwrap_or(true),
             rules: std::sync::Arc::new(rules),
-            rego: self.rego.clone(),
+            rego: self.rego.cloned(),
             jwt_inbound,
             jwt_audience,
             limits,
+            opa,
         }))
     }
 
@@ -516,7 +585,7 @@ impl ListenerConfig {
         at: &str,
         inbound: bool,
     ) -> Result<(Option<JwtInboundSpec>, Option<String>), ConfigError> {
-        let Some(j) = &self.jwt else {
+        let Some(j) = self.jwt else {
             return Ok((None, None));
         };
         let key = |k: &str| format!("{at}.jwt.{k}");
@@ -563,6 +632,64 @@ impl ListenerConfig {
             )),
         }
     }
+}
+
+/// `opa:` checked: a plain `http://` URL with a host and the rule's path, a timeout
+/// that is not zero.
+fn opa_settings(at: &str, c: &OpaConfig) -> Result<OpaSettings, ConfigError> {
+    let url: http::Uri = c.url.parse().map_err(|_| {
+        ConfigError::new(
+            format!("{at}.url"),
+            format!(
+                "{:?} is not a URL (write http://127.0.0.1:8181/v1/data/authz/allow)",
+                c.url
+            ),
+        )
+    })?;
+    if url.scheme_str() != Some("http") {
+        return Err(ConfigError::new(
+            format!("{at}.url"),
+            format!(
+                "{:?}: must be http:// (OPA beside the app, on loopback or the pod network; https is not supported)",
+                c.url
+            ),
+        ));
+    }
+    if url.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(ConfigError::new(
+            format!("{at}.url"),
+            "credentials in the URL are not supported (the URL is written in logs)",
+        ));
+    }
+    if url.host().is_none_or(str::is_empty) {
+        return Err(ConfigError::new(
+            format!("{at}.url"),
+            format!("{:?} names no host", c.url),
+        ));
+    }
+    if matches!(url.path(), "" | "/") {
+        return Err(ConfigError::new(
+            format!("{at}.url"),
+            format!(
+                "{:?} names no rule: add the Data API path, like /v1/data/authz/allow",
+                c.url
+            ),
+        ));
+    }
+    if c.timeout.is_zero() {
+        return Err(ConfigError::new(
+            format!("{at}.timeout"),
+            "must be more than 0 (default 1s)",
+        ));
+    }
+    Ok(OpaSettings {
+        url,
+        timeout: c.timeout,
+        on_error: match c.on_error {
+            OnErrorConfig::Deny => OnError::Deny,
+            OnErrorConfig::Allow => OnError::Allow,
+        },
+    })
 }
 
 /// An allowlist at `key`: empty is an error unless any ID of our trust domain is allowed

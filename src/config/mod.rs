@@ -96,6 +96,17 @@ impl Config {
                 resolve_path(&base, p);
             }
         }
+        if let Some(t) = raw.transparent.as_mut().and_then(|t| t.inbound.as_mut()) {
+            let ports = t.ports.values_mut().filter_map(|p| p.rego.as_mut());
+            for p in t
+                .rego
+                .iter_mut()
+                .chain(ports)
+                .flat_map(|r| r.policy.iter_mut())
+            {
+                resolve_path(&base, p);
+            }
+        }
         Self::from_raw(raw)
     }
 

@@ -292,6 +292,9 @@ pub struct ListenerConfig {
     /// then 504. Default 15s, as Envoy's route timeout.
     #[serde(default, deserialize_with = "opt_duration")]
     pub request_timeout: Option<Duration>,
+    /// HTTP inbound: an external OPA asked for each request over its REST Data API.
+    #[serde(default)]
+    pub opa: Option<OpaConfig>,
 }
 
 /// `proxy_protocol: v2`, or `{version: v2, spiffe_id_tlv: 0xE1}`.
@@ -324,6 +327,34 @@ pub struct JwtConfig {
 
 fn opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     duration(d).map(Some)
+}
+
+/// `opa`: where OPA's Data API answers for the deciding rule, how long to wait, and
+/// what to do when it cannot answer.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OpaConfig {
+    /// `http://127.0.0.1:8181/v1/data/authz/allow`: plain HTTP (OPA runs beside us).
+    pub url: String,
+    /// The whole exchange (connect, request, answer); default 1 s.
+    #[serde(default = "default_opa_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// When OPA is down, slow or answers garbage: `deny` (default) or `allow`.
+    #[serde(default)]
+    pub on_error: OnErrorConfig,
+}
+
+/// What an OPA failure decides.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnErrorConfig {
+    #[default]
+    Deny,
+    Allow,
+}
+
+fn default_opa_timeout() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// `rego`: policy files (relative to the config file) and the rule that decides.
@@ -478,6 +509,25 @@ pub struct TransparentInboundConfig {
     /// once in permissive mode. Default: Linkerd's list.
     #[serde(default = "default_server_first_ports")]
     pub server_first_ports: Vec<u16>,
+    /// What ports carry unless `ports` says otherwise: `tcp` (default) or `http`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// HTTP ports: the header that carries the caller's SPIFFE ID to the app (default
+    /// for every HTTP port; a port may set its own).
+    #[serde(default)]
+    pub identity_header: Option<String>,
+    /// HTTP ports: `x-forwarded-client-cert` handling (default for every HTTP port).
+    #[serde(default)]
+    pub xfcc: Option<XfccConfig>,
+    /// HTTP ports: per-route rules (default for every HTTP port).
+    #[serde(default)]
+    pub authorization: Vec<AuthorizationRuleConfig>,
+    /// HTTP ports: Rego policies (default for every HTTP port).
+    #[serde(default)]
+    pub rego: Option<RegoConfig>,
+    /// HTTP ports: an external OPA (default for every HTTP port).
+    #[serde(default)]
+    pub opa: Option<OpaConfig>,
     #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
     pub connect_timeout: Duration,
     #[serde(default = "default_handshake_timeout", deserialize_with = "duration")]
@@ -500,6 +550,20 @@ pub struct PortConfig {
     pub allow: Option<Vec<MatcherConfig>>,
     #[serde(default)]
     pub allow_any_in_trust_domain: Option<bool>,
+    /// `tcp` or `http`; default: the listener's `protocol`.
+    #[serde(default)]
+    pub protocol: Option<Protocol>,
+    /// HTTP keys of this port; each one absent takes the listener's.
+    #[serde(default)]
+    pub identity_header: Option<String>,
+    #[serde(default)]
+    pub xfcc: Option<XfccConfig>,
+    #[serde(default)]
+    pub authorization: Option<Vec<AuthorizationRuleConfig>>,
+    #[serde(default)]
+    pub rego: Option<RegoConfig>,
+    #[serde(default)]
+    pub opa: Option<OpaConfig>,
 }
 
 /// What the outbound listener does with a destination no route matches.
@@ -555,6 +619,12 @@ pub struct RouteConfig {
     /// Server name to send; default: none (the destination is an IP address).
     #[serde(default)]
     pub sni: Option<String>,
+    /// `tcp` (default): bytes; `http`: requests, over pooled mTLS connections.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// HTTP routes: reuse mTLS connections to each destination (default true).
+    #[serde(default)]
+    pub pool: Option<bool>,
 }
 
 fn default_detect_timeout() -> Duration {

@@ -7,9 +7,9 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use rustls_pki_types::ServerName;
 
-use super::listener::{checked_allow_list, Common};
+use super::listener::{checked_allow_list, Common, HttpKeys};
 use super::raw::{
-    PortConfig, TransparentConfig, TransparentInboundConfig, TransparentOutboundConfig,
+    PortConfig, Protocol, TransparentConfig, TransparentInboundConfig, TransparentOutboundConfig,
 };
 use super::{
     ConfigError, ListenerKind, ListenerSpec, PortPolicy, Route, Timeouts, TlsSpec, TlsVersion,
@@ -141,6 +141,11 @@ impl TransparentConfig {
 impl TransparentInboundConfig {
     fn spec(&self, tls: TlsVersion) -> Result<ListenerSpec, ConfigError> {
         let at = "transparent.inbound";
+        // The listener's HTTP keys are checked where they are written, whatever the
+        // default protocol: they are the defaults of every HTTP port.
+        let http = self
+            .http_keys(&PortConfig::default(), Protocol::Http)
+            .spec(at, true)?;
         let default = PortPolicy {
             mode: self.mode,
             allow: checked_allow_list(
@@ -148,6 +153,9 @@ impl TransparentInboundConfig {
                 &self.allow,
                 self.allow_any_in_trust_domain,
             )?,
+            http: http
+                .filter(|_| self.protocol == Protocol::Http)
+                .map(Box::new),
         };
         let mut by_port = BTreeMap::new();
         for (key, over) in &self.ports {
@@ -182,10 +190,43 @@ impl TransparentInboundConfig {
                 any.unwrap_or(false),
             )?,
         };
+        let protocol = over.protocol.unwrap_or(self.protocol);
+        let http = self.http_keys(over, protocol).spec(at, true)?.map(Box::new);
         Ok(PortPolicy {
             mode: over.mode.unwrap_or(default.mode),
             allow,
+            http,
         })
+    }
+
+    /// A port's HTTP keys: its own where it sets them, else the listener's. A TCP port
+    /// inherits none (the listener's are for its HTTP ports), so its own are errors.
+    fn http_keys<'a>(&'a self, over: &'a PortConfig, protocol: Protocol) -> HttpKeys<'a> {
+        if protocol == Protocol::Tcp {
+            return HttpKeys {
+                protocol,
+                identity_header: over.identity_header.as_deref(),
+                xfcc: over.xfcc.as_ref(),
+                pool: None,
+                authorization: over.authorization.as_deref().unwrap_or_default(),
+                rego: over.rego.as_ref(),
+                opa: over.opa.as_ref(),
+                ..HttpKeys::none(protocol)
+            };
+        }
+        HttpKeys {
+            protocol,
+            identity_header: over
+                .identity_header
+                .as_deref()
+                .or(self.identity_header.as_deref()),
+            xfcc: over.xfcc.as_ref().or(self.xfcc.as_ref()),
+            pool: None,
+            authorization: over.authorization.as_deref().unwrap_or(&self.authorization),
+            rego: over.rego.as_ref().or(self.rego.as_ref()),
+            opa: over.opa.as_ref().or(self.opa.as_ref()),
+            ..HttpKeys::none(protocol)
+        }
     }
 }
 
@@ -226,11 +267,17 @@ impl TransparentOutboundConfig {
                 })?),
                 None => None,
             };
+            let http = HttpKeys {
+                pool: r.pool,
+                ..HttpKeys::none(r.protocol)
+            }
+            .spec(&at, false)?;
             routes.push(Route {
                 to,
                 ports: ports(&format!("{at}.ports"), &r.ports)?,
                 expect,
                 sni,
+                http,
             });
         }
         let kind = ListenerKind::TransparentOutbound(TransparentOutboundSpec {
@@ -405,6 +452,68 @@ transparent:
         );
         let e = err(&DOC.replace("\"127.0.0.1:15001\"", "\"127.0.0.1:15000\""));
         assert!(e.starts_with("transparent.outbound.listen:"), "{e}");
+    }
+
+    #[test]
+    fn http_ports_take_the_listeners_http_keys() {
+        let yaml = DOC
+            .replace(
+                "    exclude_ports: [22]\n",
+                "    exclude_ports: [22]\n    identity_header: X-Workload-ID\n    opa: {url: \"http://127.0.0.1:8181/v1/data/authz/allow\"}\n",
+            )
+            .replace(
+                "\"9090\": {mode: permissive}",
+                "\"9090\": {mode: permissive, protocol: http, identity_header: X-Caller}\n      \"8080\": {protocol: http, authorization: [{action: DENY, paths: [\"/admin\"]}]}",
+            )
+            .replace("        ports: [8080, 8443]", "        ports: [8080, 8443]\n        protocol: http\n        pool: false");
+        let c = Config::parse(&yaml).unwrap();
+        let ListenerKind::TransparentInbound(i) = &c.listeners[0].kind else {
+            panic!();
+        };
+        // The default stays TCP: the listener's keys serve its HTTP ports.
+        assert!(i.policy(80).http.is_none());
+        assert!(i.policy(8443).http.is_none());
+        let h = i.policy(9090).http.as_ref().unwrap();
+        assert_eq!(h.identity_header.as_ref().unwrap(), "x-caller");
+        assert!(h.opa.is_some() && h.rules.is_empty());
+        let h = i.policy(8080).http.as_ref().unwrap();
+        assert_eq!(h.identity_header.as_ref().unwrap(), "x-workload-id");
+        assert!(!h.rules.is_empty());
+        let ListenerKind::TransparentOutbound(o) = &c.listeners[1].kind else {
+            panic!();
+        };
+        assert!(!o.routes[0].http.as_ref().unwrap().pool);
+        // A listener-wide protocol: every port not set to tcp is HTTP.
+        let all = yaml.replace("    mode: strict ", "    protocol: http\n    mode: strict ");
+        let c = Config::parse(&all).unwrap();
+        let ListenerKind::TransparentInbound(i) = &c.listeners[0].kind else {
+            panic!();
+        };
+        assert!(i.policy(80).http.is_some() && i.policy(8443).http.is_some());
+
+        let e = err(&yaml.replace(
+            "identity_header: X-Caller",
+            "identity_header: \"bad header\"",
+        ));
+        assert!(
+            e.starts_with("transparent.inbound.ports.9090.identity_header:"),
+            "{e}"
+        );
+        let e = err(&yaml.replace(
+            "{protocol: http, authorization",
+            "{protocol: tcp, authorization",
+        ));
+        assert!(
+            e.starts_with("transparent.inbound.ports.8080.authorization: only for HTTP"),
+            "{e}"
+        );
+        let e = err(&yaml.replace("\"http://127", "\"https://127"));
+        assert!(e.starts_with("transparent.inbound.opa.url:"), "{e}");
+        let e = err(&yaml.replace("        protocol: http\n", ""));
+        assert!(
+            e.starts_with("transparent.outbound.routes[0].pool: only for HTTP"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -15,7 +15,8 @@ pub use inbound::InboundListener;
 pub use listener::{serve, AcceptSettings, Accepted, Drain, ListenerMetrics};
 pub use outbound::OutboundListener;
 pub use transparent::{
-    InboundCounters, OutboundRoute, OwnPorts, Refusal, TransparentInbound, TransparentOutbound,
+    HttpForwarders, InboundCounters, MakeForwarder, OutboundRoute, OwnPorts, Refusal,
+    TransparentInbound, TransparentOutbound,
 };
 pub use upstream::{Connector, MtlsOriginator, Target};
 

@@ -8,13 +8,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
+use super::http::HttpForwarder;
 use super::upstream::{is_own_connection, Connector, MtlsOriginator};
 use super::{handshake, reject, relay, Accepted, ListenerMetrics};
 use crate::config::{canonical_ip, Mode, Otherwise, Route, Timeouts, TransparentInboundSpec};
@@ -132,6 +133,64 @@ impl InboundCounters {
     }
 }
 
+/// Makes the HTTP forwarder of one port (or destination) that the config does not
+/// name one by one: the listener-wide `protocol: http`, an HTTP route.
+pub type MakeForwarder<K> = Box<dyn Fn(K) -> Option<Arc<HttpForwarder>> + Send + Sync>;
+
+/// Most forwarders made on demand that are kept: each holds a connection pool, and
+/// ports or destinations are bounded by what callers try, not by the config.
+const MAX_MADE: usize = 1024;
+
+/// HTTP forwarders by port (inbound) or destination (outbound): made once each and
+/// reused by every connection, as explicit HTTP listeners make theirs once.
+pub struct HttpForwarders<K> {
+    /// Keys the config names: `Some` for HTTP, `None` for TCP (which must not fall back
+    /// to an HTTP default).
+    configured: HashMap<K, Option<Arc<HttpForwarder>>>,
+    /// For keys not configured, when the default is HTTP.
+    make: Option<MakeForwarder<K>>,
+    made: Mutex<HashMap<K, Arc<HttpForwarder>>>,
+}
+
+impl<K: std::hash::Hash + Eq + Copy> HttpForwarders<K> {
+    pub fn new(
+        configured: HashMap<K, Option<Arc<HttpForwarder>>>,
+        make: Option<MakeForwarder<K>>,
+    ) -> Self {
+        Self {
+            configured,
+            make,
+            made: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// No HTTP at all.
+    pub fn none() -> Self {
+        Self::new(HashMap::new(), None)
+    }
+
+    /// The forwarder for `key`, if it carries HTTP.
+    pub fn get(&self, key: K) -> Option<Arc<HttpForwarder>> {
+        if let Some(f) = self.configured.get(&key) {
+            return f.clone();
+        }
+        let make = self.make.as_ref()?;
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = made.get(&key) {
+            return Some(f.clone());
+        }
+        let f = make(key)?;
+        if made.len() >= MAX_MADE {
+            // Forget one: its pool closes when the connections using it end.
+            if let Some(k) = made.keys().next().copied() {
+                made.remove(&k);
+            }
+        }
+        made.insert(key, f.clone());
+        Some(f)
+    }
+}
+
 /// The transparent inbound listener.
 pub struct TransparentInbound {
     pub metrics: ListenerMetrics,
@@ -144,6 +203,8 @@ pub struct TransparentInbound {
     pub own: OwnPorts,
     pub state: Arc<IdentityState>,
     pub counters: InboundCounters,
+    /// Ports that carry HTTP, by original destination port.
+    pub http: HttpForwarders<u16>,
 }
 
 impl TransparentInbound {
@@ -184,7 +245,23 @@ impl TransparentInbound {
                 FirstByte::Closed => return,
             },
         };
+        // Server-speaks-first ports (MySQL, Redis, ...) cannot be HTTP: the listener-wide
+        // `protocol: http` leaves them TCP; only their own `ports` entry can say http.
+        let http = if self.spec.ports.contains_key(&port)
+            || !self.spec.server_first_ports.contains(&port)
+        {
+            self.http.get(port)
+        } else {
+            None
+        };
         if !tls {
+            if let Some(http) = http {
+                // Permissive plaintext to an HTTP port: served as Istio does, without
+                // a caller identity (no identity header; XFCC removed).
+                self.counters.carried_plaintext.inc();
+                tracing::debug!(listener = %name, peer = %conn.peer, port, "plaintext HTTP connection");
+                return http.serve(conn.stream, None, conn.drain).await;
+            }
             let Some(app) = self.upstream.connect(Some(dst)).await else {
                 return;
             };
@@ -211,6 +288,19 @@ impl TransparentInbound {
             let id = super::peer_id_for_log(tls.get_ref().1.peer_certificates());
             tracing::debug!(listener = %name, peer = %conn.peer, port, peer_id = %id, "accepted mTLS connection");
         }
+        if let Some(http) = http {
+            let certs = tls.get_ref().1.peer_certificates().unwrap_or_default();
+            let caller = crate::tls::peer_identity_of(Some(certs)).map(|id| {
+                let by = self
+                    .state
+                    .load()
+                    .default_svid()
+                    .map(|s| s.spiffe_id.to_string());
+                http.caller(id, certs, by.as_deref())
+            });
+            self.counters.carried_mtls.inc();
+            return http.serve(tls, caller, conn.drain).await;
+        }
         let Some(app) = self.upstream.connect(Some(dst)).await else {
             return;
         };
@@ -223,6 +313,8 @@ impl TransparentInbound {
 pub struct OutboundRoute {
     pub route: Route,
     pub mtls: MtlsOriginator,
+    /// An HTTP route: one forwarder (and mTLS connection pool) per destination.
+    pub http: HttpForwarders<SocketAddr>,
 }
 
 /// The transparent outbound listener.
@@ -254,6 +346,11 @@ impl TransparentOutbound {
         }
         if route.is_some() && self.state.identity_expired() {
             return reject(name, conn.peer, &Rejection::IdentityExpired);
+        }
+        if let Some(http) = route.and_then(|r| r.http.get(dst)) {
+            self.carried_mtls.inc();
+            tracing::debug!(listener = %name, peer = %conn.peer, %dst, "HTTP route");
+            return http.serve(conn.stream, None, conn.drain).await;
         }
         let Some((tcp, _own_port)) = self.upstream.connect_tracked(Some(dst)).await else {
             return;

@@ -24,6 +24,7 @@ use super::path::{normalize_host, normalize_target, PathOptions};
 use super::upgrade;
 use super::xfcc::{ConnXfcc, Xfcc};
 use crate::authz::http_rules::{Decision, HttpRules, RequestView};
+use crate::authz::opa::{decide_request, OpaClient};
 use crate::authz::rego::{Decision as RegoDecision, RegoAuthorizer, RequestView as RegoView};
 use crate::authz::PeerIdentity;
 use crate::config::HttpLimits;
@@ -101,6 +102,8 @@ pub struct HttpForwarder {
     pub jwt: Option<crate::jwt::InboundJwt>,
     /// Outbound: the JWT-SVID set as `Authorization: Bearer`.
     pub jwt_out: Option<crate::jwt::OutboundJwt>,
+    /// Inbound: an external OPA asked after `rego` (both must allow).
+    pub opa: Option<OpaClient>,
     pub requests: IntCounterVec,
     /// Sizes and deadlines for what clients send, and the upstream's answer time.
     pub limits: HttpLimits,
@@ -139,6 +142,7 @@ impl HttpForwarder {
             rego: None,
             jwt: None,
             jwt_out: None,
+            opa: None,
             requests: metrics::get().http_requests.clone(),
             limits: HttpLimits {
                 max_request_headers: crate::config::DEFAULT_MAX_REQUEST_HEADERS_KB as usize * 1024,
@@ -291,6 +295,12 @@ impl HttpForwarder {
                 }
                 None => {}
             }
+        } else if let Some(x) = &self.xfcc {
+            // Inbound plaintext (a permissive port): no client certificate, so Envoy's
+            // modes all remove the header but `always_forward_only`.
+            if let Ok(c) = x.connection::<&[u8]>(None, &[]) {
+                c.apply(req.headers_mut());
+            }
         }
         if let Some(h) = &self.identity_header {
             // Whatever the caller claims is dropped first, on every request.
@@ -345,7 +355,7 @@ impl HttpForwarder {
                 }
                 return self.answer(StatusCode::FORBIDDEN, "forbidden\n");
             }
-            if let Some(rego) = &self.rego {
+            if self.rego.is_some() || self.opa.is_some() {
                 let host = req
                     .uri()
                     .authority()
@@ -366,7 +376,9 @@ impl HttpForwarder {
                     headers: req.headers(),
                     jwt_claims: jwt.as_ref().map(|j| &j.claims),
                 };
-                match rego.decide_request(&view) {
+                let (decision, by) =
+                    decide_request(self.rego.as_ref(), self.opa.as_ref(), &view).await;
+                match decision {
                     RegoDecision::Allow { headers } => {
                         let add = headers;
                         let pq = normalized.path_and_query();
@@ -395,7 +407,7 @@ impl HttpForwarder {
                                 caller = view.caller.unwrap_or("-"),
                                 method = view.method,
                                 reason = reason.label(),
-                                "request refused by the Rego policy"
+                                "request refused by the {by} policy"
                             );
                         }
                         self.count(status);
