@@ -63,7 +63,10 @@ fn scan(text: &str, keys: &mut BTreeSet<String>) -> bool {
         if bytes.get(end) != Some(&b'.') {
             return false;
         }
-        let key_len = bytes[end + 1..].iter().take_while(|b| is_ident(**b)).count();
+        let key_len = bytes[end + 1..]
+            .iter()
+            .take_while(|b| is_ident(**b))
+            .count();
         if key_len == 0 {
             return false;
         }

@@ -5,6 +5,7 @@
 //! swap them while connections are being accepted.
 
 pub mod http_rules;
+mod input_refs;
 pub mod opa;
 pub mod string_match;
 

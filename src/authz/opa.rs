@@ -25,7 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::IntCounterVec;
 use serde_json::{json, Value as Json};
 
-use super::rego::{Decision, DenyReason, Input, RegoAuthorizer, RequestView};
+use super::rego::{Decision, DenyReason, Input, InputKeys, RegoAuthorizer, RequestView};
 use crate::log_limit::LogLimiter;
 
 /// OPA failures: they come in bursts when OPA is down, so the log is rate-limited; the
@@ -244,13 +244,21 @@ pub async fn decide_request(
     } else {
         Decider::Opa
     };
-    let input = match Input::build(view) {
+    // One policy for the whole decision (a reload in between would change the keys).
+    let policy = rego.map(|r| r.policy());
+    let all = InputKeys::All;
+    let keys = match (&policy, opa) {
+        // OPA's policy is not ours to read: it gets everything.
+        (Some(p), None) => p.input_keys(),
+        _ => &all,
+    };
+    let input = match Input::build_for(view, keys) {
         Ok(i) => i,
         Err(e) => return (Decision::deny(DenyReason::BadInput(e)), first),
     };
     let mut headers = Vec::new();
-    if let Some(rego) = rego {
-        match rego.decide(&input) {
+    if let Some(policy) = &policy {
+        match policy.decide(&input) {
             Decision::Allow { headers: h } => headers.extend(h),
             deny => return (deny, Decider::Rego),
         }

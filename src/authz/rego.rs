@@ -32,6 +32,8 @@ use std::sync::{Arc, Once, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+
+pub use super::input_refs::InputKeys;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use notify::{RecursiveMode, Watcher};
 use serde_json::{json, Map, Value as Json};
@@ -107,6 +109,8 @@ pub struct RegoPolicy {
     compiled: regorus::CompiledPolicy,
     query: String,
     files: Vec<(PathBuf, Syntax)>,
+    /// The top-level input keys the policy can read: only those are built per request.
+    input_keys: InputKeys,
 }
 
 impl RegoPolicy {
@@ -179,7 +183,13 @@ impl RegoPolicy {
             compiled,
             query: query.to_string(),
             files,
+            input_keys: InputKeys::of_sources(sources.iter().map(|(_, text)| text.as_str())),
         })
+    }
+
+    /// The top-level input keys this policy can read.
+    pub fn input_keys(&self) -> &InputKeys {
+        &self.input_keys
     }
 
     /// The files this policy was compiled from, with the syntax each was read as.
@@ -335,7 +345,57 @@ pub struct Input {
 }
 
 impl Input {
+    /// The whole input (for OPA, or a policy that reads `input` as a whole).
     pub fn build(view: &RequestView<'_>) -> Result<Self, InputError> {
+        Self::build_for(view, &InputKeys::All)
+    }
+
+    /// The input with only the top-level keys `keys` names: what a policy cannot read is
+    /// not built (the header map and OPA-Envoy's shape cost more than evaluating a small
+    /// seed-style policy). The path and query are checked all the same, so a request is
+    /// refused for bad input whatever the policy reads.
+    pub fn build_for(view: &RequestView<'_>, keys: &InputKeys) -> Result<Self, InputError> {
+        let parsed_path = parse_path(view.path)?;
+        let parsed_query = parse_query(view.query.unwrap_or(""))?;
+        let mut json = Map::new();
+        if let Some(caller) = view.caller {
+            for key in ["client_spiffe_id", "source_principal"] {
+                if keys.wants(key) {
+                    json.insert(key.into(), caller.into());
+                }
+            }
+        }
+        if keys.wants("method") {
+            json.insert("method".into(), view.method.into());
+        }
+        if keys.wants("path") {
+            json.insert("path".into(), view.path.into());
+        }
+        if keys.wants("attributes") {
+            json.insert("attributes".into(), Self::attributes(view));
+        }
+        if keys.wants("parsed_path") {
+            json.insert("parsed_path".into(), parsed_path.into());
+        }
+        if keys.wants("parsed_query") {
+            json.insert("parsed_query".into(), Json::Object(parsed_query));
+        }
+        if keys.wants("version") {
+            json.insert(
+                "version".into(),
+                json!({"ext_authz": "v3", "encoding": "protojson"}),
+            );
+        }
+        if let (Some(claims), true) = (view.jwt_claims, keys.wants("jwt_claims")) {
+            json.insert("jwt_claims".into(), Json::Object(claims.clone()));
+        }
+        Ok(Self {
+            json: Json::Object(json),
+        })
+    }
+
+    /// OPA-Envoy's `attributes`: source principal and the request with its headers.
+    fn attributes(view: &RequestView<'_>) -> Json {
         let full_path = match view.query {
             Some(q) => format!("{}?{}", view.path, q),
             None => view.path.to_string(),
@@ -356,42 +416,18 @@ impl Input {
                 }
             }
         }
-
-        let parsed_path = parse_path(view.path)?;
-        let parsed_query = parse_query(view.query.unwrap_or(""))?;
-
         let mut source = Map::new();
-        let mut json = Map::new();
         if let Some(caller) = view.caller {
-            json.insert("client_spiffe_id".into(), caller.into());
             source.insert("principal".into(), caller.into());
-            json.insert("source_principal".into(), caller.into());
         }
-        json.insert("method".into(), view.method.into());
-        json.insert("path".into(), view.path.into());
-        json.insert(
-            "attributes".into(),
-            json!({
-                "source": source,
-                "request": {"http": {
-                    "method": view.method,
-                    "path": full_path,
-                    "host": view.host,
-                    "headers": headers,
-                }},
-            }),
-        );
-        json.insert("parsed_path".into(), parsed_path.into());
-        json.insert("parsed_query".into(), Json::Object(parsed_query));
-        json.insert(
-            "version".into(),
-            json!({"ext_authz": "v3", "encoding": "protojson"}),
-        );
-        if let Some(claims) = view.jwt_claims {
-            json.insert("jwt_claims".into(), Json::Object(claims.clone()));
-        }
-        Ok(Self {
-            json: Json::Object(json),
+        json!({
+            "source": source,
+            "request": {"http": {
+                "method": view.method,
+                "path": full_path,
+                "host": view.host,
+                "headers": headers,
+            }},
         })
     }
 
@@ -749,8 +785,9 @@ impl RegoAuthorizer {
     /// Builds the input for `view` and decides; a request that cannot be made into input
     /// is denied ([`DenyReason::BadInput`]).
     pub fn decide_request(&self, view: &RequestView<'_>) -> Decision {
-        match Input::build(view) {
-            Ok(input) => self.decide(&input),
+        let policy = self.shared.current.load();
+        match Input::build_for(view, policy.input_keys()) {
+            Ok(input) => policy.decide(&input),
             Err(e) => Decision::deny(DenyReason::BadInput(e)),
         }
     }
