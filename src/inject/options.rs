@@ -4,14 +4,50 @@
 
 use serde::Deserialize;
 
-/// Where the sidecar finds the SPIRE Agent's Workload API socket.
+/// Where the sidecar finds the SPIRE Agent's Workload API socket. Written in the
+/// webhook config as `{csi: {driver: csi.spiffe.io}}` or `{host_path: {path: DIR}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[serde(try_from = "IdentityVolumeConfig")]
 pub enum IdentityVolume {
     /// The SPIFFE CSI driver (`csi.spiffe.io`) mounts the agent's socket directory.
     Csi { driver: String },
     /// A hostPath directory holding the agent's socket.
     HostPath { path: String },
+}
+
+/// `identity_volume` as written: one of the two keys (a YAML map, not a tagged enum,
+/// which serde's YAML reader would want as `!csi`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityVolumeConfig {
+    #[serde(default)]
+    csi: Option<CsiConfig>,
+    #[serde(default)]
+    host_path: Option<HostPathConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CsiConfig {
+    driver: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostPathConfig {
+    path: String,
+}
+
+impl TryFrom<IdentityVolumeConfig> for IdentityVolume {
+    type Error = &'static str;
+
+    fn try_from(c: IdentityVolumeConfig) -> Result<Self, Self::Error> {
+        match (c.csi, c.host_path) {
+            (Some(c), None) => Ok(IdentityVolume::Csi { driver: c.driver }),
+            (None, Some(h)) => Ok(IdentityVolume::HostPath { path: h.path }),
+            _ => Err("set one of csi: {driver: ...} or host_path: {path: ...}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -66,5 +102,38 @@ impl Options {
             super::names::WORKLOAD_API_DIR,
             self.socket_name
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_volume_is_written_as_a_map() {
+        let o: Options =
+            serde_norway::from_str("identity_volume: {host_path: {path: /run/spire/sockets}}\n")
+                .unwrap();
+        assert_eq!(
+            o.identity_volume,
+            IdentityVolume::HostPath {
+                path: "/run/spire/sockets".into()
+            }
+        );
+        let o: Options =
+            serde_norway::from_str("identity_volume: {csi: {driver: csi.example}}\n").unwrap();
+        assert_eq!(
+            o.identity_volume,
+            IdentityVolume::Csi {
+                driver: "csi.example".into()
+            }
+        );
+        for bad in [
+            "identity_volume: {}\n",
+            "identity_volume: {csi: {driver: a}, host_path: {path: b}}\n",
+            "identity_volume: {nfs: {}}\n",
+        ] {
+            assert!(serde_norway::from_str::<Options>(bad).is_err(), "{bad}");
+        }
     }
 }
