@@ -379,3 +379,63 @@ with urllib.request.urlopen(f"https://localhost:{sys.argv[1]}/healthz", context=
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("panicked"), "{text}");
 }
+
+/// The README's openssl one-off, run as written (the block between "or once with openssl"
+/// and the `kubectl` lines): the certificate it makes is served by `svidcar webhook` and
+/// verifies against its CA for the Service's DNS name, the name the API server calls.
+#[test]
+fn the_readme_openssl_one_off_makes_a_certificate_the_webhook_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme
+        .find("or once with openssl")
+        .expect("no openssl one-off")..];
+    let block = section.split("```").nth(1).expect("no code block");
+    let commands: Vec<&str> = block
+        .lines()
+        .filter(|l| l.starts_with("openssl ") || l.starts_with("printf "))
+        .collect();
+    assert_eq!(commands.len(), 4, "{block}");
+    let out = Command::new("sh")
+        .args(["-ec", &commands.join("\n")])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let port = free_port();
+    let config = d.join("webhook.yaml");
+    std::fs::write(
+        &config,
+        format!("listen: 127.0.0.1:{port}\ntls: {{cert: tls.crt, key: tls.key}}\n"),
+    )
+    .unwrap();
+    let log = d.join("webhook.log");
+    let _w = Webhook(
+        Command::new(BIN)
+            .args(["webhook", "--config"])
+            .arg(&config)
+            .current_dir(d)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // Connect to 127.0.0.1 but verify the name the API server uses.
+    let check = r#"
+import socket, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5) as s:
+    with ctx.wrap_socket(s, server_hostname="svidcar-webhook.svidcar.svc") as t:
+        t.sendall(b"GET /healthz HTTP/1.1\r\nHost: svidcar-webhook.svidcar.svc\r\nConnection: close\r\n\r\n")
+        print(t.recv(100).decode().splitlines()[0])
+"#;
+    let mut last = String::new();
+    wait_until("webhook /healthz", Duration::from_secs(15), || {
+        let (ok, report) = run_python(check, &[PathBuf::from(port.to_string()), d.join("ca.crt")]);
+        last = report.clone();
+        (ok && report.contains(" 200")).then_some(())
+    });
+    assert!(last.starts_with("HTTP/1.1 200"), "{last}");
+}
