@@ -7,6 +7,7 @@
 pub mod http_rules;
 mod input_refs;
 pub mod opa;
+mod opa_error;
 pub mod string_match;
 
 pub use string_match::StrMatch;

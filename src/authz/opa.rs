@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, Method, Request, StatusCode, Uri};
+use http::{header, Method, Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -25,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::IntCounterVec;
 use serde_json::{json, Value as Json};
 
+pub use super::opa_error::OpaError;
 use super::rego::{Decision, DenyReason, Input, InputKeys, RegoAuthorizer, RequestView};
 use crate::log_limit::LogLimiter;
 
@@ -57,35 +58,6 @@ pub struct OpaSettings {
     /// The whole exchange: connect, send, read the answer.
     pub timeout: Duration,
     pub on_error: OnError,
-}
-
-/// Why OPA gave no usable answer.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum OpaError {
-    #[error("cannot send the request to OPA: {0}")]
-    Connect(String),
-    #[error("no answer from OPA within {0:?}")]
-    Timeout(Duration),
-    #[error("OPA answered HTTP {0}")]
-    Status(StatusCode),
-    #[error("cannot read OPA's answer: {0}")]
-    Body(String),
-    #[error("OPA's answer is not a JSON object: {0}")]
-    BadJson(String),
-}
-
-impl OpaError {
-    /// Short and bounded, for the metric label.
-    pub fn label(&self) -> &'static str {
-        match self {
-            OpaError::Connect(_) => "connect",
-            OpaError::Timeout(_) => "timeout",
-            OpaError::Status(s) if s.is_server_error() => "http_5xx",
-            OpaError::Status(_) => "http_status",
-            OpaError::Body(_) => "body",
-            OpaError::BadJson(_) => "bad_json",
-        }
-    }
 }
 
 /// The client of one listener (or transparent port): pooled connections to OPA.

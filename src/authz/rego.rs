@@ -536,7 +536,7 @@ pub enum DenyReason {
     BadInput(#[from] InputError),
     /// The external OPA gave no decision and `on_error` is `deny`.
     #[error("OPA gave no decision: {0}")]
-    Opa(crate::authz::opa::OpaError),
+    Opa(super::opa_error::OpaError),
 }
 
 impl DenyReason {

@@ -10,6 +10,7 @@
 //! svidcar's admin port ([`probes`]).
 
 pub mod options;
+pub mod outcome;
 pub mod pod;
 pub mod probes;
 pub mod sidecar_config;

@@ -4,8 +4,8 @@
 
 use serde_norway::{Mapping, Value};
 
+use super::outcome::{Outcome, SkipReason};
 use super::sidecar_config::{self, Annotations};
-use super::workload::{Outcome, SkipReason};
 use super::{keys, names, probes, IdentityVolume, InjectError, Options};
 
 /// Injects `template` in place (a mapping with `metadata` and `spec`). On an error it may
