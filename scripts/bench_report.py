@@ -47,6 +47,15 @@ print(f"{'HTTP: svidcar, 20 rules':36s} {show('sr_ka'):>24s}")
 print(f"{'HTTP: svidcar, Rego policy':36s} {show('sg_ka'):>24s}")
 print(f"HTTP bulk, 1 MiB responses, 4 conns (MB/s): svidcar {show('sh_bulk')}, Envoy {show('eh_bulk')}")
 print(f"HTTP latency, 1 connection: svidcar {lat('sh_lat')}; Envoy {lat('eh_lat')}")
+def cpu(k):
+    v = num(k + "_cpu")
+    return f"{st.median(v):.1f} us ({min(v):.1f}-{max(v):.1f})" if len(v) > 1 else f"{v[0]:.1f} us"
+
+
+print(
+    f"CPU per request, both proxies of a pair, keep-alive: TCP svidcar {cpu('s_ka')}, Envoy {cpu('e_ka')}; "
+    f"HTTP svidcar {cpu('sh_ka')}, Envoy {cpu('eh_ka')}"
+)
 print(f"RSS after load (KiB): {rss}")
 print(
     f"svidcar/envoy: TCP keep-alive {ratio('s_ka', 'e_ka'):.2f}x, TCP new connection {ratio('s_nc', 'e_nc'):.2f}x, "
