@@ -41,38 +41,9 @@ print("ready", flush=True)
 srv.serve_forever()
 "#;
 
-struct App {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl App {
-    fn start(dir: &Path) -> Self {
-        let port = free_port();
-        let script = dir.join("echo_app.py");
-        std::fs::write(&script, ECHO_APP).unwrap();
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .arg(port.to_string())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(line.trim(), "ready");
-        Self { child, port }
-    }
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The echo app: answers every request with what it received, as JSON.
+fn echo_app(dir: &Path) -> PyApp {
+    PyApp::start(dir, "echo_app.py", ECHO_APP, &[])
 }
 
 /// The users service behind an HTTP inbound, and an HTTP outbound for a caller `id`.
@@ -155,7 +126,7 @@ fn header<'a>(seen: &'a serde_json::Value, name: &str) -> Vec<&'a str> {
 #[test]
 fn the_app_sees_the_callers_identity_and_never_a_forged_one() {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path());
+    let app = echo_app(dir.path());
     let p = pair(dir.path(), PAYMENT, app.port, "");
     for proto in [vec!["--http1.1"], vec!["--http2-prior-knowledge"]] {
         let mut args = proto.clone();
@@ -215,7 +186,7 @@ fn the_app_sees_the_callers_identity_and_never_a_forged_one() {
 #[test]
 fn per_route_rules_decide_on_the_normalized_path() {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path());
+    let app = echo_app(dir.path());
     let rules = r#"    authorization:
       - action: DENY
         paths: [{prefix: /admin}]
@@ -269,7 +240,7 @@ fn per_route_rules_decide_on_the_normalized_path() {
 #[test]
 fn app_connection_close_does_not_close_the_pooled_mtls_connection() {
     let dir = tempfile::tempdir().unwrap();
-    let app = App::start(dir.path());
+    let app = echo_app(dir.path());
     let p = pair(dir.path(), PAYMENT, app.port, "");
     let script = format!(
         "import http.client\nok=0\nfor i in range(1000):\n    c=http.client.HTTPConnection('127.0.0.1',{},timeout=10)\n    c.request('GET','/v1/users/%d'%i,headers={{'Connection':'close'}})\n    r=c.getresponse(); r.read(); ok+= r.status==200; c.close()\nprint(ok)",
@@ -363,7 +334,7 @@ fn rego_policies_decide_each_request() {
         ("envoy.rego", "data.envoy.authz.allow"),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let app = App::start(dir.path());
+        let app = echo_app(dir.path());
         std::fs::copy(fixtures.join(file), dir.path().join(file)).unwrap();
         let extra = format!("    rego: {{policy: [{file}], query: {query}}}\n");
         let p = pair(dir.path(), PAYMENT, app.port, &extra);

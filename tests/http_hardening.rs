@@ -68,32 +68,21 @@ srv.serve_forever()
 "#;
 
 struct App {
-    child: std::process::Child,
+    /// Held for its Drop, which stops the process.
+    _process: PyApp,
     port: u16,
     log: PathBuf,
 }
 
 impl App {
     fn start(dir: &Path) -> Self {
-        let port = free_port();
-        let script = dir.join("app.py");
         let log = dir.join("requests.log");
-        std::fs::write(&script, APP).unwrap();
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .arg(port.to_string())
-            .arg(&log)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(line.trim(), "ready");
-        Self { child, port, log }
+        let app = PyApp::start(dir, "app.py", APP, &[log.as_os_str()]);
+        Self {
+            port: app.port,
+            _process: app,
+            log,
+        }
     }
 
     /// Every request the app received, as it logged them.
@@ -103,13 +92,6 @@ impl App {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
-    }
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -38,38 +38,9 @@ print("ready", flush=True)
 srv.serve_forever()
 "#;
 
-struct App {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl App {
-    fn start(dir: &Path) -> Self {
-        let port = free_port();
-        let script = dir.join("echo_app.py");
-        std::fs::write(&script, ECHO_APP).unwrap();
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .arg(port.to_string())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(line.trim(), "ready");
-        Self { child, port }
-    }
-}
-
-impl Drop for App {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The echo app: answers every request with what it received, as JSON.
+fn echo_app(dir: &Path) -> PyApp {
+    PyApp::start(dir, "echo_app.py", ECHO_APP, &[])
 }
 
 /// curl; (HTTP status, body).
@@ -128,7 +99,7 @@ fn jwt_svids_from_the_dev_agent_cross_the_pair() {
         "identity:\n  workload_api: {{socket: \"{}\"}}\n",
         agent.url()
     );
-    let app = App::start(d);
+    let app = echo_app(d);
     let in_port = free_port();
     let inbound = Svidcar::start(
         d,
@@ -299,7 +270,7 @@ fn attack_tokens_are_refused_for_their_reason() {
     let (ca_pem, _) = ca.write(d, "ca");
     let (cert, key) = ca.valid_leaf(d, "users", USERS);
     let (client_cert, client_key) = ca.valid_leaf(d, "client", PAYMENT);
-    let app = App::start(d);
+    let app = echo_app(d);
     let port = free_port();
     let sc = Svidcar::start(
         d,
@@ -443,7 +414,7 @@ fn dev_ca_sidecars_mint_and_validate_each_others_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (ca, key) = dev_ca(d, "example.org");
-    let app = App::start(d);
+    let app = echo_app(d);
     let (in_port, out_port) = (free_port(), free_port());
     std::fs::write(
         d.join("policy.rego"),

@@ -763,3 +763,38 @@ pub fn check_config(dir: &Path, name: &str, yaml: &str) -> (bool, String) {
     assert!(!text.contains("panicked"), "{name}: {text}");
     (out.status.success(), text)
 }
+
+/// A Python server written to `dir/name` and started as `python3 name PORT ARGS...`; it
+/// prints `ready` once it listens. Killed on drop.
+pub struct PyApp {
+    child: Child,
+    pub port: u16,
+}
+
+impl PyApp {
+    pub fn start(dir: &Path, name: &str, script: &str, args: &[&std::ffi::OsStr]) -> Self {
+        let port = free_port();
+        let path = dir.join(name);
+        std::fs::write(&path, script).unwrap();
+        let mut child = Command::new("python3")
+            .arg(&path)
+            .arg(port.to_string())
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "{name} did not start");
+        Self { child, port }
+    }
+}
+
+impl Drop for PyApp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
