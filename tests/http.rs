@@ -15,37 +15,6 @@ const PAYMENT: &str = "spiffe://example.org/ns/default/sa/payment";
 const OTHER: &str = "spiffe://example.org/ns/default/sa/other";
 const USERS: &str = "spiffe://example.org/ns/default/sa/users";
 
-/// An HTTP app that answers every request with a JSON of what it saw.
-const ECHO_APP: &str = r#"
-import http.server, json, sys
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # One write per answer: headers and body in separate small writes meet Nagle and
-    # delayed ACKs on a kept-alive connection (40 ms a request).
-    wbufsize = -1
-    def answer(self):
-        n = int(self.headers.get("content-length") or 0)
-        body = self.rfile.read(n) if n else b""
-        out = json.dumps({"method": self.command, "path": self.path,
-                          "headers": [[k.lower(), v] for k, v in self.headers.items()],
-                          "body": body.decode()}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-    do_GET = do_POST = do_DELETE = do_PUT = answer
-    def log_message(self, *a): pass
-srv = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
-print("ready", flush=True)
-srv.serve_forever()
-"#;
-
-/// The echo app: answers every request with what it received, as JSON.
-fn echo_app(dir: &Path) -> PyApp {
-    PyApp::start(dir, "echo_app.py", ECHO_APP, &[])
-}
-
 /// The users service behind an HTTP inbound, and an HTTP outbound for a caller `id`.
 struct Pair {
     inbound: Svidcar,

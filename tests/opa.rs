@@ -16,27 +16,6 @@ use serde_json::Value;
 const PAYMENT: &str = "spiffe://example.org/ns/default/sa/payment";
 const USERS: &str = "spiffe://example.org/ns/default/sa/users";
 
-/// An HTTP app that answers every request with a JSON of what it saw.
-const ECHO_APP: &str = r#"
-import http.server, json, sys
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    wbufsize = -1
-    def answer(self):
-        out = json.dumps({"method": self.command, "path": self.path,
-                          "headers": [[k.lower(), v] for k, v in self.headers.items()]}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-    do_GET = do_POST = do_DELETE = answer
-    def log_message(self, *a): pass
-srv = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
-print("ready", flush=True)
-srv.serve_forever()
-"#;
-
 /// A child process that printed "ready"; killed on drop.
 struct Server {
     child: Child,

@@ -798,3 +798,35 @@ impl Drop for PyApp {
         let _ = self.child.wait();
     }
 }
+
+/// An HTTP app that answers every request with a JSON of what it saw (method, path,
+/// headers, body); prints `ready` once it listens on 127.0.0.1:argv[1].
+pub const ECHO_APP: &str = r#"
+import http.server, json, sys
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # One write per answer: headers and body in separate small writes meet Nagle and
+    # delayed ACKs on a kept-alive connection (40 ms a request).
+    wbufsize = -1
+    def answer(self):
+        n = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(n) if n else b""
+        out = json.dumps({"method": self.command, "path": self.path,
+                          "headers": [[k.lower(), v] for k, v in self.headers.items()],
+                          "body": body.decode()}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    do_GET = do_POST = do_DELETE = do_PUT = answer
+    def log_message(self, *a): pass
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+print("ready", flush=True)
+srv.serve_forever()
+"#;
+
+/// The echo app, started in `dir`.
+pub fn echo_app(dir: &Path) -> PyApp {
+    PyApp::start(dir, "echo_app.py", ECHO_APP, &[])
+}
