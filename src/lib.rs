@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod dev_agent;
+pub mod eviction;
 pub mod h2_authority;
 pub mod identity;
 pub mod inject;
@@ -27,5 +28,6 @@ pub mod spiffe;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tls;
+pub mod watch;
 pub mod webhook;
 pub mod x509;

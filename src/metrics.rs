@@ -29,6 +29,8 @@ pub struct Metrics {
     pub jwt_refused: IntCounterVec,
     pub jwt_outbound: IntCounterVec,
     pub jwt_bundle_keys: IntGaugeVec,
+    pub connections_revoked: IntCounterVec,
+    pub config_reloads: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -179,6 +181,18 @@ impl Metrics {
                 &["listener", "outcome"],
             ),
             jwt_bundle_keys,
+            connections_revoked: counter_vec(
+                &r,
+                "svidcar_connections_revoked_total",
+                "Live connections closed because their peer is no longer allowed after a reload or an identity update, by listener and reason (not_allowed, unknown_trust_domain, chain_invalid, expired...)",
+                &["listener", "reason"],
+            ),
+            config_reloads: counter_vec(
+                &r,
+                "svidcar_config_reloads_total",
+                "Config reloads by result: ok, unchanged, invalid (the file does not check), restart_required (a key that cannot change live), failed (a listener could not be built or bound)",
+                &["result"],
+            ),
             registry: r,
         }
     }

@@ -1,22 +1,65 @@
-//! Process signals: SIGTERM and SIGINT start a drain; SIGHUP is logged and ignored.
+//! Process signals: SIGTERM and SIGINT start a drain; SIGHUP asks `svidcar run` for a
+//! config reload (other commands log and ignore it: by default it would kill the
+//! process at once, with no drain).
 
-/// Waits for SIGTERM or SIGINT. SIGHUP, which by default would kill the process at
-/// once with no drain, is logged and ignored until live reload exists.
-pub async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    loop {
+use tokio::signal::unix::{signal, Signal as UnixSignal, SignalKind};
+
+/// What a signal asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// SIGTERM or SIGINT: drain and exit.
+    Stop,
+    /// SIGHUP: read the config again.
+    Reload,
+}
+
+/// The signals a long-running command listens to, installed once (a handler installed
+/// per wait could miss a signal sent in between).
+pub struct Signals {
+    term: Option<UnixSignal>,
+    hup: Option<UnixSignal>,
+}
+
+impl Signals {
+    pub fn new() -> Self {
+        Self {
+            term: signal(SignalKind::terminate()).ok(),
+            hup: signal(SignalKind::hangup()).ok(),
+        }
+    }
+
+    /// The next signal.
+    pub async fn next(&mut self) -> Request {
+        async fn recv(s: &mut Option<UnixSignal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
         tokio::select! {
-            _ = term.recv() => return,
-            _ = tokio::signal::ctrl_c() => return,
-            _ = hup.recv() => {
-                tracing::warn!("SIGHUP received: live reload is not supported yet; ignored (the process keeps running)");
+            _ = recv(&mut self.term) => Request::Stop,
+            _ = tokio::signal::ctrl_c() => Request::Stop,
+            _ = recv(&mut self.hup) => Request::Reload,
+        }
+    }
+}
+
+impl Default for Signals {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Waits for SIGTERM or SIGINT; SIGHUP is logged and ignored (commands without reload).
+pub async fn wait_for_signal() {
+    let mut signals = Signals::new();
+    loop {
+        match signals.next().await {
+            Request::Stop => return,
+            Request::Reload => {
+                tracing::warn!("SIGHUP received: this command does not reload; ignored (the process keeps running)")
             }
         }
     }

@@ -1,7 +1,7 @@
 //! The admin endpoint: `/ready`, `/live`, `/metrics`, `/certs`, `/drain` (a preStop
-//! hook: not ready from then on) and `/app-health/<container>/<probe>` (the app's own
-//! probes, for kubelet; see [`app_health`]). Plain HTTP/1.1; it shows serials and SPIFFE
-//! IDs, never key material.
+//! hook: not ready from then on), `POST /reload` (read the config again) and
+//! `/app-health/<container>/<probe>` (the app's own probes, for kubelet; see
+//! [`app_health`]). Plain HTTP/1.1; it shows serials and SPIFFE IDs, never key material.
 
 pub mod app_health;
 
@@ -43,7 +43,12 @@ pub struct AdminOptions {
     pub app_probes: Option<PathBuf>,
     /// Set by `/drain`: `/ready` answers 503 from then on.
     pub draining: AtomicBool,
+    /// Where `POST /reload` asks for a config reload (`svidcar run`).
+    pub reload: Option<tokio::sync::mpsc::UnboundedSender<ReloadRequest>>,
 }
+
+/// A `POST /reload`: the reloader answers with what changed, or why nothing did.
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<String, String>>;
 
 /// Serves until `shutdown`; an error: the listening socket is gone.
 pub async fn serve(
@@ -135,6 +140,7 @@ async fn route(
         return reply(status, "text/plain", body);
     }
     match path {
+        "/reload" => reload(req, options).await,
         "/live" => reply(StatusCode::OK, "text/plain", "live\n".into()),
         "/drain" => {
             if !options.draining.swap(true, Ordering::Relaxed) {
@@ -167,6 +173,42 @@ async fn route(
         ),
         "/certs" => reply(StatusCode::OK, "application/json", certs_json(state)),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+/// `POST /reload`: 200 with what changed, 400 with the error `svidcar check` would give
+/// (the running config stays).
+async fn reload(req: &Request<Incoming>, options: &AdminOptions) -> Response<Full<Bytes>> {
+    if req.method() != hyper::Method::POST {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use POST\n".into(),
+        );
+    }
+    let Some(reloader) = &options.reload else {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "no reload here\n".into(),
+        );
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if reloader.send(tx).is_err() {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "shutting down\n".into(),
+        );
+    }
+    match rx.await {
+        Ok(Ok(text)) => reply(StatusCode::OK, "text/plain", format!("reloaded: {text}\n")),
+        Ok(Err(e)) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
+        Err(_) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "shutting down\n".into(),
+        ),
     }
 }
 

@@ -4,16 +4,15 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Context};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 use crate::authz::opa::OpaClient;
 use crate::authz::rego::RegoAuthorizer;
-use crate::authz::{AllowList, PeerPolicy};
+use crate::authz::{AllowList, PeerPolicy, SpiffeIdMatcher};
 use crate::config::{HttpSpec, ListenerKind, ListenerSpec, TlsSpec};
 use crate::identity::IdentityState;
 use crate::net::HostPort;
@@ -21,8 +20,8 @@ use crate::proxy::http::xfcc::{Xfcc, XfccDetails, XfccField, XfccMode};
 use crate::proxy::http::{HttpForwarder, Pool, UpstreamConnector};
 use crate::proxy::{
     serve, AcceptSettings, Connector, Drain, InboundCounters, InboundListener, ListenerMetrics,
-    MtlsOriginator, OutboundListener, OutboundRoute, OwnPorts, Target, TransparentInbound,
-    TransparentOutbound,
+    MtlsOriginator, OutboundListener, OutboundRoute, OwnPorts, PeerAcceptor, Target,
+    TransparentInbound, TransparentOutbound,
 };
 use crate::proxy::{HttpForwarders, MakeForwarder};
 use crate::spiffe::TrustDomain;
@@ -157,6 +156,7 @@ fn peer_forwarder(
         connector: mtls.connector.clone(),
         server_name: mtls.server_name.clone(),
         handshake_timeout: mtls.handshake_timeout,
+        verifier: mtls.verifier.clone(),
     };
     let up = UpstreamConnector::new(spec.name.clone(), c, Some(mtls));
     let mut f = HttpForwarder::new(
@@ -180,12 +180,23 @@ fn loopback(port: u16) -> HostPort {
         })
 }
 
+/// The peer policies of one listener by scope (`allow`, `expect`, `ports.8080`,
+/// `default`, `routes[...]`). A rebuilt listener takes over its predecessor's policy
+/// objects and swaps the new rules into them, so the verifiers of live connections,
+/// which hold those objects, check them against the rules in force.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyBook(HashMap<String, PeerPolicy>);
+
 /// A listener ready to run.
 pub struct BoundListener {
     sockets: Vec<TcpListener>,
     local_addr: SocketAddr,
     settings: AcceptSettings,
     kind: Bound,
+    book: PolicyBook,
+    /// New rules for policies taken over from the predecessor: applied by
+    /// [`BoundListener::commit`], when the reload is certain.
+    swaps: Vec<(PeerPolicy, SpiffeIdMatcher)>,
 }
 
 enum Bound {
@@ -198,33 +209,61 @@ enum Bound {
 /// What building one listener needs from the process.
 struct Builder<'a> {
     spec: &'a ListenerSpec,
+    /// The spec's TLS settings (a transparent inbound with HTTP ports adds ALPN).
+    tls: TlsSpec,
     state: Arc<IdentityState>,
     own_td: &'a TrustDomain,
+    previous: &'a PolicyBook,
+    book: Mutex<(PolicyBook, Vec<(PeerPolicy, SpiffeIdMatcher)>)>,
 }
 
 impl Builder<'_> {
-    fn acceptor(&self, allow: &AllowList) -> anyhow::Result<TlsAcceptor> {
-        let policy = PeerPolicy::new(allow.matcher(self.own_td));
+    /// The policy of `scope`: the predecessor's object when there is one (its new rules
+    /// wait for the commit), else a new one.
+    fn policy(&self, scope: &str, allow: &AllowList) -> PeerPolicy {
+        let matcher = allow.matcher(self.own_td);
+        let mut book = self.book.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = book.0 .0.get(scope) {
+            return p.clone();
+        }
+        let policy = match self.previous.0.get(scope) {
+            Some(old) => {
+                book.1.push((old.clone(), matcher));
+                old.clone()
+            }
+            None => PeerPolicy::new(matcher),
+        };
+        book.0 .0.insert(scope.to_string(), policy.clone());
+        policy
+    }
+
+    fn acceptor(&self, scope: &str, allow: &AllowList) -> anyhow::Result<PeerAcceptor> {
+        let policy = self.policy(scope, allow);
         let verifier = Arc::new(tls::SpiffeVerifier::new(self.state.clone(), policy));
-        let config = tls::server_config(self.state.clone(), verifier, &self.spec.tls)
+        let config = tls::server_config(self.state.clone(), verifier.clone(), &self.tls)
             .with_context(|| format!("{}.tls_min_version", self.spec.key))?;
-        Ok(config.into())
+        Ok(PeerAcceptor {
+            tls: config.into(),
+            verifier,
+        })
     }
 
     fn mtls(
         &self,
+        scope: &str,
         expect: &AllowList,
         tls_spec: &TlsSpec,
         server_name: Option<rustls_pki_types::ServerName<'static>>,
     ) -> anyhow::Result<MtlsOriginator> {
-        let policy = PeerPolicy::new(expect.matcher(self.own_td));
+        let policy = self.policy(scope, expect);
         let verifier = Arc::new(tls::SpiffeVerifier::new(self.state.clone(), policy));
-        let config = tls::client_config(self.state.clone(), verifier, tls_spec)
+        let config = tls::client_config(self.state.clone(), verifier.clone(), tls_spec)
             .with_context(|| format!("{}.tls_min_version", self.spec.key))?;
         Ok(MtlsOriginator {
             connector: config.into(),
             server_name,
             handshake_timeout: self.spec.timeouts.handshake,
+            verifier,
         })
     }
 
@@ -238,6 +277,13 @@ impl Builder<'_> {
     }
 }
 
+/// The scope of a transparent outbound route's `expect`: its destinations.
+fn route_scope(r: &crate::config::Route) -> String {
+    let to: Vec<String> = r.to.iter().map(|n| n.to_string()).collect();
+    let ports: Vec<String> = r.ports.iter().map(|p| p.to_string()).collect();
+    format!("routes[to={};ports={}]", to.join(","), ports.join(","))
+}
+
 impl BoundListener {
     /// Builds `spec` and binds its socket(s). `own_ports` are svidcar's own listening
     /// ports, which transparent listeners refuse as destinations (a loop).
@@ -247,10 +293,28 @@ impl BoundListener {
         own_td: &TrustDomain,
         own_ports: &[u16],
     ) -> anyhow::Result<Self> {
-        let b = Builder {
+        let built = Self::build(spec, state, own_td, own_ports, &PolicyBook::default())?;
+        let sockets = bind_sockets(spec).await?;
+        Ok(built.with_sockets(sockets))
+    }
+
+    /// Builds `spec` without sockets (they are bound, or handed over from the
+    /// predecessor, afterwards). Policies of `previous` with the same scope are taken
+    /// over.
+    pub fn build(
+        spec: &ListenerSpec,
+        state: Arc<IdentityState>,
+        own_td: &TrustDomain,
+        own_ports: &[u16],
+        previous: &PolicyBook,
+    ) -> anyhow::Result<Self> {
+        let mut b = Builder {
             spec,
+            tls: spec.tls.clone(),
             state: state.clone(),
             own_td,
+            previous,
+            book: Mutex::new(Default::default()),
         };
         let at = &spec.key;
         let own = OwnPorts(own_ports.into());
@@ -275,7 +339,7 @@ impl BoundListener {
                 };
                 let l = InboundListener {
                     proxy_protocol: i.proxy_protocol,
-                    acceptor: b.acceptor(&i.allow)?,
+                    acceptor: b.acceptor("allow", &i.allow)?,
                     upstream: b.connector(Target::Fixed(i.forward.clone()), &metrics),
                     metrics: metrics.clone(),
                     timeouts: spec.timeouts,
@@ -289,7 +353,8 @@ impl BoundListener {
                 let http = match &spec.http {
                     Some(h) => {
                         let c = b.connector(Target::Fixed(o.connect.clone()), &metrics);
-                        let mtls = b.mtls(&o.expect, &spec.tls, Some(o.server_name.clone()))?;
+                        let mtls =
+                            b.mtls("expect", &o.expect, &spec.tls, Some(o.server_name.clone()))?;
                         let up = UpstreamConnector::new(spec.name.clone(), c, Some(mtls));
                         let mut f = HttpForwarder::new(
                             metrics.clone(),
@@ -314,7 +379,7 @@ impl BoundListener {
                 let l = OutboundListener {
                     http,
                     upstream: b.connector(Target::Fixed(o.connect.clone()), &metrics),
-                    mtls: b.mtls(&o.expect, &spec.tls, Some(o.server_name.clone()))?,
+                    mtls: b.mtls("expect", &o.expect, &spec.tls, Some(o.server_name.clone()))?,
                     metrics: metrics.clone(),
                     timeouts: spec.timeouts,
                     state,
@@ -325,18 +390,12 @@ impl BoundListener {
                 let metrics = ListenerMetrics::new(&spec.name, "inbound");
                 // HTTP ports speak h2 or HTTP/1.1 with peer sidecars, chosen by ALPN (a
                 // client that offers none, as TCP routes, is not affected).
-                let mut with_alpn = spec.clone();
                 if t.default.http.is_some() || t.ports.values().any(|p| p.http.is_some()) {
-                    with_alpn.tls.alpn = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                    b.tls.alpn = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
                 }
-                let b = Builder {
-                    spec: &with_alpn,
-                    state: state.clone(),
-                    own_td,
-                };
                 let mut acceptors = HashMap::new();
                 for (port, policy) in &t.ports {
-                    acceptors.insert(*port, b.acceptor(&policy.allow)?);
+                    acceptors.insert(*port, b.acceptor(&format!("ports.{port}"), &policy.allow)?);
                 }
                 let mut configured = HashMap::new();
                 for (port, policy) in &t.ports {
@@ -383,7 +442,7 @@ impl BoundListener {
                     http: HttpForwarders::new(configured, make),
                     counters: InboundCounters::new(&metrics),
                     spec: t.clone(),
-                    default_acceptor: b.acceptor(&t.default.allow)?,
+                    default_acceptor: b.acceptor("default", &t.default.allow)?,
                     acceptors,
                     upstream: b.connector(Target::LoopbackAtOriginalPort, &metrics),
                     metrics: metrics.clone(),
@@ -404,7 +463,7 @@ impl BoundListener {
                                 min_version: spec.tls.min_version,
                                 alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
                             };
-                            let mtls = b.mtls(&r.expect, &tls, r.sni.clone())?;
+                            let mtls = b.mtls(&route_scope(r), &r.expect, &tls, r.sni.clone())?;
                             let (spec, metrics, h) = (spec.clone(), metrics.clone(), h.clone());
                             let state = state.clone();
                             let make: MakeForwarder<SocketAddr> = Box::new(move |dst| {
@@ -416,7 +475,7 @@ impl BoundListener {
                     };
                     routes.push(OutboundRoute {
                         route: r.clone(),
-                        mtls: b.mtls(&r.expect, &spec.tls, r.sni.clone())?,
+                        mtls: b.mtls(&route_scope(r), &r.expect, &spec.tls, r.sni.clone())?,
                         http,
                     });
                 }
@@ -439,25 +498,26 @@ impl BoundListener {
                 (Bound::TransparentOutbound(l), metrics, true)
             }
         };
-        let socket = TcpListener::bind(spec.listen)
-            .await
-            .map_err(|e| anyhow!("{at}.listen: cannot bind {}: {e}", spec.listen))?;
-        let local_addr = socket.local_addr().unwrap_or(spec.listen);
-        let mut sockets = vec![socket];
-        if let Bound::TransparentOutbound(_) = kind {
-            // The nat table redirects the app's IPv6 connections to ::1, its IPv4 ones
-            // to 127.0.0.1: a loopback listener takes both.
-            if spec.listen.ip().is_loopback() && spec.listen.is_ipv4() {
-                let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, local_addr.port()));
-                match TcpListener::bind(v6).await {
-                    Ok(s) => sockets.push(s),
-                    Err(e) => {
-                        tracing::info!(listener = %spec.name, addr = %v6, error = %e, "no IPv6 loopback listener: IPv6 connections of the app cannot be redirected here")
-                    }
-                }
-            }
+        let (book, swaps) = b.book.into_inner().unwrap_or_else(|p| p.into_inner());
+        Ok(Self {
+            sockets: Vec::new(),
+            local_addr: spec.listen,
+            settings: AcceptSettings::new(metrics, spec.max_connections, transparent),
+            kind,
+            book,
+            swaps,
+        })
+    }
+
+    /// Takes its sockets (bound by [`bind_sockets`], or the predecessor's) and logs
+    /// where it listens.
+    pub fn with_sockets(mut self, sockets: Vec<TcpListener>) -> Self {
+        if let Some(a) = sockets.first().and_then(|s| s.local_addr().ok()) {
+            self.local_addr = a;
         }
-        let what = match &kind {
+        self.sockets = sockets;
+        let name = &self.settings.metrics.name;
+        let what = match &self.kind {
             Bound::Inbound(l) => format!("forward to {}", l.upstream.describe()),
             Bound::Outbound(l) => format!("connect to {}", l.upstream.describe()),
             Bound::TransparentInbound(_) => {
@@ -465,31 +525,57 @@ impl BoundListener {
             }
             Bound::TransparentOutbound(_) => "transparent: to the original destination".into(),
         };
-        let direction = match &kind {
+        let direction = match &self.kind {
             Bound::Inbound(_) | Bound::TransparentInbound(_) => "inbound",
             Bound::Outbound(_) | Bound::TransparentOutbound(_) => "outbound",
         };
-        let addrs: Vec<String> = sockets
+        let addrs: Vec<String> = self
+            .sockets
             .iter()
             .filter_map(|s| s.local_addr().ok())
             .map(|a| a.to_string())
             .collect();
-        tracing::info!(listener = %spec.name, listen = %addrs.join(","), "{direction} listening: {what}");
-        Ok(Self {
-            sockets,
-            local_addr,
-            settings: AcceptSettings::new(metrics, spec.max_connections, transparent),
-            kind,
-        })
+        tracing::info!(listener = %name, listen = %addrs.join(","), "{direction} listening: {what}");
+        self
+    }
+
+    /// The policies, for the listener that replaces this one.
+    pub fn policies(&self) -> &PolicyBook {
+        &self.book
+    }
+
+    /// Makes the rules of this (rebuilt) listener the ones in force: the policies taken
+    /// over get their new rules. Policies of `previous` that no longer exist follow the
+    /// transparent default (a port removed from `ports`) or refuse everyone (a scope
+    /// that is gone), so their live connections are checked against what the config
+    /// says now.
+    pub fn commit(&mut self, previous: &PolicyBook) {
+        for (policy, matcher) in self.swaps.drain(..) {
+            policy.swap(matcher);
+        }
+        let default = self.book.0.get("default").cloned();
+        for (scope, old) in &previous.0 {
+            if self.book.0.contains_key(scope) {
+                continue;
+            }
+            match &default {
+                Some(d) if scope.starts_with("ports.") => old.follow(d),
+                _ => old.swap(SpiffeIdMatcher::default()),
+            }
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
-    /// Accepts until `drain.draining`; connection tasks go to `tracker`. An error: a
-    /// listening socket is gone.
-    pub async fn run(self, drain: Drain, tracker: TaskTracker) -> std::io::Result<()> {
+    /// Accepts until `drain.draining`, then gives its sockets back (for a successor);
+    /// connection tasks go to `tracker`. An error: a listening socket is gone.
+    pub async fn run(
+        self,
+        drain: Drain,
+        tracker: TaskTracker,
+    ) -> std::io::Result<Vec<TcpListener>> {
         let (sockets, settings) = (self.sockets, self.settings);
         match self.kind {
             Bound::Inbound(l) => {
@@ -523,4 +609,28 @@ impl BoundListener {
             }
         }
     }
+}
+
+/// Binds the socket(s) of `spec`: its address, and for a transparent outbound listener
+/// on IPv4 loopback also `[::1]` on the same port.
+pub async fn bind_sockets(spec: &ListenerSpec) -> anyhow::Result<Vec<TcpListener>> {
+    let socket = TcpListener::bind(spec.listen)
+        .await
+        .map_err(|e| anyhow!("{}.listen: cannot bind {}: {e}", spec.key, spec.listen))?;
+    let local_addr = socket.local_addr().unwrap_or(spec.listen);
+    let mut sockets = vec![socket];
+    if let ListenerKind::TransparentOutbound(_) = spec.kind {
+        // The nat table redirects the app's IPv6 connections to ::1, its IPv4 ones
+        // to 127.0.0.1: a loopback listener takes both.
+        if spec.listen.ip().is_loopback() && spec.listen.is_ipv4() {
+            let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, local_addr.port()));
+            match TcpListener::bind(v6).await {
+                Ok(s) => sockets.push(s),
+                Err(e) => {
+                    tracing::info!(listener = %spec.name, addr = %v6, error = %e, "no IPv6 loopback listener: IPv6 connections of the app cannot be redirected here")
+                }
+            }
+        }
+    }
+    Ok(sockets)
 }

@@ -1,9 +1,10 @@
-//! `svidcar run`: start-up and shutdown. Config → identity → every listener bound →
-//! SDS → admin (so `/ready` cannot say 200 before the listeners are bound) → wait for a
+//! `svidcar run`: start-up, live reload and shutdown. Config → identity → every
+//! listener bound → SDS → admin (so `/ready` cannot say 200 before the listeners are
+//! bound) → serve, reloading on SIGHUP, a change of the file or `POST /reload`, until a
 //! signal or a failed task → drain.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{anyhow, Context};
 use tokio_util::task::TaskTracker;
@@ -11,10 +12,14 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, IdentityConfig};
 use crate::identity::{IdentitySource, IdentityState};
 use crate::proxy::Drain;
+use crate::signals::{Request, Signals};
+use crate::watch::FileWatch;
 
 mod listeners;
+mod reload;
 
 pub use listeners::BoundListener;
+use reload::{Reloader, Supervised};
 
 /// `svidcar run`.
 pub fn run(path: &Path) -> anyhow::Result<()> {
@@ -26,7 +31,7 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
         rt.worker_threads(n);
     }
     let rt = rt.build().context("cannot start the runtime")?;
-    rt.block_on(serve(config))
+    rt.block_on(serve(path.to_path_buf(), config))
 }
 
 /// An identity error, led by the config key that named the file it is about.
@@ -39,20 +44,60 @@ pub fn identity_error(e: crate::identity::IdentityError, config: &IdentityConfig
     anyhow!("identity: {e}")
 }
 
+type LogFilterHandle =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// Set when `log.level` rules the filter (RUST_LOG unset): a reload can change it.
+static LOG_FILTER: OnceLock<LogFilterHandle> = OnceLock::new();
+
 /// Logs to stderr through `filter` (a checked `log.level`); RUST_LOG, when set, wins.
 pub fn init_logging(filter: Option<&str>) {
+    use tracing_subscriber::prelude::*;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(filter.unwrap_or("info")))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let by_config = from_env.is_none();
+    let filter = from_env
+        .or_else(|| EnvFilter::try_new(filter.unwrap_or("info")).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+        .with_ansi(false);
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .try_init()
+        .is_ok()
+        && by_config
+    {
+        let _ = LOG_FILTER.set(handle);
+    }
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+/// Applies a reloaded `log.level` (nothing when RUST_LOG rules).
+fn set_log_filter(filter: Option<&str>) {
+    let Some(handle) = LOG_FILTER.get() else {
+        return;
+    };
+    let Ok(next) = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("info")) else {
+        return;
+    };
+    if let Err(e) = handle.reload(next) {
+        tracing::warn!(error = %e, "cannot change the log level");
+    }
+}
+
+/// What woke the serve loop.
+enum Event {
+    Signal(Request),
+    FileChanged,
+    ReloadRequested(crate::admin::ReloadRequest),
+    Ended(Option<String>),
+}
+
+async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
+    // Installed first: a SIGHUP or SIGTERM during start-up must not kill the process.
+    let mut signals = Signals::new();
     let state = Arc::new(IdentityState::new());
     let (source, update) = IdentitySource::start(&config.identity)
         .await
@@ -72,53 +117,65 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Listener and SDS server tasks end only at shutdown; one that ends earlier (a
     // panic, a server error) stops the process with the reason logged, so the
     // orchestrator restarts it instead of keeping a half-dead sidecar.
-    let mut supervised = tokio::task::JoinSet::new();
+    let mut supervised = Supervised::new();
     tasks.push(tokio::spawn(source.run(state.clone(), shutdown.clone())));
     tasks.push(tokio::spawn(log_identity_changes(state.clone())));
+    tasks.push(tokio::spawn(crate::eviction::check_on_identity_updates(
+        state.clone(),
+        shutdown.clone(),
+    )));
+    tasks.push(tokio::spawn(crate::eviction::expiry_sweeper(
+        shutdown.clone(),
+    )));
 
     if let Some(sds) = &config.sds {
         for server in crate::sds::start(sds, state.clone(), shutdown.clone()).await? {
             supervised.spawn(async move {
-                server
-                    .await
-                    .unwrap_or_else(|e| format!("an SDS server failed: {e}"))
+                Some(
+                    server
+                        .await
+                        .unwrap_or_else(|e| format!("an SDS server failed: {e}")),
+                )
             });
         }
     }
 
-    let own_ports: Vec<u16> = config
-        .redirect
-        .as_ref()
-        .map(|r| r.own_ports.clone())
-        .unwrap_or_default();
-    for spec in &config.listeners {
-        let bound = BoundListener::bind(spec, state.clone(), &own_td, &own_ports).await?;
-        let name = spec.name.clone();
-        let run = bound.run(drain.clone(), tracker.clone());
-        supervised.spawn(async move {
-            match run.await {
-                Ok(()) => format!("listener {name} stopped"),
-                Err(e) => format!("listener {name} failed: cannot accept: {e}"),
-            }
-        });
-    }
+    let mut reloader = Reloader::new(
+        path.clone(),
+        config.clone(),
+        state.clone(),
+        own_td,
+        drain.clone(),
+        tracker.clone(),
+    );
+    reloader.start(&mut supervised).await?;
+    reload::apply_globals(&config);
 
     // Admin last: /ready must not say 200 before every listener is bound.
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::unbounded_channel();
     if let Some(addr) = config.admin {
         let l = crate::admin::bind(addr).await?;
         tracing::info!(%addr, "admin listening");
         let options = Arc::new(crate::admin::AdminOptions {
             app_probes: config.app_probes.clone(),
+            reload: Some(reload_tx),
             ..Default::default()
         });
         let admin = crate::admin::serve(l, state.clone(), options, shutdown.clone());
         supervised.spawn(async move {
-            match admin.await {
+            Some(match admin.await {
                 Ok(()) => "the admin server stopped".to_string(),
                 Err(e) => format!("the admin server failed: cannot accept: {e}"),
-            }
+            })
         });
     }
+    let mut config_file = match FileWatch::new(std::slice::from_ref(&path)) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "the config file is not watched: reload with SIGHUP or POST /reload");
+            None
+        }
+    };
 
     let id = state
         .load()
@@ -127,12 +184,31 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .unwrap_or_default();
     tracing::info!(spiffe_id = %id, "svidcar ready");
 
-    let failed = tokio::select! {
-        _ = crate::signals::wait_for_signal() => None,
-        Some(ended) = supervised.join_next() => Some(match ended {
-            Ok(why) => why,
-            Err(e) => format!("a listener or server failed: {e}"),
-        }),
+    let failed = loop {
+        let event = tokio::select! {
+            s = signals.next() => Event::Signal(s),
+            Some(()) = file_changed(&mut config_file) => Event::FileChanged,
+            Some(reply) = reload_rx.recv() => Event::ReloadRequested(reply),
+            Some(ended) = supervised.join_next() => Event::Ended(match ended {
+                Ok(why) => why,
+                Err(e) => Some(format!("a listener or server failed: {e}")),
+            }),
+        };
+        match event {
+            Event::Signal(Request::Stop) => break None,
+            Event::Signal(Request::Reload) => {
+                let _ = reloader.reload("SIGHUP", &mut supervised).await;
+            }
+            Event::FileChanged => {
+                let _ = reloader.reload("file change", &mut supervised).await;
+            }
+            Event::ReloadRequested(reply) => {
+                let outcome = reloader.reload("POST /reload", &mut supervised).await;
+                let _ = reply.send(outcome);
+            }
+            Event::Ended(None) => {}
+            Event::Ended(Some(why)) => break Some(why),
+        }
     };
     if let Some(why) = failed {
         tracing::error!("{why}; exiting");
@@ -140,10 +216,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         drain.closing.cancel();
         return Err(anyhow!("{why}"));
     }
-    tracing::info!(drain = ?config.drain_timeout, "shutting down: no new connections, draining");
+    let drain_timeout = reloader.config().drain_timeout;
+    tracing::info!(drain = ?drain_timeout, "shutting down: no new connections, draining");
     drain.draining.cancel();
     tracker.close();
-    if tokio::time::timeout(config.drain_timeout, tracker.wait())
+    if tokio::time::timeout(drain_timeout, tracker.wait())
         .await
         .is_err()
     {
@@ -159,6 +236,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         t.abort();
     }
     Ok(())
+}
+
+/// The next settled change of the config file; never, when it is not watched.
+async fn file_changed(watch: &mut Option<FileWatch>) -> Option<()> {
+    match watch {
+        Some(w) => w.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// One info line per new snapshot: which SVID is now presented.

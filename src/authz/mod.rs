@@ -66,6 +66,11 @@ impl PeerPolicy {
         self.0.store(Arc::new(matcher));
     }
 
+    /// Takes the rules `other` has now (a scope that was removed falls back to them).
+    pub fn follow(&self, other: &PeerPolicy) {
+        self.0.store(other.0.load_full());
+    }
+
     pub fn check(&self, peer: &PeerIdentity) -> Result<(), Denied> {
         if self.0.load().matches(peer) {
             Ok(())

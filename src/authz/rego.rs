@@ -23,10 +23,8 @@
 //!
 //! One input carries both shapes users already have policies for (see [`Input`]).
 
-use std::collections::BTreeSet;
-use std::ffi::OsString;
 use std::num::NonZeroU32;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Once, Weak};
 use std::time::Duration;
@@ -35,14 +33,10 @@ use arc_swap::ArcSwap;
 
 pub use super::input_refs::InputKeys;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use notify::{RecursiveMode, Watcher};
 use serde_json::{json, Map, Value as Json};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Editors and ConfigMap updates write a file in several steps; wait this long after the
-/// last change before compiling, so we compile the finished file.
-const SETTLE: Duration = Duration::from_millis(150);
+use crate::watch::FileWatch;
 
 /// Longest a single decision may evaluate. A policy that loops over a large input or
 /// recurses deeply is stopped here and the request denied, instead of holding a runtime
@@ -726,26 +720,10 @@ impl RegoAuthorizer {
     ) -> Result<Self, RegoError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| RegoError::NoRuntime)?;
         let authorizer = Self::load(files, query)?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let names: Vec<OsString> = authorizer
-            .shared
-            .files
-            .iter()
-            .filter_map(|f| f.file_name().map(|n| n.to_os_string()))
-            .collect();
-        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if ev.is_ok_and(|e| is_change_to(&e, &names)) {
-                let _ = tx.send(());
-            }
-        })
-        .map_err(|e| RegoError::Watch(e.to_string()))?;
-        for dir in watched_dirs(&authorizer.shared.files) {
-            watcher
-                .watch(&dir, RecursiveMode::NonRecursive)
-                .map_err(|e| RegoError::Watch(format!("{}: {e}", dir.display())))?;
-        }
+        let files = FileWatch::new(&authorizer.shared.files)
+            .map_err(|e| RegoError::Watch(e.to_string()))?;
         let weak = Arc::downgrade(&authorizer.shared);
-        runtime.spawn(watch(weak, watcher, rx, shutdown));
+        runtime.spawn(watch(weak, files, shutdown));
         Ok(authorizer)
     }
 
@@ -841,22 +819,11 @@ impl Shared {
 
 /// The reload loop: a burst of file events becomes one recompilation, done off the
 /// runtime's workers.
-async fn watch(
-    shared: Weak<Shared>,
-    _watcher: notify::RecommendedWatcher,
-    mut rx: mpsc::UnboundedReceiver<()>,
-    shutdown: CancellationToken,
-) {
+async fn watch(shared: Weak<Shared>, mut files: FileWatch, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            got = rx.recv() => if got.is_none() { return },
-        }
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(SETTLE) => break,
-                got = rx.recv() => if got.is_none() { return },
-            }
+            got = files.changed() => if got.is_none() { return },
         }
         let Some(strong) = shared.upgrade() else {
             return;
@@ -870,29 +837,6 @@ async fn watch(
             tracing::error!(error = %e, "rego policy reload task failed");
         }
     }
-}
-
-/// A change of content or name to one of our files, or a Kubernetes `..data` swap.
-fn is_change_to(e: &notify::Event, names: &[OsString]) -> bool {
-    use notify::event::{EventKind as K, ModifyKind as M};
-    let kind = matches!(
-        e.kind,
-        K::Create(_) | K::Remove(_) | K::Modify(M::Data(_) | M::Name(_) | M::Any)
-    );
-    kind && e.paths.iter().any(|p| {
-        p.file_name()
-            .is_some_and(|n| names.iter().any(|w| w == n) || n.to_string_lossy().starts_with(".."))
-    })
-}
-
-fn watched_dirs(files: &[PathBuf]) -> BTreeSet<PathBuf> {
-    files
-        .iter()
-        .map(|f| match f.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => Path::new(".").to_path_buf(),
-        })
-        .collect()
 }
 
 #[cfg(test)]

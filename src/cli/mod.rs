@@ -250,7 +250,7 @@ pub fn dev_agent(path: &Path) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    rt.block_on(crate::dev_agent::run(config))
+    rt.block_on(crate::dev_agent::run(config, path.to_path_buf()))
 }
 
 /// `svidcar workload …`: one Workload API call, printed.

@@ -75,6 +75,8 @@ pub struct Config {
     /// `admin.app_probes`: the file behind `/app-health/`.
     pub app_probes: Option<std::path::PathBuf>,
     pub drain_timeout: Duration,
+    /// `close_expired_peers`: end connections whose peer's SVID has expired.
+    pub close_expired_peers: bool,
     /// Inbound listeners first, then outbound, each in file order; then the
     /// transparent pair.
     pub listeners: Vec<ListenerSpec>,
@@ -201,6 +203,7 @@ impl Config {
             admin: raw.admin.as_ref().map(|a| a.listen),
             app_probes: raw.admin.as_ref().and_then(|a| a.app_probes.clone()),
             drain_timeout: raw.drain_timeout,
+            close_expired_peers: raw.close_expired_peers,
             listeners,
             sds,
             redirect,

@@ -40,6 +40,11 @@ pub struct RawConfig {
     /// How long live connections may finish after SIGTERM before they are closed.
     #[serde(default = "default_drain", deserialize_with = "duration")]
     pub drain_timeout: Duration,
+    /// Also close a live connection when its peer's SVID expires (checked every
+    /// second). Off by default, as in Envoy: a handshake's check holds for the
+    /// connection's life unless a reload or a bundle change revokes it.
+    #[serde(default)]
+    pub close_expired_peers: bool,
     #[serde(default)]
     pub log: LogConfig,
     /// Envoy's Secret Discovery Service, served from the same identity.

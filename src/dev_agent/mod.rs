@@ -82,9 +82,12 @@ struct Entry {
     hint: String,
 }
 
-/// What the agent has issued now; replaced whole at every rotation.
+/// What the agent has issued now; replaced whole at every rotation and when the
+/// federated bundles change (SIGHUP).
 struct Issued {
     svids: BTreeMap<SpiffeId, Arc<Svid>>,
+    /// Trust domain ID → concatenated DER roots (ours and the federated ones).
+    bundles: Arc<BTreeMap<String, Vec<u8>>>,
 }
 
 struct Agent {
@@ -92,8 +95,6 @@ struct Agent {
     td: TrustDomain,
     ttl: Duration,
     entries: Vec<Entry>,
-    /// Trust domain ID → concatenated DER roots (own first).
-    bundles: BTreeMap<String, Vec<u8>>,
     jwt: jwt::JwtIssuer,
     issued: watch::Sender<Arc<Issued>>,
     /// Fired on SIGTERM/SIGINT: ends every open stream so the server can stop.
@@ -173,30 +174,17 @@ impl Agent {
                 hint: e.hint.clone(),
             });
         }
-        let mut bundles = BTreeMap::new();
-        bundles.insert(
-            td.id_string(),
-            ca.bundle()?.roots.iter().flat_map(|r| r.to_vec()).collect(),
-        );
-        for (name, path) in &c.federates_with {
-            let other =
-                parse_trust_domain(name).map_err(|e| anyhow!("federates_with.{name}: {e}"))?;
-            let roots = pem::load_certs(path).map_err(|e| anyhow!("federates_with.{name}: {e}"))?;
-            bundles.insert(
-                other.id_string(),
-                roots.iter().flat_map(|r| r.to_vec()).collect(),
-            );
-        }
+        let bundles = bundles(&td, &ca, &c.federates_with)?;
         let jwt = jwt::JwtIssuer::generate().map_err(|e| anyhow!("JWT signing key: {e}"))?;
         let (issued, _) = watch::channel(Arc::new(Issued {
             svids: BTreeMap::new(),
+            bundles: Arc::new(bundles),
         }));
         let agent = Self {
             ca,
             td,
             ttl: c.svid_ttl,
             entries,
-            bundles,
             jwt,
             issued,
             shutdown: CancellationToken::new(),
@@ -213,7 +201,22 @@ impl Agent {
                 svids.insert(e.id.clone(), Arc::new(self.ca.mint(&e.id, self.ttl)?));
             }
         }
-        self.issued.send_replace(Arc::new(Issued { svids }));
+        let bundles = self.issued.borrow().bundles.clone();
+        self.issued
+            .send_replace(Arc::new(Issued { svids, bundles }));
+        Ok(())
+    }
+
+    /// Serves these federated bundles from now on (as `spire-server federation`
+    /// changes do): open streams get an update without the trust domains left out.
+    fn federate(&self, federates_with: &BTreeMap<String, PathBuf>) -> anyhow::Result<()> {
+        let bundles = Arc::new(bundles(&self.td, &self.ca, federates_with)?);
+        self.issued.send_modify(|i| {
+            *i = Arc::new(Issued {
+                svids: i.svids.clone(),
+                bundles,
+            })
+        });
         Ok(())
     }
 
@@ -266,11 +269,11 @@ impl Agent {
                 spiffe_id: s.spiffe_id.to_string(),
                 x509_svid: s.chain.iter().flat_map(|c| c.to_vec()).collect(),
                 x509_svid_key: s.key_der().to_vec(),
-                bundle: self.bundles.get(&own).cloned().unwrap_or_default(),
+                bundle: issued.bundles.get(&own).cloned().unwrap_or_default(),
                 hint: self.hint_of(&s.spiffe_id),
             })
             .collect();
-        let federated_bundles = self
+        let federated_bundles = issued
             .bundles
             .iter()
             .filter(|(k, _)| **k != own)
@@ -392,15 +395,18 @@ impl SpiffeWorkloadApi for Service {
         req: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         self.0.caller(&req)?;
-        let bundles: std::collections::HashMap<_, _> = self.0.bundles.clone().into_iter().collect();
         let rx = self.0.issued.subscribe();
         Ok(Response::new(stream_on_rotation(
             rx,
-            move |_| X509BundlesResponse {
+            |i| X509BundlesResponse {
                 crl: vec![],
-                bundles: bundles.clone(),
+                bundles: i
+                    .bundles
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
             },
-            false,
+            true,
             StreamGuard::of(&self.0, &req),
         )))
     }
@@ -500,8 +506,9 @@ impl SpiffeWorkloadApi for Service {
 
 /// Runs the dev agent until SIGTERM/SIGINT. Then open streams end at once, and the
 /// server waits at most [`DRAIN_TIMEOUT`] for connections to close: a client holding a
-/// stream open must not keep the process alive.
-pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+/// stream open must not keep the process alive. SIGHUP reads `federates_with` from
+/// `path` again.
+pub async fn run(config: AgentConfig, path: PathBuf) -> anyhow::Result<()> {
     let agent = Arc::new(Agent::new(&config)?);
     let shutdown = agent.shutdown.clone();
     // Any local process may call; attestation decides what it gets (as with SPIRE Agent).
@@ -527,8 +534,20 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     };
     let signal = {
         let shutdown = shutdown.clone();
+        let agent = agent.clone();
         tokio::spawn(async move {
-            crate::signals::wait_for_signal().await;
+            let mut signals = crate::signals::Signals::new();
+            while signals.next().await == crate::signals::Request::Reload {
+                let federated = AgentConfig::load(&path)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|c| agent.federate(&c.federates_with).map(|()| c));
+                match federated {
+                    Ok(c) => {
+                        tracing::info!(trust_domains = ?c.federates_with.keys().collect::<Vec<_>>(), "dev-agent federated bundles reloaded")
+                    }
+                    Err(e) => tracing::error!("dev-agent reload refused: {e:#}"),
+                }
+            }
             tracing::info!(drain = ?DRAIN_TIMEOUT, "dev-agent shutting down: ending open streams");
             shutdown.cancel();
         })
@@ -557,4 +576,26 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     signal.abort();
     let _ = std::fs::remove_file(&config.socket);
     result
+}
+
+/// Our bundle and the federated ones, by trust domain ID.
+fn bundles(
+    td: &TrustDomain,
+    ca: &DevCa,
+    federates_with: &BTreeMap<String, PathBuf>,
+) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
+    let mut bundles = BTreeMap::new();
+    bundles.insert(
+        td.id_string(),
+        ca.bundle()?.roots.iter().flat_map(|r| r.to_vec()).collect(),
+    );
+    for (name, path) in federates_with {
+        let other = parse_trust_domain(name).map_err(|e| anyhow!("federates_with.{name}: {e}"))?;
+        let roots = pem::load_certs(path).map_err(|e| anyhow!("federates_with.{name}: {e}"))?;
+        bundles.insert(
+            other.id_string(),
+            roots.iter().flat_map(|r| r.to_vec()).collect(),
+        );
+    }
+    Ok(bundles)
 }

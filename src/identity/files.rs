@@ -5,23 +5,16 @@
 //! (Kubernetes volumes), so we watch the parent directories, not the files: a watch
 //! on a file dies with the inode that a rename replaced.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{pem, Bundle, IdentityError, IdentityState, IdentityUpdate, Svid};
 use crate::config::FilesConfig;
 use crate::jwt::{JwtBundle, JwtBundles};
 use crate::spiffe::parse_trust_domain;
-
-/// Writers often put the certificate and the key down as two steps; wait this long
-/// after the last change before reading, so we read the pair, not half of it.
-const SETTLE: Duration = Duration::from_millis(150);
+use crate::watch::FileWatch;
 
 pub struct FilesSource {
     config: FilesConfig,
@@ -48,39 +41,20 @@ impl FilesSource {
         }
     }
 
-    /// Reloads on every change in the watched directories until cancelled. A change
-    /// that does not load (half-written, mismatched key) keeps the current identity.
+    /// Reloads on every change of the files until cancelled. A change that does not
+    /// load (half-written, mismatched key) keeps the current identity.
     pub async fn run(self, state: Arc<IdentityState>, shutdown: CancellationToken) {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let names = watched_names(&self.config);
-        let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            if ev.is_ok_and(|e| is_change_to(&e, &names)) {
-                let _ = tx.send(());
-            }
-        });
-        let mut watcher = match watcher {
+        let mut watch = match FileWatch::new(&watched_files(&self.config)) {
             Ok(w) => w,
             Err(e) => {
-                tracing::error!(error = %e, "cannot watch identity files; they will not be reloaded");
+                tracing::error!(error = %e, "identity files will not be reloaded");
                 return;
             }
         };
-        for dir in watched_dirs(&self.config) {
-            if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
-                tracing::error!(dir = %dir.display(), error = %e, "cannot watch directory; changes there will not be reloaded");
-            }
-        }
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                got = rx.recv() => if got.is_none() { return },
-            }
-            // Settle: collapse a burst of events into one read.
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(SETTLE) => break,
-                    got = rx.recv() => if got.is_none() { return },
-                }
+                got = watch.changed() => if got.is_none() { return },
             }
             if !self.config.jwt_bundles.is_empty() {
                 // Per file: one that does not load keeps its trust domain's old bundle.
@@ -103,45 +77,13 @@ impl FilesSource {
     }
 }
 
-/// File names that matter in the watched directories: ours, and Kubernetes' `..data`
-/// style entries whose swap replaces all files at once.
-fn watched_names(config: &FilesConfig) -> Vec<std::ffi::OsString> {
-    let mut files = vec![&config.cert, &config.key];
-    files.extend(config.bundle.iter());
-    files.extend(config.bundles.values());
-    files.extend(config.jwt_bundles.values());
+/// Every file the source reads.
+fn watched_files(config: &FilesConfig) -> Vec<PathBuf> {
+    let mut files = vec![config.cert.clone(), config.key.clone()];
+    files.extend(config.bundle.iter().cloned());
+    files.extend(config.bundles.values().cloned());
+    files.extend(config.jwt_bundles.values().cloned());
     files
-        .iter()
-        .filter_map(|f| f.file_name().map(|n| n.to_os_string()))
-        .collect()
-}
-
-/// A change of content or name to one of `names`. Our own reads (access, atime) and
-/// other files in the same directory (a log, say) do not count.
-fn is_change_to(e: &notify::Event, names: &[std::ffi::OsString]) -> bool {
-    use notify::event::{EventKind as K, ModifyKind as M};
-    let kind = matches!(
-        e.kind,
-        K::Create(_) | K::Remove(_) | K::Modify(M::Data(_) | M::Name(_) | M::Any)
-    );
-    kind && e.paths.iter().any(|p| {
-        p.file_name()
-            .is_some_and(|n| names.iter().any(|w| w == n) || n.to_string_lossy().starts_with(".."))
-    })
-}
-
-fn watched_dirs(config: &FilesConfig) -> BTreeSet<PathBuf> {
-    let mut files = vec![&config.cert, &config.key];
-    files.extend(config.bundle.iter());
-    files.extend(config.bundles.values());
-    files.extend(config.jwt_bundles.values());
-    files
-        .into_iter()
-        .map(|f| match f.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        })
-        .collect()
 }
 
 /// Reads and validates all files into one update.

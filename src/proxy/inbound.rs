@@ -4,19 +4,19 @@
 use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
-use tokio_rustls::TlsAcceptor;
 
 use crate::net::proxy_protocol::ProxyHeader;
 
-use super::{handshake, reject, relay};
+use super::{handshake, reject, relay, watched, PeerAcceptor};
 use super::{Accepted, Connector, ListenerMetrics};
 use crate::config::Timeouts;
+use crate::eviction::PeerRole;
 use crate::identity::IdentityState;
 use crate::tls::Rejection;
 
 pub struct InboundListener {
     pub metrics: ListenerMetrics,
-    pub acceptor: TlsAcceptor,
+    pub acceptor: PeerAcceptor,
     pub upstream: Connector,
     pub timeouts: Timeouts,
     pub state: Arc<IdentityState>,
@@ -40,11 +40,19 @@ impl InboundListener {
         if self.state.identity_expired() {
             return reject(name, conn.peer, &Rejection::IdentityExpired);
         }
-        let accept = self.acceptor.accept(conn.stream);
+        let accept = self.acceptor.tls.accept(conn.stream);
         let tls = match handshake(self.timeouts.handshake, accept).await {
             Ok(tls) => tls,
             Err(why) => return reject(name, conn.peer, &why),
         };
+        let certs = tls.get_ref().1.peer_certificates();
+        let watch = watched(
+            name,
+            &self.acceptor.verifier,
+            PeerRole::Client,
+            certs,
+            &conn.drain,
+        );
         if tracing::enabled!(tracing::Level::DEBUG) {
             let id = super::peer_id_for_log(tls.get_ref().1.peer_certificates());
             tracing::debug!(listener = %name, peer = %conn.peer, peer_id = %id, "accepted mTLS connection");
@@ -59,7 +67,7 @@ impl InboundListener {
                     .map(|s| s.spiffe_id.to_string());
                 http.caller(id, certs, by.as_deref())
             });
-            return http.clone().serve(tls, caller, conn.drain).await;
+            return http.clone().serve(tls, caller, watch.drain.clone()).await;
         }
         let Some(mut upstream) = self.upstream.connect(conn.original_dst).await else {
             return;
@@ -89,7 +97,7 @@ impl InboundListener {
             tls,
             upstream,
             self.timeouts.idle,
-            &conn.drain,
+            &watch.drain,
         )
         .await;
     }

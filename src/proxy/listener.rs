@@ -94,8 +94,9 @@ impl AcceptSettings {
 }
 
 /// Runs `listener` on every socket in `sockets` (one, or the IPv4 and IPv6 loopback of
-/// a transparent outbound listener), all under the same connection limit. Ends when
-/// the first accept loop ends: at the drain, or with the error of a socket that is gone.
+/// a transparent outbound listener), all under the same connection limit. At the drain
+/// it gives the sockets back, in order (a successor may take them over); it ends early
+/// with the error of a socket that is gone.
 pub async fn serve<L, H, F>(
     listener: Arc<L>,
     sockets: Vec<TcpListener>,
@@ -103,14 +104,15 @@ pub async fn serve<L, H, F>(
     drain: Drain,
     tracker: TaskTracker,
     handle: H,
-) -> std::io::Result<()>
+) -> std::io::Result<Vec<TcpListener>>
 where
     L: Send + Sync + 'static,
     H: Fn(Arc<L>, Accepted) -> F + Clone + Send + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
     let mut loops = tokio::task::JoinSet::new();
-    for socket in sockets {
+    let count = sockets.len();
+    for (i, socket) in sockets.into_iter().enumerate() {
         let (l, h) = (listener.clone(), handle.clone());
         let run = accept_loop(
             socket,
@@ -119,25 +121,27 @@ where
             tracker.clone(),
             move |c| h(l.clone(), c),
         );
-        loops.spawn(run);
+        loops.spawn(async move { run.await.map(|s| (i, s)) });
     }
-    match loops.join_next().await {
-        Some(Ok(res)) => res,
-        Some(Err(e)) => Err(std::io::Error::other(e)),
-        None => Ok(()),
+    let mut back = Vec::with_capacity(count);
+    while let Some(ended) = loops.join_next().await {
+        back.push(ended.map_err(std::io::Error::other)??);
     }
+    back.sort_by_key(|(i, _)| *i);
+    Ok(back.into_iter().map(|(_, s)| s).collect())
 }
 
 /// Accepts until `drain.draining`, handing each connection to `handle` on its own
-/// task. Over `max_connections`, a new connection is closed at once and counted. Ends
-/// early, with the error, only when the listening socket is gone.
+/// task, then gives the socket back. Over `max_connections`, a new connection is closed
+/// at once and counted. Ends early, with the error, only when the listening socket is
+/// gone.
 pub async fn accept_loop<H, F>(
     listener: TcpListener,
     settings: AcceptSettings,
     drain: Drain,
     tracker: TaskTracker,
     handle: H,
-) -> std::io::Result<()>
+) -> std::io::Result<TcpListener>
 where
     H: Fn(Accepted) -> F,
     F: Future<Output = ()> + Send + 'static,
@@ -200,5 +204,5 @@ where
         });
     }
     tracing::info!(listener = %name, "stopped accepting");
-    Ok(())
+    Ok(listener)
 }

@@ -24,6 +24,7 @@ use std::future::Future;
 use std::io;
 use std::time::Duration;
 
+use crate::eviction::{PeerRole, Registration};
 use crate::log_limit::LogLimiter;
 use crate::metrics;
 use crate::tls::Rejection;
@@ -52,6 +53,45 @@ fn peer_id_for_log(certs: Option<&[rustls_pki_types::CertificateDer<'_>]>) -> St
     crate::tls::peer_identity_of(certs)
         .map(|p| p.uri)
         .unwrap_or_default()
+}
+
+/// A TLS acceptor and the verifier inside it, kept so that live connections can be
+/// checked again after a reload or a bundle change.
+pub struct PeerAcceptor {
+    pub tls: tokio_rustls::TlsAcceptor,
+    pub verifier: std::sync::Arc<crate::tls::SpiffeVerifier>,
+}
+
+/// An established mTLS connection registered for eviction, with the drain it must use
+/// from now on (its `closing` also fires when the peer is no longer allowed).
+struct Watched {
+    _registration: Registration,
+    drain: Drain,
+}
+
+fn watched(
+    listener: &std::sync::Arc<str>,
+    verifier: &std::sync::Arc<crate::tls::SpiffeVerifier>,
+    role: PeerRole,
+    certs: Option<&[rustls_pki_types::CertificateDer<'static>]>,
+    drain: &Drain,
+) -> Watched {
+    let registration = crate::eviction::watch(
+        crate::eviction::Peer {
+            listener,
+            verifier,
+            role,
+            certs,
+        },
+        &drain.closing,
+    );
+    Watched {
+        drain: Drain {
+            draining: drain.draining.clone(),
+            closing: registration.closing.clone(),
+        },
+        _registration: registration,
+    }
 }
 
 /// One TLS handshake, either direction, within `timeout`; a failure says why.

@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use super::{reject, relay};
+use super::{reject, relay, watched};
 use super::{Accepted, Connector, ListenerMetrics, MtlsOriginator};
 use crate::config::Timeouts;
+use crate::eviction::PeerRole;
 use crate::identity::IdentityState;
 use crate::tls::Rejection;
 
@@ -39,12 +40,20 @@ impl OutboundListener {
             let id = super::peer_id_for_log(tls.get_ref().1.peer_certificates());
             tracing::debug!(listener = %name, upstream = %self.upstream.describe(), peer_id = %id, "established mTLS connection");
         }
+        let certs = tls.get_ref().1.peer_certificates();
+        let watch = watched(
+            name,
+            &self.mtls.verifier,
+            PeerRole::Server,
+            certs,
+            &conn.drain,
+        );
         relay(
             &self.metrics,
             conn.stream,
             tls,
             self.timeouts.idle,
-            &conn.drain,
+            &watch.drain,
         )
         .await;
     }

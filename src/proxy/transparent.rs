@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 
 use super::http::HttpForwarder;
 use super::upstream::{is_own_connection, Connector, MtlsOriginator};
-use super::{handshake, reject, relay, Accepted, ListenerMetrics};
+use super::{handshake, reject, relay, watched, Accepted, ListenerMetrics, PeerAcceptor};
 use crate::config::{canonical_ip, Mode, Otherwise, Route, Timeouts, TransparentInboundSpec};
+use crate::eviction::PeerRole;
 use crate::identity::IdentityState;
 use crate::log_limit::LogLimiter;
 use crate::metrics;
@@ -195,9 +195,9 @@ impl<K: std::hash::Hash + Eq + Copy> HttpForwarders<K> {
 pub struct TransparentInbound {
     pub metrics: ListenerMetrics,
     pub spec: TransparentInboundSpec,
-    pub default_acceptor: TlsAcceptor,
+    pub default_acceptor: PeerAcceptor,
     /// One acceptor per port whose allowlist differs from the default.
-    pub acceptors: HashMap<u16, TlsAcceptor>,
+    pub acceptors: HashMap<u16, PeerAcceptor>,
     pub upstream: Connector,
     pub timeouts: Timeouts,
     pub own: OwnPorts,
@@ -280,10 +280,18 @@ impl TransparentInbound {
             return reject(name, conn.peer, &Rejection::IdentityExpired);
         }
         let acceptor = self.acceptors.get(&port).unwrap_or(&self.default_acceptor);
-        let tls = match handshake(self.timeouts.handshake, acceptor.accept(conn.stream)).await {
+        let tls = match handshake(self.timeouts.handshake, acceptor.tls.accept(conn.stream)).await {
             Ok(tls) => tls,
             Err(why) => return reject(name, conn.peer, &why),
         };
+        let certs = tls.get_ref().1.peer_certificates();
+        let watch = watched(
+            name,
+            &acceptor.verifier,
+            PeerRole::Client,
+            certs,
+            &conn.drain,
+        );
         if tracing::enabled!(tracing::Level::DEBUG) {
             let id = super::peer_id_for_log(tls.get_ref().1.peer_certificates());
             tracing::debug!(listener = %name, peer = %conn.peer, port, peer_id = %id, "accepted mTLS connection");
@@ -299,13 +307,13 @@ impl TransparentInbound {
                 http.caller(id, certs, by.as_deref())
             });
             self.counters.carried_mtls.inc();
-            return http.serve(tls, caller, conn.drain).await;
+            return http.serve(tls, caller, watch.drain.clone()).await;
         }
         let Some(app) = self.upstream.connect(Some(dst)).await else {
             return;
         };
         self.counters.carried_mtls.inc();
-        relay(&self.metrics, tls, app, self.timeouts.idle, &conn.drain).await;
+        relay(&self.metrics, tls, app, self.timeouts.idle, &watch.drain).await;
     }
 }
 
@@ -375,13 +383,21 @@ impl TransparentOutbound {
             let id = super::peer_id_for_log(tls.get_ref().1.peer_certificates());
             tracing::debug!(listener = %name, %dst, peer_id = %id, "established mTLS connection");
         }
+        let certs = tls.get_ref().1.peer_certificates();
+        let watch = watched(
+            name,
+            &route.mtls.verifier,
+            PeerRole::Server,
+            certs,
+            &conn.drain,
+        );
         self.carried_mtls.inc();
         relay(
             &self.metrics,
             conn.stream,
             tls,
             self.timeouts.idle,
-            &conn.drain,
+            &watch.drain,
         )
         .await;
     }

@@ -216,6 +216,8 @@ pub struct MtlsOriginator {
     /// `None`: the destination's IP address (no SNI is sent for an IP).
     pub server_name: Option<ServerName<'static>>,
     pub handshake_timeout: Duration,
+    /// The verifier inside `connector`, for checking live connections again.
+    pub verifier: Arc<crate::tls::SpiffeVerifier>,
 }
 
 impl MtlsOriginator {

@@ -255,6 +255,10 @@ impl DevAgent {
     pub fn url(&self) -> String {
         format!("unix://{}", self.socket.display())
     }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for DevAgent {

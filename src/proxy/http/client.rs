@@ -22,6 +22,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::eviction::{PeerRole, Registration};
 use crate::identity::IdentityState;
 use crate::proxy::{reject, Connector, MtlsOriginator};
 
@@ -31,15 +34,35 @@ pub type ReqBody = BoxBody<Bytes, hyper::Error>;
 /// One upstream connection: plaintext to the app, or mTLS to a peer.
 pub enum UpstreamConn {
     Plain(TokioIo<TcpStream>),
-    Tls(Box<TokioIo<TlsStream<TcpStream>>>, bool),
+    Tls(Box<PeerConn>),
+}
+
+/// An mTLS connection to a peer, registered for eviction: once the peer is no longer
+/// allowed, every read and write fails, so hyper drops the connection from its pool.
+pub struct PeerConn {
+    io: TokioIo<TlsStream<TcpStream>>,
+    h2: bool,
+    revoked: Pin<Box<WaitForCancellationFutureOwned>>,
+    _registration: Registration,
+}
+
+impl PeerConn {
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.revoked.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the peer is no longer allowed",
+            )),
+            Poll::Pending => Ok(()),
+        }
+    }
 }
 
 impl Connection for UpstreamConn {
     fn connected(&self) -> Connected {
         match self {
-            Self::Plain(_) => Connected::new(),
-            Self::Tls(_, true) => Connected::new().negotiated_h2(),
-            Self::Tls(_, false) => Connected::new(),
+            Self::Tls(c) if c.h2 => Connected::new().negotiated_h2(),
+            _ => Connected::new(),
         }
     }
 }
@@ -52,7 +75,10 @@ impl Read for UpstreamConn {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Self::Tls(c) => {
+                c.check(cx)?;
+                Pin::new(&mut c.io).poll_read(cx, buf)
+            }
         }
     }
 }
@@ -65,19 +91,22 @@ impl Write for UpstreamConn {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Self::Tls(c) => {
+                c.check(cx)?;
+                Pin::new(&mut c.io).poll_write(cx, buf)
+            }
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_flush(cx),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
+            Self::Tls(c) => Pin::new(&mut c.io).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Self::Tls(c) => Pin::new(&mut c.io).poll_shutdown(cx),
         }
     }
 }
@@ -103,6 +132,7 @@ impl UpstreamConnector {
                 connector: Arc::new(config).into(),
                 server_name: m.server_name.clone(),
                 handshake_timeout: m.handshake_timeout,
+                verifier: m.verifier.clone(),
             })
         });
         Self {
@@ -131,7 +161,22 @@ impl UpstreamConnector {
             }
         };
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        Ok(UpstreamConn::Tls(Box::new(TokioIo::new(tls)), h2))
+        // Pooled connections outlive any one request: they end on eviction only.
+        let registration = crate::eviction::watch(
+            crate::eviction::Peer {
+                listener: &self.listener,
+                verifier: &mtls.verifier,
+                role: PeerRole::Server,
+                certs: tls.get_ref().1.peer_certificates(),
+            },
+            &CancellationToken::new(),
+        );
+        Ok(UpstreamConn::Tls(Box::new(PeerConn {
+            io: TokioIo::new(tls),
+            h2,
+            revoked: Box::pin(registration.closing.clone().cancelled_owned()),
+            _registration: registration,
+        })))
     }
 }
 
