@@ -6,136 +6,11 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
-
-/// A peer that talks to `port` over TLS (Python's ssl, i.e. OpenSSL) with its own
-/// certificate: 1 KiB of random bytes at a time, each echoed back and compared, until
-/// told to stop or the connection ends. It writes how many round trips went through,
-/// and at the end why it stopped, to `dir/name.progress`.
-const PEER: &str = r#"
-import os, socket, ssl, sys, time
-port, cert, key, ca, stop, progress = sys.argv[1:7]
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-ctx.check_hostname = False
-ctx.load_verify_locations(ca)
-ctx.load_cert_chain(cert, key)
-s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(port))))
-s.settimeout(10)
-n = 0
-def report(text):
-    with open(progress + ".tmp", "w") as f:
-        f.write(text)
-    os.rename(progress + ".tmp", progress)
-report("0")
-why = "stopped"
-while not os.path.exists(stop):
-    msg = os.urandom(1024)
-    try:
-        s.sendall(msg)
-        got = b""
-        while len(got) < len(msg):
-            chunk = s.recv(len(msg) - len(got))
-            if not chunk:
-                raise EOFError("closed by the other side")
-            got += chunk
-    except Exception as e:
-        why = "closed: %s %s" % (type(e).__name__, e)
-        break
-    if got != msg:
-        why = "mismatch"
-        break
-    n += 1
-    report(str(n))
-    time.sleep(0.01)
-report("%d %s" % (n, why))
-"#;
-
-struct Peer {
-    child: Child,
-    progress: PathBuf,
-    stop: PathBuf,
-}
-
-impl Peer {
-    fn start(dir: &Path, name: &str, port: u16, cert: &(PathBuf, PathBuf), ca: &Path) -> Self {
-        let script = dir.join("peer.py");
-        std::fs::write(&script, PEER).unwrap();
-        let progress = dir.join(format!("{name}.progress"));
-        let stop = dir.join(format!("{name}.stop"));
-        let child = Command::new("python3")
-            .arg(&script)
-            .arg(port.to_string())
-            .arg(&cert.0)
-            .arg(&cert.1)
-            .arg(ca)
-            .arg(&stop)
-            .arg(&progress)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let p = Self {
-            child,
-            progress,
-            stop,
-        };
-        p.wait_for_round_trips(20);
-        p
-    }
-
-    fn report(&self) -> String {
-        std::fs::read_to_string(&self.progress).unwrap_or_default()
-    }
-
-    fn round_trips(&self) -> u64 {
-        let r = self.report();
-        r.split_whitespace()
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// The reason it stopped, once it has.
-    fn ended(&self) -> Option<String> {
-        let r = self.report();
-        r.split_once(' ').map(|(_, why)| why.to_string())
-    }
-
-    fn wait_for_round_trips(&self, more: u64) {
-        let target = self.round_trips() + more;
-        wait_until("round trips", Duration::from_secs(20), || {
-            if let Some(why) = self.ended() {
-                panic!("peer stopped early: {why}");
-            }
-            (self.round_trips() >= target).then_some(())
-        });
-    }
-
-    /// Tells it to stop; returns its final report.
-    fn finish(mut self) -> String {
-        std::fs::write(&self.stop, "").unwrap();
-        let _ = self.child.wait();
-        self.report()
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Writes `text` to `path` the way editors and ConfigMap updates do: a new file
-/// renamed over the old one.
-fn replace_file(path: &Path, text: &str) {
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
 
 /// `POST path` on the admin port: (status, body).
 fn http_post(port: u16, path: &str) -> (u16, String) {
@@ -265,15 +140,32 @@ fn a_trust_domain_that_leaves_the_bundles_takes_its_connections_with_it() {
     );
     let echo = EchoServer::start();
     let port = free_port();
+    // A server in other.org (files identity) for a pooled HTTP connection to it.
+    let app = echo_app(d);
+    let other_svid = other.valid_leaf(d, "other-server", "spiffe://other.org/server");
+    let (other_in, out_http) = (free_port(), free_port());
+    let _other_server = Svidcar::start(
+        d,
+        "other",
+        &format!(
+            "identity:\n  files: {{cert: {}, key: {}, bundle: {}, bundles: {{example.org: {}}}}}\ninbound:\n  - name: in\n    listen: 127.0.0.1:{other_in}\n    forward: 127.0.0.1:{}\n    protocol: http\n    allow: [{{trust_domain: example.org}}]\n",
+            other_svid.0.display(),
+            other_svid.1.display(),
+            other_ca.display(),
+            ca_cert.display(),
+            app.port
+        ),
+    );
     let s = Svidcar::start(
         d,
         "server",
         &format!(
-            "identity:\n  workload_api: {{socket: {}}}\ninbound:\n  - name: in\n    listen: 127.0.0.1:{port}\n    forward: 127.0.0.1:{}\n    allow: [{{exact: \"spiffe://example.org/a\"}}, {{exact: \"spiffe://other.org/c\"}}]\n",
+            "identity:\n  workload_api: {{socket: {}}}\ninbound:\n  - name: in\n    listen: 127.0.0.1:{port}\n    forward: 127.0.0.1:{}\n    allow: [{{exact: \"spiffe://example.org/a\"}}, {{exact: \"spiffe://other.org/c\"}}]\noutbound:\n  - name: to_other\n    listen: 127.0.0.1:{out_http}\n    connect: 127.0.0.1:{other_in}\n    protocol: http\n    expect: [{{trust_domain: other.org}}]\n",
             agent.socket.display(),
             echo.port
         ),
     );
+    assert_eq!(curl(out_http, "/"), 200);
     // Python verifies the server's SVID against both CAs.
     let both = d.join("both-cas.pem");
     std::fs::write(
@@ -301,6 +193,15 @@ fn a_trust_domain_that_leaves_the_bundles_takes_its_connections_with_it() {
         ),
         1.0
     );
+    // The pooled connection to other.org's server is gone too.
+    s.wait_log(&["connection closed", "spiffe://other.org/server"]);
+    assert_eq!(
+        s.metric(
+            "svidcar_connections_revoked_total{listener=\"to_other\",reason=\"unknown_trust_domain\"}"
+        ),
+        1.0
+    );
+    assert_eq!(curl(out_http, "/"), 503);
     peer_a.wait_for_round_trips(50);
     assert!(peer_a.finish().ends_with("stopped"));
     let out = s_client(port, Some((&c.0, &c.1)), &[], b"hello");
@@ -446,4 +347,82 @@ fn close_expired_peers_ends_a_connection_at_the_peers_expiry() {
         SystemTime::now() >= now + Duration::from_secs(4),
         "closed before the SVID expired"
     );
+}
+
+fn curl(port: u16, path: &str) -> u16 {
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-m", "10", "-w", "%{http_code}"])
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0)
+}
+
+/// The other direction: an outbound TCP connection and a pooled HTTP upstream
+/// connection, whose server no longer meets `expect` after a reload, are closed and
+/// counted per listener; new requests meet the new `expect` (refused). On the server
+/// side, new authorization rules apply to the next request.
+#[test]
+fn outbound_connections_meet_a_changed_expect_and_requests_new_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ca_cert, ca_key) = dev_ca(d, "example.org");
+    let echo = EchoServer::start();
+    let app = echo_app(d);
+    let (in_tcp, in_http, out_tcp, out_http) = (free_port(), free_port(), free_port(), free_port());
+    let server_rules = |deny: &str| {
+        format!(
+            "identity:\n  dev: {{spiffe_id: \"spiffe://example.org/api\", ca_cert: {ca}, ca_key: {key}}}\ninbound:\n  - name: in_tcp\n    listen: 127.0.0.1:{in_tcp}\n    forward: 127.0.0.1:{}\n    allow_any_in_trust_domain: true\n  - name: in_http\n    listen: 127.0.0.1:{in_http}\n    forward: 127.0.0.1:{}\n    protocol: http\n    allow_any_in_trust_domain: true\n    authorization:\n      - action: DENY\n        paths: [{{prefix: {deny}}}]\n",
+            echo.port,
+            app.port,
+            ca = ca_cert.display(),
+            key = ca_key.display(),
+        )
+    };
+    let server = Svidcar::start(d, "api", &server_rules("/admin"));
+    let client_config = |expect: &str| {
+        format!(
+            "identity:\n  dev: {{spiffe_id: \"spiffe://example.org/web\", ca_cert: {ca}, ca_key: {key}}}\noutbound:\n  - name: out_tcp\n    listen: 127.0.0.1:{out_tcp}\n    connect: 127.0.0.1:{in_tcp}\n    expect: [{{exact: \"{expect}\"}}]\n  - name: out_http\n    listen: 127.0.0.1:{out_http}\n    connect: 127.0.0.1:{in_http}\n    protocol: http\n    expect: [{{exact: \"{expect}\"}}]\n",
+            ca = ca_cert.display(),
+            key = ca_key.display(),
+        )
+    };
+    let client = Svidcar::start(d, "web", &client_config("spiffe://example.org/api"));
+    let app_conn = Peer::start(d, "app", out_tcp, &("-".into(), "-".into()), Path::new("-"));
+    assert_eq!(curl(out_http, "/v1/users"), 200);
+    assert_eq!(curl(out_http, "/admin"), 403);
+
+    // The server's rules change: the next request meets them.
+    replace_file(
+        &d.join("api.yaml"),
+        &(admin_header(&server) + &server_rules("/v1")),
+    );
+    server.wait_log(&["config reloaded", "listeners changed: in_http"]);
+    assert_eq!(curl(out_http, "/v1/users"), 403);
+    assert_eq!(curl(out_http, "/admin"), 200);
+
+    // The client's expect changes: its live connections to api are cut.
+    replace_file(
+        &d.join("web.yaml"),
+        &(admin_header(&client) + &client_config("spiffe://example.org/billing")),
+    );
+    let why = wait_until("the app's connection cut", Duration::from_secs(10), || {
+        app_conn.ended()
+    });
+    assert!(why.starts_with("closed"), "{why}");
+    client.wait_log(&["config reloaded", "listeners changed: out_tcp, out_http"]);
+    assert_eq!(
+        client.metric(
+            "svidcar_connections_revoked_total{listener=\"out_tcp\",reason=\"spiffe_id_not_allowed\"}"
+        ),
+        1.0
+    );
+    // The rebuilt HTTP listener has a new pool (the old one's connections close with
+    // it): a new request needs a new connection, and api is not what is expected now.
+    assert_eq!(curl(out_http, "/admin"), 503);
+    client.wait_log(&[
+        "handshake rejected",
+        "spiffe://example.org/api",
+        "not allowed",
+    ]);
 }

@@ -6,6 +6,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::netns::{self, read, Capture, Lan, Pod};
 use common::*;
@@ -360,4 +361,74 @@ fn shell_words(line: &str) -> Vec<String> {
         out.push(cur);
     }
     out
+}
+
+/// Eviction on the transparent listeners. A's app holds a connection to B's echo app on
+/// 7000, through both sidecars. B's allowlist edited to drop A: B closes it, counted on
+/// its transparent inbound listener. With A allowed again, a new connection; A's route
+/// edited to expect another server: A closes it, counted on its transparent outbound.
+#[test]
+fn transparent_connections_meet_a_changed_allowlist_or_expect() {
+    let route = |expect: &str| {
+        format!("      - to: [\"10.210.0.2/32\"]\n        ports: [7000]\n        expect: [{{exact: \"{expect}\"}}]\n")
+    };
+    let mut s = setup(&route(B));
+    let d = s.dir.path().to_path_buf();
+    let mut echo = s.b.ns.cmd_as(1000, "/usr/bin/python3");
+    echo.args([
+        "-c",
+        "import socket, threading\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 7000)); s.listen()\ndef serve(c):\n    while True:\n        b = c.recv(65536)\n        if not b: break\n        c.sendall(b)\n    c.close()\nwhile True:\n    c,_=s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()",
+    ]);
+    s.b.spawn(&mut echo, &d.join("app-7000.log"));
+    s.b.wait_port(7000);
+    let peers = d.join("peers");
+    std::fs::create_dir(&peers).unwrap();
+    std::fs::set_permissions(&peers, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let plain = ("-".into(), "-".into());
+    let app_peer = |name: &str| {
+        Peer::start_with(
+            s.a.ns.cmd_as(1000, "/usr/bin/python3"),
+            &peers,
+            name,
+            "10.210.0.2",
+            7000,
+            &plain,
+            Path::new("-"),
+        )
+    };
+    let reloads = |log: &Path| read(log).matches("config reloaded").count();
+
+    let first = app_peer("first");
+    replace_file(&d.join("b.yaml"), &pod_config(&d, B, INTRUDER, A, ""));
+    let why = wait_until("B cuts A off", Duration::from_secs(10), || first.ended());
+    assert!(why.starts_with("closed"), "{why}");
+    assert_eq!(
+        s.b.metric("svidcar_connections_revoked_total{listener=\"transparent-inbound\",reason=\"spiffe_id_not_allowed\"}"),
+        1.0,
+        "{}",
+        read(&s.b_log)
+    );
+
+    replace_file(&d.join("b.yaml"), &pod_config(&d, B, A, A, ""));
+    wait_until("B reloaded again", Duration::from_secs(10), || {
+        (reloads(&s.b_log) == 2).then_some(())
+    });
+    let second = app_peer("second");
+    replace_file(
+        &d.join("a.yaml"),
+        &pod_config(&d, A, B, B, &route(INTRUDER)),
+    );
+    let why = wait_until("A cuts B off", Duration::from_secs(10), || second.ended());
+    assert!(why.starts_with("closed"), "{why}");
+    assert_eq!(
+        s.a.metric("svidcar_connections_revoked_total{listener=\"transparent-outbound\",reason=\"spiffe_id_not_allowed\"}"),
+        1.0,
+        "{}",
+        read(&s.a_log)
+    );
+    // B was not touched by A's change: its counter is still 1.
+    assert_eq!(
+        s.b.metric("svidcar_connections_revoked_total{listener=\"transparent-inbound\",reason=\"spiffe_id_not_allowed\"}"),
+        1.0
+    );
 }

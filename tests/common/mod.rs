@@ -834,3 +834,156 @@ srv.serve_forever()
 pub fn echo_app(dir: &Path) -> PyApp {
     PyApp::start(dir, "echo_app.py", ECHO_APP, &[])
 }
+
+/// A peer that talks to `port` over TLS (Python's ssl, i.e. OpenSSL) with its own
+/// certificate, or in plaintext (an app through an outbound listener; cert `-`): 1 KiB of random bytes at a time, each echoed back and compared, until
+/// told to stop or the connection ends. It writes how many round trips went through,
+/// and at the end why it stopped, to `dir/name.progress`.
+pub const PEER: &str = r#"
+import os, socket, ssl, sys, time
+port, cert, key, ca, stop, progress = sys.argv[1:7]
+host = sys.argv[7] if len(sys.argv) > 7 else "127.0.0.1"
+s = socket.create_connection((host, int(port)))
+if cert != "-":
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(ca)
+    ctx.load_cert_chain(cert, key)
+    s = ctx.wrap_socket(s)
+s.settimeout(10)
+n = 0
+def report(text):
+    with open(progress + ".tmp", "w") as f:
+        f.write(text)
+    os.rename(progress + ".tmp", progress)
+report("0")
+why = "stopped"
+while not os.path.exists(stop):
+    msg = os.urandom(1024)
+    try:
+        s.sendall(msg)
+        got = b""
+        while len(got) < len(msg):
+            chunk = s.recv(len(msg) - len(got))
+            if not chunk:
+                raise EOFError("closed by the other side")
+            got += chunk
+    except Exception as e:
+        why = "closed: %s %s" % (type(e).__name__, e)
+        break
+    if got != msg:
+        why = "mismatch"
+        break
+    n += 1
+    report(str(n))
+    time.sleep(0.01)
+report("%d %s" % (n, why))
+"#;
+
+pub struct Peer {
+    child: Child,
+    progress: PathBuf,
+    stop: PathBuf,
+}
+
+impl Peer {
+    pub fn start(dir: &Path, name: &str, port: u16, cert: &(PathBuf, PathBuf), ca: &Path) -> Self {
+        Self::start_with(
+            Command::new("python3"),
+            dir,
+            name,
+            "127.0.0.1",
+            port,
+            cert,
+            ca,
+        )
+    }
+
+    /// As [`Peer::start`], run by `python3` (a command made elsewhere: in a network
+    /// namespace, as another uid), to `host`.
+    pub fn start_with(
+        mut python3: Command,
+        dir: &Path,
+        name: &str,
+        host: &str,
+        port: u16,
+        cert: &(PathBuf, PathBuf),
+        ca: &Path,
+    ) -> Self {
+        let script = dir.join("peer.py");
+        std::fs::write(&script, PEER).unwrap();
+        let progress = dir.join(format!("{name}.progress"));
+        let stop = dir.join(format!("{name}.stop"));
+        let child = python3
+            .arg(&script)
+            .arg(port.to_string())
+            .arg(&cert.0)
+            .arg(&cert.1)
+            .arg(ca)
+            .arg(&stop)
+            .arg(&progress)
+            .arg(host)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let p = Self {
+            child,
+            progress,
+            stop,
+        };
+        p.wait_for_round_trips(20);
+        p
+    }
+
+    pub fn report(&self) -> String {
+        std::fs::read_to_string(&self.progress).unwrap_or_default()
+    }
+
+    pub fn round_trips(&self) -> u64 {
+        let r = self.report();
+        r.split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The reason it stopped, once it has.
+    pub fn ended(&self) -> Option<String> {
+        let r = self.report();
+        r.split_once(' ').map(|(_, why)| why.to_string())
+    }
+
+    pub fn wait_for_round_trips(&self, more: u64) {
+        let target = self.round_trips() + more;
+        wait_until("round trips", Duration::from_secs(20), || {
+            if let Some(why) = self.ended() {
+                panic!("peer stopped early: {why}");
+            }
+            (self.round_trips() >= target).then_some(())
+        });
+    }
+
+    /// Tells it to stop; returns its final report.
+    pub fn finish(mut self) -> String {
+        std::fs::write(&self.stop, "").unwrap();
+        let _ = self.child.wait();
+        self.report()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `text` to `path` the way editors and ConfigMap updates do: a new file
+/// renamed over the old one (readable by other users: svidcar may run as another uid).
+pub fn replace_file(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
