@@ -312,3 +312,119 @@ pub async fn check_on_identity_updates(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authz::{IdRule, PeerPolicy, SpiffeIdMatcher, StrMatch};
+    use crate::spiffe::parse_workload_id;
+    use crate::testing::TestCa;
+
+    fn only(id: &str) -> SpiffeIdMatcher {
+        SpiffeIdMatcher::new(vec![IdRule::Text(StrMatch::Exact {
+            value: id.into(),
+            ignore_case: false,
+        })])
+    }
+
+    /// A connection registered as accepted from `peer` by a verifier with `policy`.
+    fn accepted(
+        ca: &TestCa,
+        peer: &str,
+        ttl: Duration,
+        policy: &PeerPolicy,
+    ) -> (Registration, CancellationToken) {
+        let state = ca.workload("spiffe://example.org/server");
+        let verifier = Arc::new(SpiffeVerifier::new(state, policy.clone()));
+        let svid = ca.ca.mint(&parse_workload_id(peer).unwrap(), ttl).unwrap();
+        let parent = CancellationToken::new();
+        let r = watch(
+            Peer {
+                listener: &Arc::from("unit"),
+                verifier: &verifier,
+                role: PeerRole::Client,
+                certs: Some(&svid.chain),
+            },
+            &parent,
+        );
+        (r, parent)
+    }
+
+    #[test]
+    fn a_connection_is_closed_once_its_peer_is_no_longer_allowed() {
+        let ca = TestCa::new("example.org");
+        let policy = PeerPolicy::new(only("spiffe://example.org/a"));
+        let (a, _) = accepted(
+            &ca,
+            "spiffe://example.org/a",
+            Duration::from_secs(600),
+            &policy,
+        );
+        let (b, _) = accepted(
+            &ca,
+            "spiffe://example.org/b",
+            Duration::from_secs(600),
+            &policy,
+        );
+        registry().check_all("a test");
+        assert!(!a.closing.is_cancelled(), "allowed: untouched");
+        // b was never allowed by this policy (as after a reload that dropped it).
+        assert!(b.closing.is_cancelled());
+        policy.swap(only("spiffe://example.org/b"));
+        registry().check_all("a test");
+        assert!(a.closing.is_cancelled());
+    }
+
+    #[test]
+    fn the_process_drain_still_reaches_a_registered_connection() {
+        let ca = TestCa::new("example.org");
+        let policy = PeerPolicy::new(only("spiffe://example.org/a"));
+        let (a, parent) = accepted(
+            &ca,
+            "spiffe://example.org/a",
+            Duration::from_secs(600),
+            &policy,
+        );
+        parent.cancel();
+        assert!(a.closing.is_cancelled());
+    }
+
+    #[test]
+    fn a_registration_leaves_the_registry_with_its_connection() {
+        let ca = TestCa::new("example.org");
+        let policy = PeerPolicy::new(only("spiffe://example.org/a"));
+        let (a, _) = accepted(
+            &ca,
+            "spiffe://example.org/a",
+            Duration::from_secs(600),
+            &policy,
+        );
+        let id = a.id;
+        assert!(registry().lock().contains_key(&id));
+        drop(a);
+        assert!(!registry().lock().contains_key(&id));
+    }
+
+    #[test]
+    fn without_peer_certificates_nothing_is_registered() {
+        let ca = TestCa::new("example.org");
+        let state = ca.workload("spiffe://example.org/server");
+        let verifier = Arc::new(SpiffeVerifier::new(
+            state,
+            PeerPolicy::new(SpiffeIdMatcher::default()),
+        ));
+        let parent = CancellationToken::new();
+        let r = watch(
+            Peer {
+                listener: &Arc::from("unit"),
+                verifier: &verifier,
+                role: PeerRole::Client,
+                certs: None,
+            },
+            &parent,
+        );
+        assert_eq!(r.id, 0);
+        parent.cancel();
+        assert!(r.closing.is_cancelled());
+    }
+}
