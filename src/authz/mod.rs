@@ -4,6 +4,7 @@
 //! config types, and a listener holds its rules in a [`PeerPolicy`] so a reload can
 //! swap them while connections are being accepted.
 
+mod decision_cache;
 pub mod http_rules;
 mod input_refs;
 pub mod opa;

@@ -36,6 +36,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde_json::{json, Map, Value as Json};
 use tokio_util::sync::CancellationToken;
 
+use super::decision_cache::DecisionCache;
 use crate::watch::FileWatch;
 
 /// Longest a single decision may evaluate. A policy that loops over a large input or
@@ -105,6 +106,8 @@ pub struct RegoPolicy {
     files: Vec<(PathBuf, Syntax)>,
     /// The top-level input keys the policy can read: only those are built per request.
     input_keys: InputKeys,
+    /// Decisions by input, when the policy is deterministic.
+    cache: Option<DecisionCache>,
 }
 
 impl RegoPolicy {
@@ -173,11 +176,14 @@ impl RegoPolicy {
                 query: query.to_string(),
                 problem: e.to_string(),
             })?;
+        let input_keys = InputKeys::of_sources(sources.iter().map(|(_, text)| text.as_str()));
+        let cache = DecisionCache::for_policy(sources.iter().map(|(_, t)| t.as_str()), &input_keys);
         Ok(Self {
             compiled,
             query: query.to_string(),
             files,
-            input_keys: InputKeys::of_sources(sources.iter().map(|(_, text)| text.as_str())),
+            input_keys,
+            cache,
         })
     }
 
@@ -211,12 +217,23 @@ impl RegoPolicy {
             .map_err(|e| EvalError::Result(e.to_string()))
     }
 
-    /// Evaluates and decides; never fails: errors deny.
+    /// Evaluates and decides; never fails: errors deny. A deterministic policy decides
+    /// each distinct input once (see [`DecisionCache`]).
     pub fn decide(&self, input: &Input) -> Decision {
-        match self.evaluate(input) {
+        let evaluate = || match self.evaluate(input) {
             Ok(result) => Decision::from_result(result.as_ref()),
             Err(e) => Decision::deny(DenyReason::Evaluation(e.to_string())),
+        };
+        match &self.cache {
+            Some(cache) => cache.decide(input.json.to_string(), evaluate),
+            None => evaluate(),
         }
+    }
+
+    /// Whether decisions are remembered (the policy is deterministic and reads only
+    /// some input keys).
+    pub fn caches_decisions(&self) -> bool {
+        self.cache.is_some()
     }
 }
 
