@@ -426,3 +426,55 @@ fn outbound_connections_meet_a_changed_expect_and_requests_new_rules() {
         "not allowed",
     ]);
 }
+
+/// The connection limit spans generations: connections held across a reload still
+/// count, and a raised limit lets more in.
+#[test]
+fn connections_held_across_a_reload_count_against_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (ca_cert, ca_key) = dev_ca(d, "example.org");
+    let ca = TestCa::load(&ca_cert, &ca_key);
+    let a = ca.valid_leaf(d, "a", "spiffe://example.org/a");
+    let echo = EchoServer::start();
+    let port = free_port();
+    let config = |max: u32, idle: &str| {
+        format!(
+            "identity:\n  dev: {{spiffe_id: \"spiffe://example.org/server\", ca_cert: {}, ca_key: {}}}\ninbound:\n  - name: in\n    listen: 127.0.0.1:{port}\n    forward: 127.0.0.1:{}\n    allow_any_in_trust_domain: true\n    max_connections: {max}\n    idle_timeout: {idle}\n",
+            ca_cert.display(),
+            ca_key.display(),
+            echo.port
+        )
+    };
+    let s = Svidcar::start(d, "server", &config(2, "300s"));
+    let held = [
+        Peer::start(d, "one", port, &a, &ca_cert),
+        Peer::start(d, "two", port, &a, &ca_cert),
+    ];
+    replace_file(
+        &d.join("server.yaml"),
+        &(admin_header(&s) + &config(2, "600s")),
+    );
+    s.wait_log(&["config reloaded", "listeners changed: in"]);
+    let out = s_client(port, Some((&a.0, &a.1)), &[], b"hello");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("hello"));
+    assert_eq!(
+        s.metric("svidcar_connection_errors_total{listener=\"in\",reason=\"over_limit\"}"),
+        1.0
+    );
+    replace_file(
+        &d.join("server.yaml"),
+        &(admin_header(&s) + &config(3, "600s")),
+    );
+    wait_until("second reload", Duration::from_secs(10), || {
+        (s.logs().matches("config reloaded").count() == 2).then_some(())
+    });
+    let third = Peer::start(d, "three", port, &a, &ca_cert);
+    assert!(third.finish().ends_with("stopped"));
+    for p in held {
+        assert!(
+            p.finish().ends_with("stopped"),
+            "held connections untouched"
+        );
+    }
+}

@@ -544,6 +544,40 @@ impl BoundListener {
         &self.book
     }
 
+    /// The connection limit, for the listener that replaces this one.
+    pub fn limit(&self) -> Arc<tokio::sync::Semaphore> {
+        self.settings.limit.clone()
+    }
+
+    /// Counts against `limit`, the predecessor's semaphore (sized for `old_max`),
+    /// resized to this listener's `max_connections`: the connections the predecessor
+    /// still holds count against the new limit. When the limit shrinks below what is
+    /// open, the difference is taken back as those connections close.
+    pub fn share_limit(&mut self, limit: &Arc<tokio::sync::Semaphore>, old_max: usize) {
+        let new_max = self.settings.max_connections;
+        if new_max > old_max {
+            limit.add_permits(new_max - old_max);
+        } else {
+            let mut owed = old_max - new_max;
+            owed -= limit.forget_permits(owed);
+            if owed > 0 {
+                let limit = limit.clone();
+                tokio::spawn(async move {
+                    while owed > 0 {
+                        match limit.acquire().await {
+                            Ok(p) => {
+                                p.forget();
+                                owed -= 1;
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        }
+        self.settings.limit = limit.clone();
+    }
+
     /// Makes the rules of this (rebuilt) listener the ones in force: the policies taken
     /// over get their new rules. Policies of `previous` that no longer exist follow the
     /// transparent default (a port removed from `ports`) or refuse everyone (a scope

@@ -42,6 +42,8 @@ enum SlotCommand {
 struct Slot {
     spec: ListenerSpec,
     book: PolicyBook,
+    /// The connection limit, shared by every generation of the listener.
+    limit: Arc<tokio::sync::Semaphore>,
     commands: mpsc::UnboundedSender<SlotCommand>,
 }
 
@@ -101,6 +103,7 @@ impl Reloader {
     fn run_slot(&mut self, spec: ListenerSpec, bound: BoundListener, supervised: &mut Supervised) {
         let (tx, rx) = mpsc::unbounded_channel();
         let book = bound.policies().clone();
+        let limit = bound.limit();
         supervised.spawn(slot(
             spec.name.clone(),
             bound,
@@ -113,6 +116,7 @@ impl Reloader {
             Slot {
                 spec,
                 book,
+                limit,
                 commands: tx,
             },
         );
@@ -221,6 +225,7 @@ impl Reloader {
                         continue;
                     };
                     b.commit(&slot.book);
+                    b.share_limit(&slot.limit, slot.spec.max_connections);
                     slot.book = b.policies().clone();
                     slot.spec = spec.clone();
                     let _ = slot.commands.send(SlotCommand::Replace(b));
