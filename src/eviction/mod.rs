@@ -294,23 +294,40 @@ pub async fn check_all_now(why: &'static str) -> Checked {
     }
 }
 
-/// Checks every live connection after each identity update (new bundles, a trust
-/// domain gone), until `shutdown`.
+/// Checks every live connection after each identity update that changed the bundles
+/// (a trust domain gone, a CA added or removed), until `shutdown`. Our own SVID's
+/// rotation changes nothing a peer is checked against, so it costs no check.
 pub async fn check_on_identity_updates(
     state: std::sync::Arc<crate::identity::IdentityState>,
     shutdown: CancellationToken,
 ) {
     let mut rx = state.subscribe();
+    let mut checked = bundle_roots(&rx.borrow_and_update());
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = rx.changed() => if changed.is_err() { return },
         }
-        rx.borrow_and_update();
+        let now = bundle_roots(&rx.borrow_and_update());
+        if now == checked {
+            continue;
+        }
+        checked = now;
         if !registry().is_empty() {
-            check_all_now("an identity update").await;
+            check_all_now("a bundle change").await;
         }
     }
+}
+
+/// Every trust domain with its roots, as a check compares them.
+fn bundle_roots(
+    snapshot: &crate::identity::Snapshot,
+) -> Vec<(String, Vec<CertificateDer<'static>>)> {
+    snapshot
+        .bundles
+        .iter()
+        .map(|(td, b)| (td.to_string(), b.roots.clone()))
+        .collect()
 }
 
 #[cfg(test)]
