@@ -188,29 +188,21 @@ impl Reloader {
         for spec in &next.listeners {
             let running = self.slots.get(&spec.name);
             let previous = running.map(|s| &s.book).cloned().unwrap_or_default();
-            match running {
-                Some(slot) if same_spec(&slot.spec, spec) => {}
-                Some(slot) if slot.spec.listen == spec.listen => {
-                    let b = BoundListener::build(
-                        spec,
-                        self.state.clone(),
-                        &self.own_td,
-                        &self.own_ports,
-                        &previous,
-                    )?;
-                    plan.push(Step::Replace(spec.clone(), Box::new(b)));
-                }
-                _ => {
-                    let b = BoundListener::build(
-                        spec,
-                        self.state.clone(),
-                        &self.own_td,
-                        &self.own_ports,
-                        &previous,
-                    )?;
-                    let sockets = bind_sockets(spec).await?;
-                    plan.push(Step::Add(spec.clone(), Box::new(b.with_sockets(sockets))));
-                }
+            if running.is_some_and(|slot| same_spec(&slot.spec, spec)) {
+                continue;
+            }
+            let b = BoundListener::build(
+                spec,
+                self.state.clone(),
+                &self.own_td,
+                &self.own_ports,
+                &previous,
+            )?;
+            if running.is_some_and(|slot| slot.spec.listen == spec.listen) {
+                plan.push(Step::Replace(spec.clone(), Box::new(b)));
+            } else {
+                let sockets = bind_sockets(spec).await?;
+                plan.push(Step::Add(spec.clone(), Box::new(b.with_sockets(sockets))));
             }
         }
         Ok(plan)

@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use super::input_refs::InputKeys;
-use super::rego::{Decision, DenyReason};
 
 /// Most decisions kept; when full, the cache starts over (cheap, and a workload with
 /// more distinct inputs than this gains little from any policy of eviction).
@@ -36,17 +35,18 @@ const NOT_DETERMINISTIC: &[&str] = &[
     "parse_and_verify",
 ];
 
-pub struct DecisionCache {
-    decisions: Mutex<HashMap<String, Decision>>,
+/// Decisions of type `D` by input text.
+pub struct DecisionCache<D> {
+    decisions: Mutex<HashMap<String, D>>,
 }
 
-impl std::fmt::Debug for DecisionCache {
+impl<D> std::fmt::Debug for DecisionCache<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DecisionCache").finish_non_exhaustive()
     }
 }
 
-impl DecisionCache {
+impl<D: Clone> DecisionCache<D> {
     /// A cache for the policy made of `texts`, when its decisions can be remembered: it
     /// calls no builtin on the list and reads only some input keys (a policy that reads
     /// the whole input sees every header, which rarely repeats).
@@ -65,21 +65,19 @@ impl DecisionCache {
         })
     }
 
-    /// The decision for `input` (its JSON text): remembered, or made by `decide` now.
-    pub fn decide(&self, input: String, decide: impl FnOnce() -> Decision) -> Decision {
+    /// The decision for `input` (its JSON text): remembered, or made by `decide` now
+    /// and remembered when `keep` says it may be (not an evaluation error).
+    pub fn decide(
+        &self,
+        input: String,
+        decide: impl FnOnce() -> D,
+        keep: impl FnOnce(&D) -> bool,
+    ) -> D {
         if let Some(d) = self.lock().get(&input) {
             return d.clone();
         }
         let decision = decide();
-        if input.len() <= MAX_INPUT_BYTES
-            && !matches!(
-                decision,
-                Decision::Deny {
-                    reason: DenyReason::Evaluation(_),
-                    ..
-                }
-            )
-        {
+        if input.len() <= MAX_INPUT_BYTES && keep(&decision) {
             let mut map = self.lock();
             if map.len() >= CAPACITY {
                 map.clear();
@@ -94,7 +92,7 @@ impl DecisionCache {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Decision>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, D>> {
         self.decisions.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -103,6 +101,17 @@ impl DecisionCache {
 mod tests {
     use super::*;
 
+    /// A decision, or an evaluation error (never kept).
+    #[derive(Clone, Debug, PartialEq)]
+    enum Decision {
+        Allow,
+        Failed,
+    }
+    use Decision::*;
+    fn keep(d: &Decision) -> bool {
+        *d != Failed
+    }
+
     fn keys(k: &[&str]) -> InputKeys {
         InputKeys::Only(k.iter().map(|s| s.to_string()).collect())
     }
@@ -110,48 +119,46 @@ mod tests {
     #[test]
     fn impure_policies_and_whole_input_readers_get_no_cache() {
         let pure = "package a\nallow if input.path == \"/\"";
-        assert!(DecisionCache::for_policy([pure], &keys(&["path"])).is_some());
-        assert!(DecisionCache::for_policy([pure], &InputKeys::All).is_none());
+        let cache = |texts: &[&str], k: &InputKeys| {
+            DecisionCache::<Decision>::for_policy(texts.iter().copied(), k).is_some()
+        };
+        assert!(cache(&[pure], &keys(&["path"])));
+        assert!(!cache(&[pure], &InputKeys::All));
         let clock = "package a\nallow if time.now_ns() > 0";
-        assert!(DecisionCache::for_policy([pure, clock], &keys(&["path"])).is_none());
+        assert!(!cache(&[pure, clock], &keys(&["path"])));
         let net = "package a\nallow if http.send({\"method\": \"get\", \"url\": \"http://x\"}).status_code == 200";
-        assert!(DecisionCache::for_policy([net], &keys(&[])).is_none());
+        assert!(!cache(&[net], &keys(&[])));
     }
 
     #[test]
     fn a_decision_is_made_once_per_input_and_errors_are_not_kept() {
-        let c = DecisionCache::for_policy(["package a"], &keys(&["path"])).unwrap();
-        let allow = || Decision::Allow { headers: vec![] };
+        let c = DecisionCache::<Decision>::for_policy(["package a"], &keys(&["path"])).unwrap();
         let mut calls = 0;
         for _ in 0..3 {
-            c.decide("{\"path\":\"/\"}".into(), || {
-                calls += 1;
-                allow()
-            });
+            c.decide(
+                "{\"path\":\"/\"}".into(),
+                || {
+                    calls += 1;
+                    Allow
+                },
+                keep,
+            );
         }
         assert_eq!(calls, 1);
-        let failed = || Decision::Deny {
-            status: http::StatusCode::FORBIDDEN,
-            headers: vec![],
-            body: None,
-            reason: DenyReason::Evaluation("time limit".into()),
-        };
-        c.decide("{\"path\":\"/x\"}".into(), failed);
+        c.decide("{\"path\":\"/x\"}".into(), || Failed, keep);
         assert_eq!(c.len(), 1, "an evaluation error is not remembered");
     }
 
     #[test]
     fn the_cache_stays_bounded() {
-        let c = DecisionCache::for_policy(["package a"], &keys(&["path"])).unwrap();
+        let c = DecisionCache::<Decision>::for_policy(["package a"], &keys(&["path"])).unwrap();
         for i in 0..(CAPACITY * 2 + 7) {
-            c.decide(format!("{{\"path\":\"/{i}\"}}"), || Decision::Allow {
-                headers: vec![],
-            });
+            c.decide(format!("{{\"path\":\"/{i}\"}}"), || Allow, keep);
         }
         assert!(c.len() <= CAPACITY);
         let long = format!("{{\"path\":\"/{}\"}}", "a".repeat(MAX_INPUT_BYTES));
         let before = c.len();
-        c.decide(long, || Decision::Allow { headers: vec![] });
+        c.decide(long, || Allow, keep);
         assert_eq!(c.len(), before, "a long input is decided, not remembered");
     }
 }

@@ -107,7 +107,7 @@ pub struct RegoPolicy {
     /// The top-level input keys the policy can read: only those are built per request.
     input_keys: InputKeys,
     /// Decisions by input, when the policy is deterministic.
-    cache: Option<DecisionCache>,
+    cache: Option<DecisionCache<Decision>>,
 }
 
 impl RegoPolicy {
@@ -225,7 +225,15 @@ impl RegoPolicy {
             Err(e) => Decision::deny(DenyReason::Evaluation(e.to_string())),
         };
         match &self.cache {
-            Some(cache) => cache.decide(input.json.to_string(), evaluate),
+            Some(cache) => cache.decide(input.json.to_string(), evaluate, |d| {
+                !matches!(
+                    d,
+                    Decision::Deny {
+                        reason: DenyReason::Evaluation(_),
+                        ..
+                    }
+                )
+            }),
             None => evaluate(),
         }
     }

@@ -347,20 +347,22 @@ mod tests {
     /// A connection registered as accepted from `peer` by a verifier with `policy`.
     fn accepted(
         ca: &TestCa,
-        peer: &str,
-        ttl: Duration,
+        peer: Option<&str>,
         policy: &PeerPolicy,
     ) -> (Registration, CancellationToken) {
         let state = ca.workload("spiffe://example.org/server");
         let verifier = Arc::new(SpiffeVerifier::new(state, policy.clone()));
-        let svid = ca.ca.mint(&parse_workload_id(peer).unwrap(), ttl).unwrap();
+        let svid = peer.map(|p| {
+            let id = parse_workload_id(p).unwrap();
+            ca.ca.mint(&id, Duration::from_secs(600)).unwrap()
+        });
         let parent = CancellationToken::new();
         let r = watch(
             Peer {
                 listener: &Arc::from("unit"),
                 verifier: &verifier,
                 role: PeerRole::Client,
-                certs: Some(&svid.chain),
+                certs: svid.as_ref().map(|s| s.chain.as_slice()),
             },
             &parent,
         );
@@ -371,18 +373,8 @@ mod tests {
     fn a_connection_is_closed_once_its_peer_is_no_longer_allowed() {
         let ca = TestCa::new("example.org");
         let policy = PeerPolicy::new(only("spiffe://example.org/a"));
-        let (a, _) = accepted(
-            &ca,
-            "spiffe://example.org/a",
-            Duration::from_secs(600),
-            &policy,
-        );
-        let (b, _) = accepted(
-            &ca,
-            "spiffe://example.org/b",
-            Duration::from_secs(600),
-            &policy,
-        );
+        let (a, _) = accepted(&ca, Some("spiffe://example.org/a"), &policy);
+        let (b, _) = accepted(&ca, Some("spiffe://example.org/b"), &policy);
         registry().check_all("a test");
         assert!(!a.closing.is_cancelled(), "allowed: untouched");
         // b was never allowed by this policy (as after a reload that dropped it).
@@ -396,12 +388,7 @@ mod tests {
     fn the_process_drain_still_reaches_a_registered_connection() {
         let ca = TestCa::new("example.org");
         let policy = PeerPolicy::new(only("spiffe://example.org/a"));
-        let (a, parent) = accepted(
-            &ca,
-            "spiffe://example.org/a",
-            Duration::from_secs(600),
-            &policy,
-        );
+        let (a, parent) = accepted(&ca, Some("spiffe://example.org/a"), &policy);
         parent.cancel();
         assert!(a.closing.is_cancelled());
     }
@@ -410,12 +397,7 @@ mod tests {
     fn a_registration_leaves_the_registry_with_its_connection() {
         let ca = TestCa::new("example.org");
         let policy = PeerPolicy::new(only("spiffe://example.org/a"));
-        let (a, _) = accepted(
-            &ca,
-            "spiffe://example.org/a",
-            Duration::from_secs(600),
-            &policy,
-        );
+        let (a, _) = accepted(&ca, Some("spiffe://example.org/a"), &policy);
         let id = a.id;
         assert!(registry().lock().contains_key(&id));
         drop(a);
@@ -425,21 +407,7 @@ mod tests {
     #[test]
     fn without_peer_certificates_nothing_is_registered() {
         let ca = TestCa::new("example.org");
-        let state = ca.workload("spiffe://example.org/server");
-        let verifier = Arc::new(SpiffeVerifier::new(
-            state,
-            PeerPolicy::new(SpiffeIdMatcher::default()),
-        ));
-        let parent = CancellationToken::new();
-        let r = watch(
-            Peer {
-                listener: &Arc::from("unit"),
-                verifier: &verifier,
-                role: PeerRole::Client,
-                certs: None,
-            },
-            &parent,
-        );
+        let (r, parent) = accepted(&ca, None, &PeerPolicy::new(SpiffeIdMatcher::default()));
         assert_eq!(r.id, 0);
         parent.cancel();
         assert!(r.closing.is_cancelled());
