@@ -30,6 +30,7 @@ pub struct Metrics {
     pub jwt_outbound: IntCounterVec,
     pub jwt_bundle_keys: IntGaugeVec,
     pub connections_revoked: IntCounterVec,
+    pub tls_handshakes: IntCounterVec,
     pub config_reloads: IntCounterVec,
 }
 
@@ -186,6 +187,12 @@ impl Metrics {
                 "svidcar_connections_revoked_total",
                 "Live connections closed because their peer is no longer allowed after a reload or an identity update, by listener and reason (not_allowed, unknown_trust_domain, chain_invalid, expired...)",
                 &["listener", "reason"],
+            ),
+            tls_handshakes: counter_vec(
+                &r,
+                "svidcar_tls_handshakes_total",
+                "Completed mTLS handshakes by listener and kind: full, or resumed (a session ticket; the peer checked again)",
+                &["listener", "kind"],
             ),
             config_reloads: counter_vec(
                 &r,

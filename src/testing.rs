@@ -58,6 +58,7 @@ pub fn spec(name: &str, kind: ListenerKind) -> ListenerSpec {
         tls: TlsSpec {
             min_version: TlsVersion::V1_3,
             alpn: Vec::new(),
+            session_resumption: true,
         },
         timeouts: Timeouts {
             connect: Duration::from_secs(5),

@@ -460,8 +460,8 @@ impl BoundListener {
                         Some(h) => {
                             // HTTP between the sidecars: h2 or HTTP/1.1 by ALPN.
                             let tls = TlsSpec {
-                                min_version: spec.tls.min_version,
                                 alpn: vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+                                ..spec.tls.clone()
                             };
                             let mtls = b.mtls(&route_scope(r), &r.expect, &tls, r.sni.clone())?;
                             let (spec, metrics, h) = (spec.clone(), metrics.clone(), h.clone());

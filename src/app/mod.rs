@@ -119,7 +119,7 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
     // orchestrator restarts it instead of keeping a half-dead sidecar.
     let mut supervised = Supervised::new();
     tasks.push(tokio::spawn(source.run(state.clone(), shutdown.clone())));
-    tasks.push(tokio::spawn(log_identity_changes(state.clone())));
+    tasks.push(tokio::spawn(on_identity_changes(state.clone())));
     tasks.push(tokio::spawn(crate::eviction::check_on_identity_updates(
         state.clone(),
         shutdown.clone(),
@@ -246,10 +246,13 @@ async fn file_changed(watch: &mut Option<FileWatch>) -> Option<()> {
     }
 }
 
-/// One info line per new snapshot: which SVID is now presented.
-async fn log_identity_changes(state: Arc<IdentityState>) {
+/// Per new snapshot: no TLS session from before is resumed (it was made with our old
+/// SVID or checked against old bundles), and one info line says which SVID is now
+/// presented.
+async fn on_identity_changes(state: Arc<IdentityState>) {
     let mut rx = state.subscribe();
     while rx.changed().await.is_ok() {
+        crate::tls::resumption::invalidate();
         let snap = rx.borrow_and_update().clone();
         if let Some(svid) = snap.default_svid() {
             tracing::info!(

@@ -169,6 +169,8 @@ impl Reloader {
             }
         };
         let summary = self.commit(plan, &next, supervised);
+        // Sessions were resumed under the old rules: none is resumed from now on.
+        crate::tls::resumption::invalidate();
         self.config = next;
         apply_globals(&self.config);
         let checked = crate::eviction::check_all_now("a config reload").await;

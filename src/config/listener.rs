@@ -194,6 +194,8 @@ const MIN_REQUEST_HEADERS_KB: u32 = 8;
 pub struct TlsSpec {
     pub min_version: TlsVersion,
     pub alpn: Vec<Vec<u8>>,
+    /// `tls.session_resumption`.
+    pub session_resumption: bool,
 }
 
 /// Time limits of one listener.
@@ -371,6 +373,7 @@ impl ListenerConfig {
             tls: TlsSpec {
                 min_version: tls,
                 alpn,
+                session_resumption: true,
             },
             timeouts: Timeouts {
                 connect: self.connect_timeout,

@@ -196,6 +196,9 @@ impl Config {
             spec.own_ports = own;
             redirect = Some(spec);
         }
+        for l in &mut listeners {
+            l.tls.session_resumption = raw.tls.session_resumption;
+        }
         Ok(Self {
             identity,
             worker_threads: raw.worker_threads,

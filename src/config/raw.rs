@@ -149,12 +149,29 @@ pub struct AdminConfig {
     pub app_probes: Option<std::path::PathBuf>,
 }
 
-#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// Lowest TLS version accepted or offered: `"1.3"` (default) or `"1.2"`.
     #[serde(default)]
     pub min_version: TlsVersion,
+    /// Resume TLS sessions (tickets), every resumed peer checked again: see
+    /// `tls::resumption`. Default true; false forces a full handshake per connection.
+    #[serde(default = "default_true")]
+    pub session_resumption: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            min_version: TlsVersion::default(),
+            session_resumption: true,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]

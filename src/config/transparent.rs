@@ -26,6 +26,7 @@ macro_rules! common {
             tls: TlsSpec {
                 min_version: $c.tls_min_version.unwrap_or($tls),
                 alpn: Vec::new(),
+                session_resumption: true,
             },
             timeouts: Timeouts {
                 connect: $c.connect_timeout,

@@ -7,7 +7,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::net::proxy_protocol::ProxyHeader;
 
-use super::{handshake, reject, relay, watched, PeerAcceptor};
+use super::{admit, handshake, reject, relay, PeerAcceptor};
 use super::{Accepted, Connector, ListenerMetrics};
 use crate::config::Timeouts;
 use crate::eviction::PeerRole;
@@ -45,14 +45,16 @@ impl InboundListener {
             Ok(tls) => tls,
             Err(why) => return reject(name, conn.peer, &why),
         };
-        let certs = tls.get_ref().1.peer_certificates();
-        let watch = watched(
-            name,
+        let watch = match admit(
+            &self.metrics,
+            tls.get_ref().1,
             &self.acceptor.verifier,
             PeerRole::Client,
-            certs,
             &conn.drain,
-        );
+        ) {
+            Ok(w) => w,
+            Err(why) => return reject(name, conn.peer, &why),
+        };
         if tracing::enabled!(tracing::Level::DEBUG) {
             let id = super::peer_id_for_log(tls.get_ref().1.peer_certificates());
             tracing::debug!(listener = %name, peer = %conn.peer, peer_id = %id, "accepted mTLS connection");

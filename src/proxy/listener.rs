@@ -51,6 +51,8 @@ pub struct ListenerMetrics {
     pub tx: IntCounter,
     pub idle_timeout: IntCounter,
     pub upstream_connect_failed: IntCounter,
+    pub handshakes_full: IntCounter,
+    pub handshakes_resumed: IntCounter,
 }
 
 impl ListenerMetrics {
@@ -67,6 +69,8 @@ impl ListenerMetrics {
             tx: m.bytes.with_label_values(&[name_label, "tx"]),
             idle_timeout: errors("idle_timeout"),
             upstream_connect_failed: errors("upstream_connect_failed"),
+            handshakes_full: m.tls_handshakes.with_label_values(&[name_label, "full"]),
+            handshakes_resumed: m.tls_handshakes.with_label_values(&[name_label, "resumed"]),
         }
     }
 }

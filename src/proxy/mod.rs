@@ -94,6 +94,53 @@ fn watched(
     }
 }
 
+/// A completed handshake, counted by kind. A resumed session carried its peer chain
+/// over without verification: it is checked again now, as a full handshake would be
+/// (`tls::resumption`); a refusal closes the connection with the reason.
+fn established(
+    full: &prometheus::IntCounter,
+    resumed: &prometheus::IntCounter,
+    session: &rustls::CommonState,
+    verifier: &std::sync::Arc<crate::tls::SpiffeVerifier>,
+    role: PeerRole,
+) -> Result<(), Rejection> {
+    if !crate::tls::resumption::was_resumed(session) {
+        full.inc();
+        return Ok(());
+    }
+    resumed.inc();
+    crate::tls::resumption::check_resumed(
+        verifier,
+        session.peer_certificates(),
+        role == PeerRole::Client,
+    )
+}
+
+/// After a handshake: counted by kind, a resumed peer checked again, and the connection
+/// registered for eviction. The connection uses the returned drain from now on.
+fn admit(
+    m: &ListenerMetrics,
+    session: &rustls::CommonState,
+    verifier: &std::sync::Arc<crate::tls::SpiffeVerifier>,
+    role: PeerRole,
+    drain: &Drain,
+) -> Result<Watched, Rejection> {
+    established(
+        &m.handshakes_full,
+        &m.handshakes_resumed,
+        session,
+        verifier,
+        role,
+    )?;
+    Ok(watched(
+        &m.name,
+        verifier,
+        role,
+        session.peer_certificates(),
+        drain,
+    ))
+}
+
 /// One TLS handshake, either direction, within `timeout`; a failure says why.
 async fn handshake<T>(
     timeout: Duration,

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{reject, relay, watched};
+use super::{admit, reject, relay};
 use super::{Accepted, Connector, ListenerMetrics, MtlsOriginator};
 use crate::config::Timeouts;
 use crate::eviction::PeerRole;
@@ -40,14 +40,16 @@ impl OutboundListener {
             let id = super::peer_id_for_log(tls.get_ref().1.peer_certificates());
             tracing::debug!(listener = %name, upstream = %self.upstream.describe(), peer_id = %id, "established mTLS connection");
         }
-        let certs = tls.get_ref().1.peer_certificates();
-        let watch = watched(
-            name,
+        let watch = match admit(
+            &self.metrics,
+            tls.get_ref().1,
             &self.mtls.verifier,
             PeerRole::Server,
-            certs,
             &conn.drain,
-        );
+        ) {
+            Ok(w) => w,
+            Err(why) => return reject(name, conn.peer, &why),
+        };
         relay(
             &self.metrics,
             conn.stream,

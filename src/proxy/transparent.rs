@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 
 use super::http::HttpForwarder;
 use super::upstream::{is_own_connection, Connector, MtlsOriginator};
-use super::{handshake, reject, relay, watched, Accepted, ListenerMetrics, PeerAcceptor};
+use super::{admit, handshake, reject, relay, Accepted, ListenerMetrics, PeerAcceptor};
 use crate::config::{canonical_ip, Mode, Otherwise, Route, Timeouts, TransparentInboundSpec};
 use crate::eviction::PeerRole;
 use crate::identity::IdentityState;
@@ -284,14 +284,16 @@ impl TransparentInbound {
             Ok(tls) => tls,
             Err(why) => return reject(name, conn.peer, &why),
         };
-        let certs = tls.get_ref().1.peer_certificates();
-        let watch = watched(
-            name,
+        let watch = match admit(
+            &self.metrics,
+            tls.get_ref().1,
             &acceptor.verifier,
             PeerRole::Client,
-            certs,
             &conn.drain,
-        );
+        ) {
+            Ok(w) => w,
+            Err(why) => return reject(name, conn.peer, &why),
+        };
         if tracing::enabled!(tracing::Level::DEBUG) {
             let id = super::peer_id_for_log(tls.get_ref().1.peer_certificates());
             tracing::debug!(listener = %name, peer = %conn.peer, port, peer_id = %id, "accepted mTLS connection");
@@ -383,14 +385,16 @@ impl TransparentOutbound {
             let id = super::peer_id_for_log(tls.get_ref().1.peer_certificates());
             tracing::debug!(listener = %name, %dst, peer_id = %id, "established mTLS connection");
         }
-        let certs = tls.get_ref().1.peer_certificates();
-        let watch = watched(
-            name,
+        let watch = match admit(
+            &self.metrics,
+            tls.get_ref().1,
             &route.mtls.verifier,
             PeerRole::Server,
-            certs,
             &conn.drain,
-        );
+        ) {
+            Ok(w) => w,
+            Err(why) => return reject(name, conn.peer, &why),
+        };
         self.carried_mtls.inc();
         relay(
             &self.metrics,

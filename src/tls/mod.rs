@@ -7,6 +7,7 @@
 
 mod probe;
 mod resolver;
+pub mod resumption;
 mod verifier;
 
 pub use probe::probe_client_config;
@@ -109,12 +110,21 @@ fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVers
     }
 }
 
-/// Session resumption is off on both sides: rustls does not verify certificates on a
-/// resumed session, so a ticket would outlive the SVID it was issued for, a removed CA,
-/// or a trust domain. Every connection proves its SVID afresh.
-fn no_resumption_server(config: &mut ServerConfig) {
+/// Stateless tickets only (no session cache to fill), from a ticketer whose keys go
+/// at every change a check depends on; or no resumption at all.
+fn server_resumption(
+    config: &mut ServerConfig,
+    state: &Arc<IdentityState>,
+    on: bool,
+) -> Result<(), rustls::Error> {
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
+    if on {
+        config.ticketer = Arc::new(resumption::EpochTicketer::new(state.clone())?);
+        config.send_tls13_tickets = 1;
+    } else {
+        config.send_tls13_tickets = 0;
+    }
+    Ok(())
 }
 
 /// Server config for an inbound listener: mTLS required, SPIFFE allowlist applied.
@@ -127,9 +137,9 @@ pub fn server_config(
     let mut config = ServerConfig::builder_with_provider(crate::crypto::provider())
         .with_protocol_versions(versions(tls.min_version))?
         .with_client_cert_verifier(Arc::new(verifier))
-        .with_cert_resolver(Arc::new(SvidResolver::new(state)));
+        .with_cert_resolver(Arc::new(SvidResolver::new(state.clone())));
     config.alpn_protocols = tls.alpn.clone();
-    no_resumption_server(&mut config);
+    server_resumption(&mut config, &state, tls.session_resumption)?;
     Ok(Arc::new(config))
 }
 
@@ -146,6 +156,10 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(SvidResolver::new(state)));
     config.alpn_protocols = tls.alpn.clone();
-    config.resumption = rustls::client::Resumption::disabled();
+    config.resumption = if tls.session_resumption {
+        rustls::client::Resumption::store(Arc::new(resumption::EpochSessionStore::default()))
+    } else {
+        rustls::client::Resumption::disabled()
+    };
     Ok(Arc::new(config))
 }

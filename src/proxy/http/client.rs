@@ -26,7 +26,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::eviction::{PeerRole, Registration};
 use crate::identity::IdentityState;
-use crate::proxy::{reject, Connector, MtlsOriginator};
+use crate::proxy::{established, reject, Connector, MtlsOriginator};
 
 /// The body of a request svidcar sends upstream (the caller's, trailers cleaned).
 pub type ReqBody = BoxBody<Bytes, hyper::Error>;
@@ -160,6 +160,16 @@ impl UpstreamConnector {
                 return Err(io::Error::other(why.to_string()));
             }
         };
+        let kinds = &crate::metrics::get().tls_handshakes;
+        let (full, resumed) = (
+            kinds.with_label_values(&[&*self.listener, "full"]),
+            kinds.with_label_values(&[&*self.listener, "resumed"]),
+        );
+        let session = tls.get_ref().1;
+        if let Err(why) = established(&full, &resumed, session, &mtls.verifier, PeerRole::Server) {
+            reject(&self.listener, peer, &why);
+            return Err(io::Error::other(why.to_string()));
+        }
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         // Pooled connections outlive any one request: they end on eviction only.
         let registration = crate::eviction::watch(
