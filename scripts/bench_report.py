@@ -43,6 +43,8 @@ for label, ka, nc in [
     ("HTTP: Envoy 1.40 pair (HCM, h2)", "eh_ka", "eh_nc"),
 ]:
     print(f"{label:36s} {show(ka):>24s} {show(nc):>24s}")
+print(f"{'TCP: svidcar, full handshakes':36s} {'':>24s} {show('sf_nc'):>24s}")
+print(f"{'TCP: Envoy, full handshakes':36s} {'':>24s} {show('ef_nc'):>24s}")
 print(f"{'HTTP: svidcar, 20 rules':36s} {show('sr_ka'):>24s}")
 print(f"{'HTTP: svidcar, Rego policy':36s} {show('sg_ka'):>24s}")
 print(f"{'HTTP: svidcar, every path new':36s} {show('sh_var'):>24s}")
@@ -62,7 +64,8 @@ print(f"RSS after load (KiB): {rss}")
 print(
     f"svidcar/envoy: TCP keep-alive {ratio('s_ka', 'e_ka'):.2f}x, TCP new connection {ratio('s_nc', 'e_nc'):.2f}x, "
     f"HTTP keep-alive {ratio('sh_ka', 'eh_ka'):.2f}x, HTTP new connection from the app {ratio('sh_nc', 'eh_nc'):.2f}x, "
-    f"HTTP bulk {ratio('sh_bulk', 'eh_bulk'):.2f}x (target: 1.5x)"
+    f"HTTP bulk {ratio('sh_bulk', 'eh_bulk'):.2f}x (target: 1.5x); TCP new connection, full handshakes forced "
+    f"{ratio('sf_nc', 'ef_nc'):.2f}x (target: 1.4x)"
 )
 print(
     f"authorization cost vs the plain HTTP pair, keep-alive: 20 rules {100 * (1 - ratio('sr_ka', 'sh_ka')):.1f}%, "
