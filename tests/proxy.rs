@@ -608,9 +608,9 @@ fn sigterm_drains_open_connections() {
 }
 
 #[test]
-fn no_session_resumption_so_every_connection_proves_its_svid() {
-    // rustls skips certificate verification on a resumed session, so svidcar offers none:
-    // a ticket must not outlive an SVID or a CA removed from the bundle.
+fn a_ticket_does_not_outlive_a_ca_removed_from_the_bundle() {
+    // rustls skips certificate verification on a resumed session: svidcar's tickets die
+    // with every identity change, and a resumed peer is checked again (tls::resumption).
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let old_ca = TestCa::new("example.org");
@@ -646,13 +646,9 @@ fn no_session_resumption_so_every_connection_proves_its_svid() {
     };
     let first = summary(&["-sess_out", sess.to_str().unwrap()]);
     assert!(first.contains("New, TLSv1.3"), "{first}");
-    if sess.exists() {
-        let second = summary(&["-sess_in", sess.to_str().unwrap()]);
-        assert!(
-            second.contains("New, TLSv1.3") && !second.contains("Reused"),
-            "{second}"
-        );
-    }
+    // A ticket, held for later (s_client exits as soon as stdin ends: it may leave
+    // before the ticket arrives; then there is nothing to offer).
+    let ticket = sess.exists();
 
     // The old CA leaves the bundle: the same client is refused from the next connection on.
     let tmp = d.join("bundle.new");
@@ -669,4 +665,17 @@ fn no_session_resumption_so_every_connection_proves_its_svid() {
         "{out:?}"
     );
     s.wait_log(&["handshake rejected", "chain invalid", WEB]);
+    if ticket {
+        let sess = sess.to_str().unwrap();
+        let out = s_client(
+            port,
+            Some((&client.0, &client.1)),
+            &["-sess_in", sess],
+            b"ticket",
+        );
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("ticket"),
+            "{out:?}"
+        );
+    }
 }

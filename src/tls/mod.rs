@@ -5,6 +5,7 @@
 //! Configs are built once per listener; what changes on rotation (our SVID, the
 //! bundles) is read from [`IdentityState`] inside the resolver and verifier.
 
+mod chain_cache;
 mod probe;
 mod resolver;
 pub mod resumption;

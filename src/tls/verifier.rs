@@ -17,10 +17,12 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
+use super::chain_cache::{earliest_expiry, ChainCache};
 use super::Rejection;
 use crate::authz::{Denied, PeerIdentity, PeerPolicy};
 use crate::identity::IdentityState;
 use crate::x509::{ChainError, LeafInfo};
+use std::time::{Duration, SystemTime};
 
 /// Authenticates a peer's X509-SVID, then asks the listener's policy. One per listener.
 #[derive(Debug)]
@@ -28,6 +30,7 @@ pub struct SpiffeVerifier {
     state: Arc<IdentityState>,
     policy: PeerPolicy,
     algs: WebPkiSupportedAlgorithms,
+    chains: ChainCache,
 }
 
 impl SpiffeVerifier {
@@ -36,6 +39,7 @@ impl SpiffeVerifier {
             state,
             policy,
             algs: crate::crypto::provider().signature_verification_algorithms,
+            chains: ChainCache::default(),
         }
     }
 
@@ -63,8 +67,14 @@ impl SpiffeVerifier {
         // Before anything else: a long chain costs path building, and the peer is not
         // authenticated yet.
         crate::x509::check_chain_len(intermediates.len() + 1).map_err(Rejection::from)?;
-        let leaf = LeafInfo::parse(end_entity).map_err(Rejection::NotAnSvid)?;
         let snapshot = self.state.load();
+        let client = usage == webpki::KeyUsage::client_auth();
+        let key = ChainCache::key(end_entity, intermediates, snapshot.version, client);
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(now.as_secs());
+        if let Some(peer) = self.chains.get(&key, at) {
+            return Ok(peer);
+        }
+        let leaf = LeafInfo::parse(end_entity).map_err(Rejection::NotAnSvid)?;
         let bundle = snapshot
             .bundle(leaf.spiffe_id.trust_domain())
             .ok_or_else(|| {
@@ -80,7 +90,15 @@ impl SpiffeVerifier {
             usage,
         )
         .map_err(Rejection::from)?;
-        Ok(peer_identity(leaf, end_entity))
+        let peer = peer_identity(leaf, end_entity);
+        // Good until the first certificate that could take part expires.
+        let chain =
+            std::iter::once(end_entity.as_ref()).chain(intermediates.iter().map(|c| c.as_ref()));
+        let roots = bundle.facts.iter().map(|f| f.not_after).min();
+        if let (Some(certs), Some(roots)) = (earliest_expiry(chain), roots) {
+            self.chains.insert(key, peer.clone(), certs.min(roots));
+        }
+        Ok(peer)
     }
 
     fn verify_rustls(
