@@ -1,5 +1,6 @@
 //! The admin endpoint: `/ready`, `/live`, `/metrics`, `/certs`, `/drain` (a preStop
-//! hook: not ready from then on), `POST /reload` (read the config again) and
+//! hook: not ready from then on), `POST /reload` (read the config again),
+//! `POST /quitquitquit` (drain and exit, as SIGTERM; for Jobs) and
 //! `/app-health/<container>/<probe>` (the app's own probes, for kubelet; see
 //! [`app_health`]). Plain HTTP/1.1; it shows serials and SPIFFE IDs, never key material.
 
@@ -45,6 +46,11 @@ pub struct AdminOptions {
     pub draining: AtomicBool,
     /// Where `POST /reload` asks for a config reload (`svidcar run`).
     pub reload: Option<tokio::sync::mpsc::UnboundedSender<ReloadRequest>>,
+    /// Cancelled by `POST /quitquitquit`: the process drains and exits, as on SIGTERM.
+    pub quit: CancellationToken,
+    /// `admin.ready_min_svid_validity`: `/ready` says 503 once the default SVID expires
+    /// within this (no renewal came); zero: only once it has expired.
+    pub ready_min_svid_validity: std::time::Duration,
 }
 
 /// A `POST /reload`: the reloader answers with what changed, or why nothing did.
@@ -141,6 +147,18 @@ async fn route(
     }
     match path {
         "/reload" => reload(req, options).await,
+        "/quitquitquit" if req.method() != hyper::Method::POST => reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use POST\n".into(),
+        ),
+        "/quitquitquit" => {
+            if !options.quit.is_cancelled() {
+                tracing::info!("shutdown requested via /quitquitquit");
+                options.quit.cancel();
+            }
+            reply(StatusCode::OK, "text/plain", "stopping\n".into())
+        }
         "/live" => reply(StatusCode::OK, "text/plain", "live\n".into()),
         "/drain" => {
             if !options.draining.swap(true, Ordering::Relaxed) {
@@ -153,6 +171,18 @@ async fn route(
             "text/plain",
             "not ready: draining\n".into(),
         ),
+        "/ready" if svid_expires_within(state, options.ready_min_svid_validity).is_some() => {
+            let (id, left) =
+                svid_expires_within(state, options.ready_min_svid_validity).unwrap_or_default();
+            reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!(
+                    "not ready: SVID {id} expires in {}s and no renewal has come (admin.ready_min_svid_validity)\n",
+                    left.as_secs()
+                ),
+            )
+        }
         "/ready" => match state.ready() {
             Ok(()) if state.is_cached() => reply(
                 StatusCode::OK,
@@ -210,6 +240,24 @@ async fn reload(req: &Request<Incoming>, options: &AdminOptions) -> Response<Ful
             "shutting down\n".into(),
         ),
     }
+}
+
+/// The default SVID's ID and time left, when that is less than `margin` (and more than
+/// nothing: an expired SVID is `state.ready()`'s to report).
+fn svid_expires_within(
+    state: &IdentityState,
+    margin: std::time::Duration,
+) -> Option<(String, std::time::Duration)> {
+    if margin.is_zero() {
+        return None;
+    }
+    let snap = state.load();
+    let svid = snap.default_svid()?;
+    let left = svid
+        .not_after
+        .duration_since(std::time::SystemTime::now())
+        .ok()?;
+    (left < margin).then(|| (svid.spiffe_id.to_string(), left))
 }
 
 fn reply(status: StatusCode, ctype: &str, body: String) -> Response<Full<Bytes>> {

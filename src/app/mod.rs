@@ -153,12 +153,15 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
 
     // Admin last: /ready must not say 200 before every listener is bound.
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::unbounded_channel();
+    let quit = tokio_util::sync::CancellationToken::new();
     if let Some(addr) = config.admin {
         let l = crate::admin::bind(addr).await?;
         tracing::info!(%addr, "admin listening");
         let options = Arc::new(crate::admin::AdminOptions {
             app_probes: config.app_probes.clone(),
             reload: Some(reload_tx),
+            quit: quit.clone(),
+            ready_min_svid_validity: config.ready_min_svid_validity,
             ..Default::default()
         });
         let admin = crate::admin::serve(l, state.clone(), options, shutdown.clone());
@@ -187,6 +190,7 @@ async fn serve(path: PathBuf, config: Config) -> anyhow::Result<()> {
     let failed = loop {
         let event = tokio::select! {
             s = signals.next() => Event::Signal(s),
+            _ = quit.cancelled() => Event::Signal(Request::Stop),
             Some(()) = file_changed(&mut config_file) => Event::FileChanged,
             Some(reply) = reload_rx.recv() => Event::ReloadRequested(reply),
             Some(ended) = supervised.join_next() => Event::Ended(match ended {

@@ -16,6 +16,7 @@ use crate::spiffe::parse_trust_domain;
 mod client_errors;
 mod inject;
 mod sds_fetch;
+mod wait;
 
 use client_errors::call_error;
 
@@ -47,6 +48,16 @@ enum Command {
     Run {
         #[arg(long, short, env = "SVIDCAR_CONFIG")]
         config: PathBuf,
+    },
+    /// Wait until the local sidecar is ready (`GET /ready` answers 200), for images
+    /// that cannot use native sidecars: `svidcar wait && exec app`.
+    Wait {
+        /// Give up (exit 1) after this long.
+        #[arg(long, default_value = "60s", value_parser = config::parse_duration)]
+        timeout: Duration,
+        /// The sidecar's admin address (`svidcar inject` sets port 15020).
+        #[arg(long, default_value = "127.0.0.1:15020")]
+        admin: std::net::SocketAddr,
     },
     /// Validate a config (and load its identity) without running; exits non-zero on a problem.
     Check {
@@ -131,6 +142,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => app::run(&config),
         Command::Check { config } => check(&config),
+        Command::Wait { timeout, admin } => wait::run(admin, timeout),
         Command::DevCa {
             key_type,
             trust_domain,

@@ -74,6 +74,8 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     /// `admin.app_probes`: the file behind `/app-health/`.
     pub app_probes: Option<std::path::PathBuf>,
+    /// `admin.ready_min_svid_validity`.
+    pub ready_min_svid_validity: Duration,
     pub drain_timeout: Duration,
     /// `close_expired_peers`: end connections whose peer's SVID has expired.
     pub close_expired_peers: bool,
@@ -205,6 +207,11 @@ impl Config {
             log_filter,
             admin: raw.admin.as_ref().map(|a| a.listen),
             app_probes: raw.admin.as_ref().and_then(|a| a.app_probes.clone()),
+            ready_min_svid_validity: raw
+                .admin
+                .as_ref()
+                .map(|a| a.ready_min_svid_validity)
+                .unwrap_or_default(),
             drain_timeout: raw.drain_timeout,
             close_expired_peers: raw.close_expired_peers,
             listeners,

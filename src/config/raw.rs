@@ -147,6 +147,10 @@ pub struct AdminConfig {
     /// `/app-health/<container>/<probe>`; `svidcar inject` sets it.
     #[serde(default)]
     pub app_probes: Option<std::path::PathBuf>,
+    /// `/ready` says 503 once the default SVID expires within this and no renewal has
+    /// come (e.g. `5m`; SPIRE renews at half-life). Default 0: only an expired SVID.
+    #[serde(default, deserialize_with = "duration")]
+    pub ready_min_svid_validity: Duration,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

@@ -97,11 +97,26 @@ impl Svidcar {
 
     /// As [`Svidcar::start`], run as `uid` (gid the same) when given.
     pub fn start_as(dir: &Path, name: &str, config: &str, uid: Option<u32>) -> Self {
+        Self::start_full(dir, name, "", config, uid)
+    }
+
+    /// As [`Svidcar::start`], with more keys in the `admin` section (`, key: value`).
+    pub fn start_admin(dir: &Path, name: &str, admin_extra: &str, config: &str) -> Self {
+        Self::start_full(dir, name, admin_extra, config, None)
+    }
+
+    fn start_full(
+        dir: &Path,
+        name: &str,
+        admin_extra: &str,
+        config: &str,
+        uid: Option<u32>,
+    ) -> Self {
         let admin = free_port();
         let path = dir.join(format!("{name}.yaml"));
         std::fs::write(
             &path,
-            format!("admin: {{listen: 127.0.0.1:{admin}}}\n{config}"),
+            format!("admin: {{listen: 127.0.0.1:{admin}{admin_extra}}}\n{config}"),
         )
         .unwrap();
         let log = dir.join(format!("{name}.log"));
