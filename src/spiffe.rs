@@ -122,3 +122,70 @@ mod tests {
         assert!(parse_trust_domain("example.org:80").is_err());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! Generated IDs: whatever the text, parsing does not panic; what is accepted is
+    //! exactly its canonical form; every ID the spec's grammar allows is accepted.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn trust_domain() -> impl Strategy<Value = String> {
+        "[a-z0-9._-]{1,30}"
+    }
+
+    fn segment() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9._-]{1,12}".prop_filter("dot segment", |s| s != "." && s != "..")
+    }
+
+    fn valid_id() -> impl Strategy<Value = String> {
+        (trust_domain(), prop::collection::vec(segment(), 1..6))
+            .prop_map(|(td, segs)| format!("spiffe://{td}/{}", segs.join("/")))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        #[test]
+        fn accepted_ids_are_canonical(input in prop_oneof![
+            any::<String>(),
+            "spiffe://[a-zA-Z0-9.:_%/-]{0,40}",
+            "[sS][pP][iI][fF][fF][eE]://[a-z.]{0,10}(/[a-z.%]{0,5}){0,4}",
+        ]) {
+            if let Ok(id) = parse_spiffe_id(&input) {
+                prop_assert_eq!(id.to_string(), input.clone());
+                prop_assert!(!id.trust_domain_name().bytes().any(|b| b.is_ascii_uppercase()));
+                prop_assert!(parse_trust_domain(id.trust_domain_name()).is_ok());
+            }
+            if let Ok(id) = parse_workload_id(&input) {
+                prop_assert!(!id.path().is_empty());
+            }
+        }
+
+        #[test]
+        fn grammar_ids_are_accepted(input in valid_id()) {
+            let id = parse_workload_id(&input).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(id.to_string(), input);
+        }
+
+        #[test]
+        fn upper_case_trust_domains_are_refused(input in valid_id(), at in any::<prop::sample::Index>()) {
+            let td_end = input[9..].find('/').map(|i| i + 9).unwrap_or(input.len());
+            let letters: Vec<usize> = (9..td_end).filter(|&i| input.as_bytes()[i].is_ascii_lowercase()).collect();
+            if letters.is_empty() { return Ok(()) }
+            let i = letters[at.index(letters.len())];
+            let mut shouted = input.into_bytes();
+            shouted[i] = shouted[i].to_ascii_uppercase();
+            let shouted = String::from_utf8(shouted).expect("ASCII");
+            prop_assert!(parse_spiffe_id(&shouted).is_err());
+        }
+
+        #[test]
+        fn trust_domains(input in prop_oneof![any::<String>(), "(spiffe://)?[a-zA-Z0-9._/:-]{0,30}"]) {
+            if let Ok(td) = parse_trust_domain(&input) {
+                prop_assert!(td.as_str() == input || td.id_string() == input);
+                prop_assert!(!td.as_str().bytes().any(|b| b.is_ascii_uppercase()));
+            }
+        }
+    }
+}

@@ -437,3 +437,196 @@ outbound:
         assert!(e.starts_with("inbound[0].jwt: only for HTTP"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! Config files as a hurried operator or an attacker writes them: a full config
+    //! with values swapped for hostile ones, lines dropped, duplicated or re-indented,
+    //! and plain noise. Parsing never panics, and a refusal is one line that names a key.
+    use super::*;
+    use proptest::prelude::*;
+
+    const FULL: &str = r#"worker_threads: 2
+log: {level: info}
+identity:
+  dev: {trust_domain: example.org, spiffe_id: "spiffe://example.org/ns/default/sa/web", svid_ttl: 1h}
+admin: {listen: 127.0.0.1:15000, ready_min_svid_validity: 30s}
+sds: {listen: /tmp/svidcar-sds.sock, max_streams: 64}
+close_expired_peers: true
+tls: {session_resumption: true}
+inbound:
+  - name: web
+    listen: 0.0.0.0:8443
+    forward: 127.0.0.1:8080
+    protocol: http
+    max_connections: 100
+    identity_header: x-workload-id
+    allow:
+      - exact: spiffe://example.org/ns/default/sa/frontend
+      - prefix: spiffe://example.org/ns/prod/
+      - trust_domain: partner.example
+    jwt: {audiences: [users], required: false}
+    authorization:
+      - action: DENY
+        paths: [{prefix: /admin}]
+      - action: ALLOW
+        principals: [{exact: "spiffe://example.org/ns/default/sa/payment"}]
+        methods: [GET]
+        paths: ["/v1/users/{*}"]
+  - name: db
+    listen: 0.0.0.0:5433
+    forward: 127.0.0.1:5432
+    proxy_protocol: v2
+    allow: [{trust_domain: example.org}]
+outbound:
+  - name: backend
+    listen: 127.0.0.1:9001
+    connect: backend.default.svc:8443
+    expect:
+      - exact: spiffe://example.org/ns/default/sa/backend
+transparent:
+  proxy_uid: 1337
+  inbound:
+    listen: "[::]:15006"
+    mode: strict
+    allow: [{trust_domain: example.org}]
+    ports:
+      "9090": {mode: permissive}
+  outbound:
+    listen: "127.0.0.1:15001"
+    routes:
+      - to: ["10.77.0.0/16", "fd77::/64"]
+        ports: [8080, 8443]
+        expect: [{trust_domain: example.org}]
+    otherwise: passthrough
+"#;
+
+    /// Values that have broken parsers before.
+    const HOSTILE: &[&str] = &[
+        "",
+        "~",
+        "null",
+        "-1",
+        "0",
+        "4294967296",
+        "99999999999999999999",
+        "1e400",
+        "NaN",
+        "0.0.0.0:99999",
+        "[::1",
+        ":::",
+        "spiffe://",
+        "spiffe://EXAMPLE.org/x",
+        "spiffe://a/../b",
+        "/",
+        "//",
+        "*",
+        "&a x",
+        "*a",
+        "!!binary aGk=",
+        "!!str",
+        "{",
+        "[",
+        "]",
+        "}",
+        "{a: b}",
+        "[1, 2]",
+        "'",
+        "\"",
+        "\"\\u0000\"",
+        "|",
+        ">",
+        "- x",
+        "? x",
+        "%",
+        "@",
+        "`",
+        "\t",
+        "é",
+        "1h1h",
+        "1000000000000h",
+        "-5s",
+        "0s",
+        "https://127.0.0.1:8181/v1/data/x",
+        "ALLOW",
+        "deny",
+        "strict",
+        "v3",
+        "65536",
+        "xx-workload-id",
+        "host",
+        "content-length",
+    ];
+
+    fn check(text: &str) -> Result<(), TestCaseError> {
+        if let Err(e) = Config::parse(text) {
+            let msg = e.to_string();
+            prop_assert!(!msg.is_empty());
+            prop_assert!(
+                !msg.contains('\n'),
+                "a refusal of more than one line: {:?}",
+                msg
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_full_config_is_accepted() {
+        Config::parse(FULL).unwrap();
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused() {
+        // Nine levels of nine aliases: a billion strings if expanded.
+        let mut bomb = String::from("a0: &a0 [\"lol\"]\n");
+        for i in 1..10 {
+            let refs = vec![format!("*a{}", i - 1); 9].join(", ");
+            bomb.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        bomb.push_str("inbound: *a9\n");
+        let e = Config::parse(&bomb).unwrap_err().to_string();
+        assert!(e.contains("config"), "{e}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// A value after a `: ` or a `- ` swapped for a hostile one.
+        #[test]
+        fn hostile_values(picks in prop::collection::vec((any::<prop::sample::Index>(), prop::sample::select(HOSTILE)), 1..4)) {
+            let mut lines: Vec<String> = FULL.lines().map(str::to_string).collect();
+            for (at, value) in picks {
+                let i = at.index(lines.len());
+                let line = &lines[i];
+                let cut = line.find(": ").map(|c| c + 2).or_else(|| line.find("- ").map(|c| c + 2));
+                if let Some(c) = cut {
+                    lines[i] = format!("{}{value}", &line[..c]);
+                }
+            }
+            check(&lines.join("\n"))?;
+        }
+
+        /// Lines dropped, repeated or moved in or out one level.
+        #[test]
+        fn shuffled_lines(edits in prop::collection::vec((any::<prop::sample::Index>(), 0..4u8), 1..5)) {
+            let mut lines: Vec<String> = FULL.lines().map(str::to_string).collect();
+            for (at, op) in edits {
+                if lines.is_empty() { break }
+                let i = at.index(lines.len());
+                match op {
+                    0 => { lines.remove(i); }
+                    1 => { let l = lines[i].clone(); lines.insert(i, l); }
+                    2 => lines[i] = format!("  {}", lines[i]),
+                    _ => lines[i] = lines[i].trim_start().to_string(),
+                }
+            }
+            check(&lines.join("\n"))?;
+        }
+
+        #[test]
+        fn noise(text in prop_oneof![any::<String>(), "[a-z_:{}\\[\\], \n&*!-]{0,200}"]) {
+            check(&text)?;
+        }
+    }
+}

@@ -429,3 +429,113 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! Key files as an attacker or a broken tool writes them: real keys with bytes
+    //! flipped, cut or inserted, under every PEM label, and plain noise. Reading one
+    //! never panics, and no error message carries any piece of the key's text.
+    use super::*;
+    use base64::Engine;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    fn keys() -> &'static [Vec<u8>] {
+        static KEYS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+        KEYS.get_or_init(|| {
+            [KeyType::EcP256, KeyType::EcP384, KeyType::Rsa2048]
+                .iter()
+                .map(|t| t.generate().unwrap().serialize_der())
+                .collect()
+        })
+    }
+
+    const LABELS: &[&str] = &[
+        "PRIVATE KEY",
+        "EC PRIVATE KEY",
+        "RSA PRIVATE KEY",
+        "ENCRYPTED PRIVATE KEY",
+        "DSA PRIVATE KEY",
+        "CERTIFICATE",
+        "EC PARAMETERS",
+    ];
+
+    fn pem(label: &str, der: &[u8]) -> String {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
+    }
+
+    fn check(text: &[u8], der: &[u8]) -> Result<(), TestCaseError> {
+        match PrivateKey::from_pem(text) {
+            Ok(key) => {
+                // Whatever was accepted can be handed on without a panic.
+                let _ = key.to_ca_key_pair();
+                let _ = format!("{key:?}");
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+                for w in b64.as_bytes().windows(16).step_by(4) {
+                    let w = std::str::from_utf8(w).unwrap();
+                    prop_assert!(!msg.contains(w), "key text in the error: {}", msg);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn mangled_keys(
+            which in 0..3usize,
+            label in prop::sample::select(LABELS),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), 1..=255u8), 0..4),
+            cut in prop::option::of(any::<prop::sample::Index>()),
+            before in prop::sample::select(&["", "-----BEGIN EC PARAMETERS-----\nBggqhkjOPQMBBw==\n-----END EC PARAMETERS-----\n", "junk\n"][..]),
+        ) {
+            let mut der = keys()[which].clone();
+            for (i, x) in &flips {
+                let i = i.index(der.len());
+                der[i] ^= x;
+            }
+            if let Some(c) = cut {
+                der.truncate(c.index(der.len()));
+            }
+            let text = format!("{before}{}", pem(label, &der));
+            check(text.as_bytes(), &der)?;
+        }
+
+        /// PEM armour mangled as text: lines cut, labels that disagree, noise.
+        #[test]
+        fn mangled_text(which in 0..3usize, cut in any::<prop::sample::Index>(), noise in prop::collection::vec(any::<u8>(), 0..40), at in any::<prop::sample::Index>()) {
+            let der = &keys()[which];
+            let mut text = pem("PRIVATE KEY", der).into_bytes();
+            let i = at.index(text.len());
+            text.splice(i..i, noise);
+            text.truncate(cut.index(text.len() + 1).max(1));
+            check(&text, der)?;
+        }
+
+        #[test]
+        fn noise(text in prop::collection::vec(any::<u8>(), 0..600)) {
+            let _ = PrivateKey::from_pem(&text);
+        }
+    }
+
+    #[test]
+    fn the_unmangled_keys_are_read() {
+        for der in keys() {
+            assert!(PrivateKey::from_pem(pem("PRIVATE KEY", der).as_bytes()).is_ok());
+        }
+    }
+}

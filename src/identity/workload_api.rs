@@ -536,3 +536,176 @@ mod tests {
         assert!(split_der(b"").is_err());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! What the Workload API socket sends, mangled: a valid `X509SVIDResponse` as
+    //! encoded on the wire with bytes flipped, cut, inserted, or replaced by noise.
+    //! Decoding and turning it into an update never panics; an update that comes out
+    //! still names, for each SVID, the ID its certificate carries.
+    use super::*;
+    use crate::identity::dev_ca::DevCa;
+    use crate::proto::workload::X509svid;
+    use crate::spiffe::parse_spiffe_id;
+    use proptest::prelude::*;
+    use prost::Message;
+    use std::sync::OnceLock;
+
+    fn concat(certs: &[CertificateDer<'_>]) -> Vec<u8> {
+        certs
+            .iter()
+            .flat_map(|c| c.as_ref().iter().copied())
+            .collect()
+    }
+
+    fn config() -> WorkloadApiConfig {
+        WorkloadApiConfig {
+            socket: "/nonexistent".into(),
+            spiffe_id: None,
+            hint: None,
+        }
+    }
+
+    /// A valid response (two SVIDs, a federated bundle), encoded, and its chain's DER.
+    fn valid() -> &'static (Vec<u8>, Vec<u8>) {
+        static VALID: OnceLock<(Vec<u8>, Vec<u8>)> = OnceLock::new();
+        VALID.get_or_init(|| {
+            let td = parse_trust_domain("example.org").unwrap();
+            let ca = DevCa::generate(&td, Duration::from_secs(3600)).unwrap();
+            let other = DevCa::generate(
+                &parse_trust_domain("other.org").unwrap(),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+            let bundle = concat(&ca.bundle().unwrap().roots);
+            let svid = |path: &str, hint: &str| {
+                let id = parse_spiffe_id(path).unwrap();
+                let s = ca.mint(&id, Duration::from_secs(600)).unwrap();
+                X509svid {
+                    spiffe_id: path.into(),
+                    x509_svid: concat(&s.chain),
+                    x509_svid_key: s.key_der().to_vec(),
+                    bundle: bundle.clone(),
+                    hint: hint.into(),
+                }
+            };
+            let a = svid("spiffe://example.org/web", "internal");
+            let chain = a.x509_svid.clone();
+            let resp = X509svidResponse {
+                svids: vec![a, svid("spiffe://example.org/db", "external")],
+                federated_bundles: [(
+                    "spiffe://other.org".to_string(),
+                    concat(&other.bundle().unwrap().roots),
+                )]
+                .into(),
+                ..Default::default()
+            };
+            (resp.encode_to_vec(), chain)
+        })
+    }
+
+    #[derive(Debug, Clone)]
+    enum Edit {
+        Flip(prop::sample::Index, u8),
+        Cut(prop::sample::Index),
+        Insert(prop::sample::Index, Vec<u8>),
+        Remove(prop::sample::Index, usize),
+    }
+
+    fn edits() -> impl Strategy<Value = Vec<Edit>> {
+        let edit = prop_oneof![
+            4 => (any::<prop::sample::Index>(), 1..=255u8).prop_map(|(i, x)| Edit::Flip(i, x)),
+            1 => any::<prop::sample::Index>().prop_map(Edit::Cut),
+            2 => (any::<prop::sample::Index>(), prop::collection::vec(any::<u8>(), 1..8)).prop_map(|(i, b)| Edit::Insert(i, b)),
+            2 => (any::<prop::sample::Index>(), 1..16usize).prop_map(|(i, n)| Edit::Remove(i, n)),
+        ];
+        prop::collection::vec(edit, 1..4)
+    }
+
+    fn apply(mut bytes: Vec<u8>, edits: &[Edit]) -> Vec<u8> {
+        for e in edits {
+            if bytes.is_empty() {
+                break;
+            }
+            match e {
+                Edit::Flip(i, x) => {
+                    let i = i.index(bytes.len());
+                    bytes[i] ^= x;
+                }
+                Edit::Cut(i) => bytes.truncate(i.index(bytes.len())),
+                Edit::Insert(i, b) => {
+                    let i = i.index(bytes.len());
+                    bytes.splice(i..i, b.iter().copied());
+                }
+                Edit::Remove(i, n) => {
+                    let i = i.index(bytes.len());
+                    let end = (i + n).min(bytes.len());
+                    bytes.drain(i..end);
+                }
+            }
+        }
+        bytes
+    }
+
+    fn check(wire: &[u8]) -> Result<(), TestCaseError> {
+        let Ok(resp) = X509svidResponse::decode(wire) else {
+            return Ok(());
+        };
+        if let Ok(update) = to_update(&resp, None, &config()) {
+            for svid in &update.svids {
+                let leaf = crate::x509::LeafInfo::parse(&svid.chain[0])
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(&leaf.spiffe_id, &svid.spiffe_id);
+                prop_assert!(resp
+                    .svids
+                    .iter()
+                    .any(|s| s.spiffe_id == svid.spiffe_id.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_valid_response_is_taken() {
+        let resp = X509svidResponse::decode(&valid().0[..]).unwrap();
+        let update = to_update(&resp, None, &config()).unwrap();
+        assert_eq!(update.svids.len(), 2);
+        assert_eq!(update.bundles.len(), 2);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn mangled_responses(edits in edits()) {
+            check(&apply(valid().0.clone(), &edits))?;
+        }
+
+        #[test]
+        fn noise(wire in prop::collection::vec(any::<u8>(), 0..512)) {
+            check(&wire)?;
+        }
+
+        /// The certificate parsers on a mangled certificate: an error, never a panic.
+        #[test]
+        fn mangled_certificates(edits in edits()) {
+            let der = apply(valid().1.clone(), &edits);
+            let _ = split_der(&der);
+            let _ = crate::x509::LeafInfo::parse(&der);
+            let _ = crate::x509::RootFacts::parse(&der);
+            let _ = crate::x509::serial_of(&der);
+            let _ = crate::x509::not_after_of(&der);
+            let _ = crate::x509::is_ca(&der);
+        }
+
+        /// Concatenated certificates split back into the same certificates.
+        #[test]
+        fn split_der_round_trip(n in 1..5usize) {
+            let one = &valid().1;
+            let per_chain = split_der(one).map_err(TestCaseError::fail)?.len();
+            let certs = split_der(&one.repeat(n)).map_err(TestCaseError::fail)?;
+            prop_assert_eq!(certs.len(), per_chain * n);
+            prop_assert_eq!(concat(&certs), one.repeat(n));
+        }
+    }
+}

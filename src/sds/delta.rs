@@ -287,3 +287,123 @@ mod tests {
         assert_eq!(names(&resp.unwrap()), ["default"]);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! Delta streams as a buggy or hostile client drives them: any sequence of
+    //! subscriptions, unsubscriptions, wildcards, stale or matching nonces, NACKs and
+    //! claimed versions, interleaved with rotations. Nothing panics; a response only
+    //! ever carries secrets svidcar serves, each once, under its own name; a name is
+    //! never both sent and removed in one response.
+    use super::*;
+    use crate::identity::dev_ca::DevCa;
+    use crate::identity::Snapshot;
+    use crate::proto::google::rpc::Status as RpcStatus;
+    use crate::spiffe::{parse_spiffe_id, parse_trust_domain};
+    use proptest::prelude::*;
+    use std::sync::{Arc, OnceLock};
+    use std::time::Duration;
+
+    fn snapshots() -> &'static [Snapshot; 2] {
+        static SNAPS: OnceLock<[Snapshot; 2]> = OnceLock::new();
+        SNAPS.get_or_init(|| {
+            let td = parse_trust_domain("example.org").unwrap();
+            let ca = DevCa::generate(&td, Duration::from_secs(3600)).unwrap();
+            let other = DevCa::generate(
+                &parse_trust_domain("other.org").unwrap(),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+            let id = parse_spiffe_id("spiffe://example.org/web").unwrap();
+            let snap = |version| {
+                let mut s = Snapshot {
+                    version,
+                    ..Default::default()
+                };
+                s.svids = vec![Arc::new(ca.mint(&id, Duration::from_secs(60)).unwrap())];
+                for b in [ca.bundle().unwrap(), other.bundle().unwrap()] {
+                    s.bundles.insert(b.trust_domain.clone(), Arc::new(b));
+                }
+                s
+            };
+            [snap(1), snap(2)]
+        })
+    }
+
+    const NAMES: &[&str] = &[
+        "*",
+        "default",
+        "ROOTCA",
+        "ALL",
+        "spiffe://example.org",
+        "spiffe://other.org",
+        "spiffe://example.org/web",
+        "nope",
+        "",
+        "spiffe://EXAMPLE.org",
+        "\u{0}",
+    ];
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Request {
+            subscribe: Vec<&'static str>,
+            unsubscribe: Vec<&'static str>,
+            nonce: bool,
+            nack: bool,
+            claimed: Vec<(&'static str, String)>,
+        },
+        Rotate,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let names = || prop::collection::vec(prop::sample::select(NAMES), 0..4);
+        prop_oneof![
+            4 => (names(), names(), any::<bool>(), any::<bool>(), prop::collection::vec((prop::sample::select(NAMES), "[a-f0-9]{0,16}"), 0..3))
+                .prop_map(|(subscribe, unsubscribe, nonce, nack, claimed)| Step::Request { subscribe, unsubscribe, nonce, nack, claimed }),
+            1 => Just(Step::Rotate),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_request_sequence(steps in prop::collection::vec(step(), 1..12)) {
+            let naming = Naming::default();
+            let mut st = DeltaState::default();
+            let mut current = 0;
+            for s in steps {
+                let snap = &snapshots()[current];
+                let resp = match s {
+                    Step::Rotate => {
+                        current = 1 - current;
+                        st.on_change(&snapshots()[current], &naming)
+                    }
+                    Step::Request { subscribe, unsubscribe, nonce, nack, claimed } => {
+                        let r = DeltaDiscoveryRequest {
+                            type_url: SECRET_TYPE.into(),
+                            resource_names_subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+                            resource_names_unsubscribe: unsubscribe.iter().map(|s| s.to_string()).collect(),
+                            response_nonce: if nonce { st.nonce.clone().unwrap_or_default() } else { "stale".into() },
+                            error_detail: nack.then(|| RpcStatus { code: 3, message: "bad".into(), details: vec![] }),
+                            initial_resource_versions: claimed.into_iter().map(|(n, v)| (n.to_string(), v)).collect(),
+                            ..Default::default()
+                        };
+                        st.on_request(&r, snap, &naming).1
+                    }
+                };
+                let Some(resp) = resp else { continue };
+                let snap = &snapshots()[current];
+                let mut seen = BTreeSet::new();
+                for r in &resp.resources {
+                    prop_assert!(seen.insert(r.name.clone()), "{} sent twice", r.name);
+                    prop_assert!(resolve(snap, &r.name, &naming).is_some(), "{} is not served", r.name);
+                    let secret = Secret::decode(r.resource.as_ref().unwrap().value.as_slice()).unwrap();
+                    prop_assert_eq!(&secret.name, &r.name);
+                    prop_assert!(!resp.removed_resources.contains(&r.name));
+                }
+            }
+        }
+    }
+}

@@ -20,7 +20,8 @@
 //!   RFC 3986 section 5.2.4 does (a `..` above the root is dropped);
 //! - refuses a segment that is empty, `.` or `..` before a `;` (`..;`, `.;`, `;x`):
 //!   Tomcat and Spring cut path parameters before resolving dots, so `/a/..;/admin`
-//!   is `/admin` to them (istio#27409).
+//!   is `/admin` to them (istio#27409); the same with `;` written `%3B`, for apps
+//!   that decode first.
 //!
 //! [`normalize_host`] does the same for the `Host` header or `:authority`: lower case,
 //! port stripped (Istio CVE-2021-39155 matched hosts case-sensitively).
@@ -216,6 +217,10 @@ fn normalize_path(path: &str, opts: PathOptions) -> Result<String, PathRefusal> 
         if seg.contains(';') && is_dot_or_parameter_on_dot(seg) {
             return Err(PathRefusal::DotSegmentParameter);
         }
+        // `..%3B` is `..;` to an app that decodes before it cuts path parameters.
+        if seg.contains("%3B") && is_dot_or_parameter_on_dot(&seg.replace("%3B", ";")) {
+            return Err(PathRefusal::DotSegmentParameter);
+        }
         match seg {
             // Merged slashes; a final empty segment is the trailing slash.
             "" => trailing_slash = last,
@@ -404,5 +409,146 @@ mod tests {
         assert_eq!(normalize_host("a@b"), Err(HostRefusal::InvalidCharacter));
         assert_eq!(normalize_host("[::1"), Err(HostRefusal::InvalidCharacter));
         assert_eq!(normalize_host("[::1]x"), Err(HostRefusal::InvalidCharacter));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    //! Generated request targets, built from the pieces path bypasses are made of: no
+    //! input panics; an accepted path is a fixed point; and an app that percent-decodes
+    //! what it receives sees the very segments the rules matched (no dot segment, no
+    //! empty segment, no path parameter on a dot) — the property every CVE in the module
+    //! comment broke.
+    use super::*;
+    use proptest::prelude::*;
+
+    const PIECES: &[&str] = &[
+        "/", "//", "\\", ".", "..", "%2e", "%2E", "%2e%2e", "%2f", "%2F", "%5c", "%5C", ";", "..;",
+        ".;", ";x", "%3b", "%3B", "%00", "%1f", "%7f", "%", "%4", "%zz", "%41", "%7e", "%7E",
+        "%C3%A9", "%252e", "%25", "admin", "Admin", "a", "b~c", "?", "?x=1", "#", "\u{0}", "\t",
+        "é", " ", "+", "@", ":",
+    ];
+
+    fn target() -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(PIECES), 0..14)
+            .prop_map(|v| format!("/{}", v.concat()))
+    }
+
+    fn opts() -> impl Strategy<Value = PathOptions> {
+        prop_oneof![Just(EncodedSlashes::Refuse), Just(EncodedSlashes::Keep)]
+            .prop_map(|encoded_slashes| PathOptions { encoded_slashes })
+    }
+
+    /// What an app that percent-decodes its path sees.
+    fn app_view(path: &str) -> Vec<u8> {
+        let b = path.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' && i + 2 < b.len() {
+                let v = u8::from_str_radix(&path[i + 1..i + 3], 16)
+                    .expect("escape the normalizer wrote");
+                out.push(v);
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+
+    fn check_accepted(target: &str, opts: PathOptions) -> Result<(), TestCaseError> {
+        let Ok(t) = normalize_target(target, opts) else {
+            return Ok(());
+        };
+        prop_assert!(t.path.starts_with('/'));
+        // A fixed point: normalizing again changes nothing.
+        let again = normalize_target(&t.path, opts).map(|a| a.path.into_owned());
+        prop_assert_eq!(again.as_deref(), Ok(&*t.path));
+        // The query is passed through as received.
+        prop_assert_eq!(t.query, target.split_once('?').map(|(_, q)| q));
+        let decoded = app_view(&t.path);
+        if opts.encoded_slashes == EncodedSlashes::Refuse {
+            // No separator appears when the app decodes.
+            prop_assert_eq!(
+                decoded.iter().filter(|&&b| b == b'/').count(),
+                t.path.matches('/').count()
+            );
+            prop_assert!(!decoded.contains(&b'\\'));
+        }
+        // Each segment as the app decodes it (with `Keep`, `%2F` stays inside one).
+        let segments: Vec<Vec<u8>> = t.path[1..].split('/').map(app_view).collect();
+        for (i, seg) in segments.iter().enumerate() {
+            let name = seg.split(|&b| b == b';').next().unwrap_or(seg);
+            let last = i + 1 == segments.len();
+            prop_assert!(
+                !seg.is_empty() || last,
+                "empty segment in {:?} from {:?}",
+                t.path,
+                target
+            );
+            let dot = name == b"." || name == b"..";
+            let param_on_empty = name.is_empty() && seg.contains(&b';');
+            prop_assert!(
+                !dot && !param_on_empty,
+                "dot segment in {:?} (app sees {:?}) from {:?}",
+                t.path,
+                String::from_utf8_lossy(&decoded),
+                target
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        #[test]
+        fn bypass_pieces(target in target(), opts in opts()) {
+            check_accepted(&target, opts)?;
+        }
+
+        #[test]
+        fn any_text(target in any::<String>(), opts in opts()) {
+            check_accepted(&target, opts)?;
+        }
+
+        #[test]
+        fn printable_ascii(target in "/[ -~]{0,60}", opts in opts()) {
+            check_accepted(&target, opts)?;
+        }
+
+        /// Spelling an unreserved character as an escape (either case) names the same
+        /// resource.
+        #[test]
+        fn escaped_unreserved_is_the_same_path(target in target(), at in any::<prop::sample::Index>(), lower in any::<bool>()) {
+            let opts = PathOptions::default();
+            let Ok(t) = normalize_target(&target, opts) else { return Ok(()) };
+            let path = t.path.into_owned();
+            // Unreserved characters outside an escape (`%3B`'s `3` is not one).
+            let in_escape = |i: usize| (i >= 1 && path.as_bytes()[i - 1] == b'%') || (i >= 2 && path.as_bytes()[i - 2] == b'%');
+            let spots: Vec<usize> = path.bytes().enumerate().filter(|&(i, b)| is_unreserved(b) && !in_escape(i)).map(|(i, _)| i).collect();
+            if spots.is_empty() { return Ok(()) }
+            let i = spots[at.index(spots.len())];
+            let esc = if lower { format!("%{:02x}", path.as_bytes()[i]) } else { format!("%{:02X}", path.as_bytes()[i]) };
+            let spelled = format!("{}{}{}", &path[..i], esc, &path[i + 1..]);
+            let again = normalize_target(&spelled, opts).map(|a| a.path.into_owned());
+            prop_assert_eq!(again, Ok(path));
+        }
+
+        #[test]
+        fn hosts(host in prop_oneof![any::<String>(), "[a-zA-Z0-9.:\\[\\]@/_-]{0,30}"]) {
+            if let Ok(h) = normalize_host(&host) {
+                prop_assert!(!h.is_empty());
+                prop_assert!(!h.bytes().any(|b| b.is_ascii_uppercase()));
+                prop_assert!(!h.bytes().any(|b| matches!(b, b'/' | b'?' | b'#' | b'@' | b' ')));
+                if !h.starts_with('[') {
+                    prop_assert!(!h.contains(':'), "port left in {:?}", h);
+                }
+                let again = normalize_host(&h).map(|a| a.into_owned());
+                prop_assert_eq!(again.as_deref(), Ok(&*h));
+            }
+        }
     }
 }

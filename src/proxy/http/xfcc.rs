@@ -169,6 +169,12 @@ pub enum XfccError {
     /// (control characters such as CR/LF): writing it would split or corrupt the header.
     #[error("{field} holds a byte not allowed in an HTTP header value")]
     NotHeaderSafe { field: &'static str },
+    /// A URI or DNS SAN holds `,`, `;` or `"`. Envoy writes these SANs unquoted, so
+    /// such a SAN would add elements or keys of the peer's choosing (a `URI=` naming
+    /// someone else) for whoever splits the header; no valid DNS name or SPIFFE ID
+    /// holds one, so the peer's requests are refused instead.
+    #[error("{field} holds `,`, `;` or `\"`, which would split the header")]
+    SplitsHeader { field: &'static str },
     /// The peer's subject holds a string that is not valid in its declared ASN.1 type.
     #[error("peer certificate subject has a malformed {0} value")]
     Subject(&'static str),
@@ -315,6 +321,17 @@ fn element<C: AsRef<[u8]>>(
             parts.push(format!("Subject=\"{}\"", rfc2253(cert.subject())?));
         }
         let (uris, dns) = sans(cert)?;
+        let splits = |v: &&str| v.bytes().any(|b| matches!(b, b',' | b';' | b'"'));
+        if details.uri && uris.iter().any(splits) {
+            return Err(XfccError::SplitsHeader {
+                field: "peer URI SAN",
+            });
+        }
+        if details.dns && dns.iter().any(splits) {
+            return Err(XfccError::SplitsHeader {
+                field: "peer DNS SAN",
+            });
+        }
         if details.uri {
             if uris.is_empty() {
                 parts.push("URI=".into());
@@ -992,5 +1009,123 @@ mod tests {
         let err = serde_norway::from_str::<Xfcc>("{mode: sanitise}").unwrap_err();
         assert!(err.to_string().contains("sanitise"), "{err}");
         assert!(serde_norway::from_str::<Xfcc>("{details: [ip]}").is_err());
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    //! Peer certificates whose subject holds any text and whose SANs hold hostile
+    //! characters: the element either is refused, or splits (as a consumer that honours
+    //! quotes splits it) into exactly the fields written, in Envoy's order, with the
+    //! subject inside its quotes. No certificate content adds an element or a key.
+    use super::*;
+    use proptest::prelude::*;
+    use rcgen::{CertificateParams, DistinguishedName, DnType, DnValue, KeyPair, SanType};
+    use std::sync::OnceLock;
+
+    fn key() -> &'static KeyPair {
+        static KEY: OnceLock<KeyPair> = OnceLock::new();
+        KEY.get_or_init(|| KeyPair::generate().unwrap())
+    }
+
+    /// Splits a header value as consumers do: `,` between elements and `;` between
+    /// pairs, except inside double quotes, where `\` escapes the next character.
+    fn split(v: &str) -> Vec<Vec<(String, String)>> {
+        let mut elements = vec![vec![]];
+        let (mut pair, mut quoted, mut escaped) = (String::new(), false, false);
+        let end_pair = |pair: &mut String, elements: &mut Vec<Vec<(String, String)>>| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair.as_str(), ""));
+            elements
+                .last_mut()
+                .unwrap()
+                .push((k.to_string(), v.to_string()));
+            pair.clear();
+        };
+        for c in v.chars() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                ';' if !quoted => {
+                    end_pair(&mut pair, &mut elements);
+                    continue;
+                }
+                ',' if !quoted => {
+                    end_pair(&mut pair, &mut elements);
+                    elements.push(vec![]);
+                    continue;
+                }
+                _ => {}
+            }
+            pair.push(c);
+        }
+        end_pair(&mut pair, &mut elements);
+        elements
+    }
+
+    fn leaf(cn: &str, org: &str, uris: &[String], dns: &[String]) -> Option<Vec<u8>> {
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, DnValue::Utf8String(cn.into()));
+        dn.push(DnType::OrganizationName, DnValue::Utf8String(org.into()));
+        p.distinguished_name = dn;
+        for u in uris {
+            p.subject_alt_names
+                .push(SanType::URI(u.clone().try_into().ok()?));
+        }
+        for d in dns {
+            p.subject_alt_names
+                .push(SanType::DnsName(d.clone().try_into().ok()?));
+        }
+        Some(p.self_signed(key()).ok()?.der().to_vec())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn certificate_content_never_adds_fields(
+            cn in any::<String>(),
+            org in "[ -~]{0,20}",
+            uris in prop::collection::vec(prop_oneof![
+                "spiffe://example.org/[a-z0-9/]{1,20}",
+                "spiffe://example.org/a[,;=\"]URI=spiffe://example.org/admin",
+            ], 0..3),
+            dns in prop::collection::vec("[a-z0-9.,;=\"-]{1,20}", 0..3),
+            incoming in prop::option::of("[ -~]{0,40}"),
+        ) {
+            let Some(der) = leaf(&cn, &org, &uris, &dns) else { return Ok(()) };
+            let details = XfccDetails::from_fields(&[XfccField::Subject, XfccField::Uri, XfccField::Dns]);
+            let cfg = Xfcc { mode: XfccMode::AppendForward, details };
+            let incoming = incoming.and_then(|v| HeaderValue::from_str(&v).ok());
+            let conn = match cfg.connection(Some("spiffe://example.org/ns/default/sa/users"), &[&der]) {
+                Ok(c) => c,
+                Err(XfccError::SplitsHeader { .. }) => {
+                    let hostile = |v: &String| v.contains([',', ';', '"']);
+                    prop_assert!(uris.iter().any(hostile) || dns.iter().any(hostile));
+                    return Ok(());
+                }
+                Err(_) => return Ok(()),
+            };
+            let element = conn.element().expect("an element on mTLS").to_str().map(str::to_string);
+            let Ok(element) = element else { return Ok(()) };  // bytes above 0x7F: not a str
+            let parsed = split(&element);
+            prop_assert_eq!(parsed.len(), 1, "{:?} split into elements", element);
+            let keys: Vec<&str> = parsed[0].iter().map(|(k, _)| k.as_str()).collect();
+            let mut want = vec!["By", "Hash", "Subject"];
+            want.extend(std::iter::repeat_n("URI", uris.len().max(1)));
+            want.extend(std::iter::repeat_n("DNS", dns.len()));
+            prop_assert_eq!(keys, want);
+            let subject = &parsed[0][2].1;
+            prop_assert!(subject.starts_with('"') && subject.ends_with('"') && subject.len() >= 2);
+            // The appended header is the incoming one, then exactly this element.
+            if let Some(h) = conn.header(incoming.as_ref()) {
+                let h = String::from_utf8_lossy(h.as_bytes()).into_owned();
+                prop_assert!(h.ends_with(&element));
+                if let Some(inc) = incoming.as_ref().filter(|i| !i.is_empty()) {
+                    prop_assert_eq!(h, format!("{},{element}", inc.to_str().unwrap()));
+                }
+            }
+        }
     }
 }
