@@ -27,13 +27,14 @@ impl OutboundListener {
             return reject(name, conn.peer, &Rejection::IdentityExpired);
         }
         if let Some(http) = &self.http {
-            return http.clone().serve(conn.stream, None, conn.drain).await;
+            return Box::pin(http.clone().serve(conn.stream, None, conn.drain)).await;
         }
-        let Some(tcp) = self.upstream.connect(conn.original_dst).await else {
+        let Some(tcp) = Box::pin(self.upstream.connect(conn.original_dst)).await else {
             return;
         };
-        let tls = match self.mtls.originate(tcp).await {
-            Ok(tls) => tls,
+        // Boxed: one allocation for the rustls state, not a copy in each future.
+        let tls = match Box::pin(self.mtls.originate(tcp)).await {
+            Ok(tls) => Box::new(tls),
             Err(why) => return reject(name, conn.peer, &why),
         };
         if tracing::enabled!(tracing::Level::DEBUG) {

@@ -260,9 +260,9 @@ impl TransparentInbound {
                 // a caller identity (no identity header; XFCC removed).
                 self.counters.carried_plaintext.inc();
                 tracing::debug!(listener = %name, peer = %conn.peer, port, "plaintext HTTP connection");
-                return http.serve(conn.stream, None, conn.drain).await;
+                return Box::pin(http.serve(conn.stream, None, conn.drain)).await;
             }
-            let Some(app) = self.upstream.connect(Some(dst)).await else {
+            let Some(app) = Box::pin(self.upstream.connect(Some(dst))).await else {
                 return;
             };
             self.counters.carried_plaintext.inc();
@@ -280,8 +280,14 @@ impl TransparentInbound {
             return reject(name, conn.peer, &Rejection::IdentityExpired);
         }
         let acceptor = self.acceptors.get(&port).unwrap_or(&self.default_acceptor);
-        let tls = match handshake(self.timeouts.handshake, acceptor.tls.accept(conn.stream)).await {
-            Ok(tls) => tls,
+        // Boxed: one allocation for the rustls state, not a copy in each future.
+        let tls = match Box::pin(handshake(
+            self.timeouts.handshake,
+            acceptor.tls.accept(conn.stream),
+        ))
+        .await
+        {
+            Ok(tls) => Box::new(tls),
             Err(why) => return reject(name, conn.peer, &why),
         };
         let watch = match admit(
@@ -309,9 +315,9 @@ impl TransparentInbound {
                 http.caller(id, certs, by.as_deref())
             });
             self.counters.carried_mtls.inc();
-            return http.serve(tls, caller, watch.drain.clone()).await;
+            return Box::pin(http.serve(tls, caller, watch.drain.clone())).await;
         }
-        let Some(app) = self.upstream.connect(Some(dst)).await else {
+        let Some(app) = Box::pin(self.upstream.connect(Some(dst))).await else {
             return;
         };
         self.counters.carried_mtls.inc();
@@ -360,7 +366,7 @@ impl TransparentOutbound {
         if let Some(http) = route.and_then(|r| r.http.get(dst)) {
             self.carried_mtls.inc();
             tracing::debug!(listener = %name, peer = %conn.peer, %dst, "HTTP route");
-            return http.serve(conn.stream, None, conn.drain).await;
+            return Box::pin(http.serve(conn.stream, None, conn.drain)).await;
         }
         let Some((tcp, _own_port)) = self.upstream.connect_tracked(Some(dst)).await else {
             return;
@@ -377,8 +383,8 @@ impl TransparentOutbound {
             )
             .await;
         };
-        let tls = match route.mtls.originate(tcp).await {
-            Ok(tls) => tls,
+        let tls = match Box::pin(route.mtls.originate(tcp)).await {
+            Ok(tls) => Box::new(tls),
             Err(why) => return reject(name, conn.peer, &why),
         };
         if tracing::enabled!(tracing::Level::DEBUG) {
