@@ -173,3 +173,69 @@ mod tests {
         assert_eq!(issuer.jwks()["keys"][0]["crv"], "P-256");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! `ValidateJWTSVID` requests as a workload may send them: any token text and
+    //! audience, and a real token with one character changed. Nothing panics; no changed
+    //! token validates; the claims of any JSON shape convert to a protobuf Struct.
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    fn issuer() -> &'static (JwtIssuer, String) {
+        static ISSUER: OnceLock<(JwtIssuer, String)> = OnceLock::new();
+        ISSUER.get_or_init(|| {
+            let issuer = JwtIssuer::generate().unwrap();
+            let id = parse_spiffe_id("spiffe://example.org/web").unwrap();
+            let token = issuer
+                .mint(&id, &["api".into()], Duration::from_secs(600))
+                .unwrap();
+            (issuer, token)
+        })
+    }
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            ".{0,8}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::btree_map(".{0,4}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn any_request(token in prop_oneof![any::<String>(), "[A-Za-z0-9_.-]{0,80}"], audience in ".{0,10}") {
+            prop_assert!(issuer().0.validate(&token, &audience).is_err());
+        }
+
+        #[test]
+        fn one_changed_character(at in any::<prop::sample::Index>(), to in any::<char>()) {
+            let (issuer, token) = issuer();
+            prop_assert!(issuer.validate(token, "api").is_ok());
+            let i = at.index(token.len());
+            let changed = format!("{}{to}{}", &token[..i], &token[i + 1..]);
+            if &changed != token {
+                prop_assert!(issuer.validate(&changed, "api").is_err());
+            }
+        }
+
+        #[test]
+        fn claims_of_any_shape(claims in prop::collection::btree_map(".{0,6}", json(), 0..6)) {
+            let n = claims.len();
+            prop_assert_eq!(to_struct(claims.into_iter().collect()).fields.len(), n);
+        }
+    }
+}

@@ -342,3 +342,59 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    //! State-of-the-world streams driven by any sequence of names, nonces and NACKs:
+    //! the first request is always answered; later ones exactly when their name list
+    //! differs from the one before (an ACK or a NACK of the same list never is, so a
+    //! client that NACKs cannot make svidcar loop); any type URL is judged without panic.
+    use super::delta::RequestKind;
+    use super::*;
+    use crate::proto::google::rpc::Status as RpcStatus;
+    use proptest::prelude::*;
+
+    const NAMES: &[&str] = &[
+        "default",
+        "ROOTCA",
+        "ALL",
+        "spiffe://example.org",
+        "",
+        "*",
+        "nope",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn any_request_sequence(steps in prop::collection::vec((prop::collection::vec(prop::sample::select(NAMES), 0..3), 0..3u8, any::<bool>()), 1..12)) {
+            let mut st = StreamState::default();
+            let mut last: Option<Vec<String>> = None;
+            for (i, (names, nonce, nack)) in steps.into_iter().enumerate() {
+                let r = DiscoveryRequest {
+                    resource_names: names.iter().map(|s| s.to_string()).collect(),
+                    // 0: the last nonce sent, 1: a stale one, 2: none.
+                    response_nonce: match nonce { 0 => format!("n{i}"), 1 => "stale".into(), _ => String::new() },
+                    error_detail: nack.then(|| RpcStatus { code: 3, message: "no".into(), details: vec![] }),
+                    ..Default::default()
+                };
+                let (kind, answer) = st.wants_answer(&r);
+                let changed = last.as_ref() != Some(&r.resource_names);
+                prop_assert_eq!(answer, i == 0 || changed, "step {}: {:?}", i, kind);
+                if i == 0 {
+                    prop_assert_eq!(kind, RequestKind::Subscription);
+                }
+                last = Some(r.resource_names.clone());
+                // svidcar answered (or not) with nonce n{i+1}.
+                st.nonce = Some(format!("n{}", i + 1));
+            }
+        }
+
+        #[test]
+        fn type_urls(url in any::<String>()) {
+            let ok = check_type(&url).is_ok();
+            prop_assert_eq!(ok, url.is_empty() || url == SECRET_TYPE);
+        }
+    }
+}
