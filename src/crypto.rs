@@ -9,6 +9,16 @@ use rustls::crypto::CryptoProvider;
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .get_or_init(|| {
+            let mut provider = rustls::crypto::ring::default_provider();
+            // AES-128-GCM first, as BoringSSL (Envoy) orders its suites on hardware with
+            // AES instructions: its key schedule hashes with SHA-256, which the CPU's SHA
+            // extensions run, where AES-256-GCM's SHA-384 does not. Both stay enabled; a
+            // peer that prefers AES-256-GCM gets it.
+            provider
+                .cipher_suites
+                .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+            Arc::new(provider)
+        })
         .clone()
 }
