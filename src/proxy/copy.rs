@@ -4,9 +4,9 @@
 //! Half-close: EOF read on one side shuts down the write half of the other, and the
 //! other direction runs on.
 //!
-//! Memory: a quiet connection holds no copy buffer. Reads land first in a buffer on
-//! the stack and are written on from there; a direction takes a heap buffer only when
-//! the writer cannot take everything at once or a read fills the stack buffer (a bulk
+//! Memory: a quiet connection holds no copy buffer. Reads land first in a per-thread
+//! scratch buffer and are written on from there; a direction takes a heap buffer only when
+//! the writer cannot take everything at once or a read fills the scratch buffer (a bulk
 //! transfer, which then doubles its buffer up to 32 KiB per read). A heap buffer is
 //! given back after [`TRIM_AFTER`] without traffic. Ten thousand idle connections thus
 //! cost no copy buffers, and request/response traffic of a few KiB allocates none.
@@ -22,9 +22,17 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// The stack buffer every read from an idle direction lands in, and the first heap
+/// The scratch buffer every read from an idle direction lands in, and the first heap
 /// buffer's size.
 const MIN_BUF: usize = 4 * 1024;
+thread_local! {
+    /// Where reads from a quiet direction land. One per thread, zeroed once: a reader
+    /// such as tokio-rustls initializes the whole buffer it is given, which would be a
+    /// 4 KiB memset per read for a fresh stack buffer.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0; MIN_BUF].into_boxed_slice());
+}
+
 /// A direction with no traffic for this long gives its heap buffer back.
 const TRIM_AFTER: Duration = Duration::from_secs(5);
 /// Largest buffer per direction; one TLS record is at most 16 KiB.
@@ -64,6 +72,59 @@ impl Pipe {
         }
     }
 
+    /// One read through `scratch` while this direction has no heap buffer: what the
+    /// writer takes goes straight on; the rest, or a read that fills `scratch` (bulk),
+    /// makes this direction take a heap buffer. Ready(Ok) after a read (or EOF).
+    fn copy_through<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+        scratch: &mut [u8],
+    ) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        let mut rb = ReadBuf::new(scratch);
+        if reader.as_mut().poll_read(cx, &mut rb)?.is_pending() {
+            if self.need_flush {
+                ready!(writer.as_mut().poll_flush(cx))?;
+                self.need_flush = false;
+            }
+            return Poll::Pending;
+        }
+        let data = rb.filled();
+        if data.is_empty() {
+            self.read_done = true;
+            return Poll::Ready(Ok(()));
+        }
+        let mut sent = 0;
+        while sent < data.len() {
+            match writer.as_mut().poll_write(cx, &data[sent..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    sent += n;
+                    self.need_flush = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => break,
+            }
+        }
+        if sent < data.len() {
+            // The writer is full: keep the rest until it drains.
+            let rest = &data[sent..];
+            self.buf = vec![0; MIN_BUF];
+            self.buf[..rest.len()].copy_from_slice(rest);
+            self.start = 0;
+            self.end = rest.len();
+        } else if data.len() == MIN_BUF {
+            // A full read: a transfer is under way; take bigger bites.
+            self.buf = vec![0; 2 * MIN_BUF];
+        }
+        Poll::Ready(Ok(()))
+    }
+
     /// Gives the heap buffer back if it holds nothing (a quiet direction).
     fn trim(&mut self) {
         if self.start == self.end {
@@ -84,50 +145,17 @@ impl Pipe {
     {
         loop {
             if self.buf.is_empty() && !self.read_done {
-                // No heap buffer: read onto the stack and write on from there.
-                let mut probe = [0u8; MIN_BUF];
-                let mut rb = ReadBuf::new(&mut probe);
-                match reader.as_mut().poll_read(cx, &mut rb) {
-                    Poll::Pending => {
-                        if self.need_flush {
-                            ready!(writer.as_mut().poll_flush(cx))?;
-                            self.need_flush = false;
-                        }
-                        return Poll::Pending;
+                // No heap buffer: read into this thread's scratch buffer, write on from it.
+                let step = SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+                    Ok(mut scratch) => {
+                        self.copy_through(cx, reader.as_mut(), writer.as_mut(), &mut scratch)
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Ready(Ok(())) => {}
-                }
-                let data = rb.filled();
-                if data.is_empty() {
-                    self.read_done = true;
-                    continue;
-                }
-                let mut sent = 0;
-                while sent < data.len() {
-                    match writer.as_mut().poll_write(cx, &data[sent..]) {
-                        Poll::Ready(Ok(0)) => {
-                            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()))
-                        }
-                        Poll::Ready(Ok(n)) => {
-                            sent += n;
-                            self.need_flush = true;
-                        }
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending => break,
+                    // Not reached (no poll here polls another copy), but never a panic.
+                    Err(_) => {
+                        self.copy_through(cx, reader.as_mut(), writer.as_mut(), &mut [0; MIN_BUF])
                     }
-                }
-                if sent < data.len() {
-                    // The writer is full: keep the rest until it drains.
-                    let rest = &data[sent..];
-                    self.buf = vec![0; MIN_BUF];
-                    self.buf[..rest.len()].copy_from_slice(rest);
-                    self.start = 0;
-                    self.end = rest.len();
-                } else if data.len() == MIN_BUF {
-                    // A full read: a transfer is under way; take bigger bites.
-                    self.buf = vec![0; 2 * MIN_BUF];
-                }
+                });
+                ready!(step)?;
                 continue;
             }
             if self.start == self.end && !self.read_done {
