@@ -104,6 +104,36 @@ pub async fn run_listener(spec: &ListenerSpec, state: Arc<IdentityState>) -> (So
     (addr, drain)
 }
 
+/// JSON values of every type, nested up to four levels (arrays and objects), with
+/// `extra` among the leaves: the claims and inputs property tests feed to parsers.
+#[cfg(test)]
+pub fn any_json(
+    extra: Vec<serde_json::Value>,
+) -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+    use proptest::prelude::*;
+    use serde_json::Value;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        ".{0,12}".prop_map(Value::from),
+        prop::sample::select(if extra.is_empty() {
+            vec![Value::Null]
+        } else {
+            extra
+        }),
+    ];
+    leaf.prop_recursive(4, 32, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+            prop::collection::btree_map(".{0,4}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,34 +210,4 @@ mod tests {
         .await
         .expect("the drained listener stops accepting");
     }
-}
-
-/// JSON values of every type, nested up to four levels (arrays and objects), with
-/// `extra` among the leaves: the claims and inputs property tests feed to parsers.
-#[cfg(test)]
-pub fn any_json(
-    extra: Vec<serde_json::Value>,
-) -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
-    use proptest::prelude::*;
-    use serde_json::Value;
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::from),
-        any::<i64>().prop_map(Value::from),
-        any::<f64>()
-            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
-        ".{0,12}".prop_map(Value::from),
-        prop::sample::select(if extra.is_empty() {
-            vec![Value::Null]
-        } else {
-            extra
-        }),
-    ];
-    leaf.prop_recursive(4, 32, 4, |inner| {
-        prop_oneof![
-            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
-            prop::collection::btree_map(".{0,4}", inner, 0..4)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
 }
