@@ -544,9 +544,9 @@ mod properties {
     //! Decoding and turning it into an update never panics; an update that comes out
     //! still names, for each SVID, the ID its certificate carries.
     use super::*;
-    use crate::identity::dev_ca::DevCa;
     use crate::proto::workload::X509svid;
     use crate::spiffe::parse_spiffe_id;
+    use crate::testing::TestCa;
     use proptest::prelude::*;
     use prost::Message;
     use std::sync::OnceLock;
@@ -570,13 +570,8 @@ mod properties {
     fn valid() -> &'static (Vec<u8>, Vec<u8>) {
         static VALID: OnceLock<(Vec<u8>, Vec<u8>)> = OnceLock::new();
         VALID.get_or_init(|| {
-            let td = parse_trust_domain("example.org").unwrap();
-            let ca = DevCa::generate(&td, Duration::from_secs(3600)).unwrap();
-            let other = DevCa::generate(
-                &parse_trust_domain("other.org").unwrap(),
-                Duration::from_secs(3600),
-            )
-            .unwrap();
+            let ca = TestCa::new("example.org").ca;
+            let other = TestCa::new("other.org").ca;
             let bundle = concat(&ca.bundle().unwrap().roots);
             let svid = |path: &str, hint: &str| {
                 let id = parse_spiffe_id(path).unwrap();

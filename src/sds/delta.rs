@@ -296,10 +296,10 @@ mod properties {
     //! ever carries secrets svidcar serves, each once, under its own name; a name is
     //! never both sent and removed in one response.
     use super::*;
-    use crate::identity::dev_ca::DevCa;
     use crate::identity::Snapshot;
     use crate::proto::google::rpc::Status as RpcStatus;
-    use crate::spiffe::{parse_spiffe_id, parse_trust_domain};
+    use crate::spiffe::parse_spiffe_id;
+    use crate::testing::TestCa;
     use proptest::prelude::*;
     use std::sync::{Arc, OnceLock};
     use std::time::Duration;
@@ -307,13 +307,8 @@ mod properties {
     fn snapshots() -> &'static [Snapshot; 2] {
         static SNAPS: OnceLock<[Snapshot; 2]> = OnceLock::new();
         SNAPS.get_or_init(|| {
-            let td = parse_trust_domain("example.org").unwrap();
-            let ca = DevCa::generate(&td, Duration::from_secs(3600)).unwrap();
-            let other = DevCa::generate(
-                &parse_trust_domain("other.org").unwrap(),
-                Duration::from_secs(3600),
-            )
-            .unwrap();
+            let ca = TestCa::new("example.org").ca;
+            let other = TestCa::new("other.org").ca;
             let id = parse_spiffe_id("spiffe://example.org/web").unwrap();
             let snap = |version| {
                 let mut s = Snapshot {
