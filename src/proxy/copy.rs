@@ -88,11 +88,7 @@ impl Pipe {
     {
         let mut rb = ReadBuf::new(scratch);
         if reader.as_mut().poll_read(cx, &mut rb)?.is_pending() {
-            if self.need_flush {
-                ready!(writer.as_mut().poll_flush(cx))?;
-                self.need_flush = false;
-            }
-            return Poll::Pending;
+            return self.flush_and_wait(cx, writer);
         }
         let data = rb.filled();
         if data.is_empty() {
@@ -123,6 +119,19 @@ impl Pipe {
             self.buf = vec![0; 2 * MIN_BUF];
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Nothing more to read for now: push out what was written, then wait.
+    fn flush_and_wait<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut writer: Pin<&mut W>,
+    ) -> Poll<io::Result<()>> {
+        if self.need_flush {
+            ready!(writer.as_mut().poll_flush(cx))?;
+            self.need_flush = false;
+        }
+        Poll::Pending
     }
 
     /// Gives the heap buffer back if it holds nothing (a quiet direction).
@@ -161,14 +170,7 @@ impl Pipe {
             if self.start == self.end && !self.read_done {
                 let mut rb = ReadBuf::new(&mut self.buf);
                 match reader.as_mut().poll_read(cx, &mut rb) {
-                    Poll::Pending => {
-                        // Nothing more to read for now: push out what was written.
-                        if self.need_flush {
-                            ready!(writer.as_mut().poll_flush(cx))?;
-                            self.need_flush = false;
-                        }
-                        return Poll::Pending;
-                    }
+                    Poll::Pending => return self.flush_and_wait(cx, writer),
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Ready(Ok(())) => {
                         let n = rb.filled().len();
