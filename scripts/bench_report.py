@@ -1,74 +1,137 @@
-"""Prints scripts/bench's table from the figures it collected: KEY=v1 v2 ... per scenario,
-each the result of one wrk run; median and (min-max) over the runs."""
+"""Prints scripts/bench's results from the runs it recorded, one markdown table row per
+scenario: both proxies' req/s, p50/p99 latency, CPU per request and RSS, the ratio and
+whether the target is met; median and (min-max) over the runs.
+
+Usage: bench_report.py RUNS_FILE SECONDS_PER_RUN CLK_TCK
+RUNS_FILE lines: scenario proxy requests rps p50_us p99_us mb_s cpu_ticks rss_kib
+                 resumed0 handshakes0 resumed1 handshakes1
+"""
 import statistics as st
 import sys
+from collections import defaultdict
 
-rss = sys.argv[1]
-R = {}
-for arg in sys.argv[2:]:
-    key, _, vals = arg.partition("=")
-    R[key] = vals.split()
-
-
-def num(k):
-    return [float(x) for x in R[k]]
-
-
-def med(k):
-    return st.median(num(k))
-
-
-def show(k):
-    v = num(k)
-    return f"{st.median(v):,.0f} ({min(v):,.0f}-{max(v):,.0f})" if len(v) > 1 else f"{v[0]:,.0f}"
-
-
-def lat(k):
-    p50 = [float(x.split("/")[0]) for x in R[k]]
-    p99 = [float(x.split("/")[1]) for x in R[k]]
-    return f"p50 {st.median(p50):.0f} us, p99 {st.median(p99):.0f} us ({min(p99):.0f}-{max(p99):.0f})"
+runs_file, _seconds, clk_tck = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+runs = defaultdict(list)
+for line in open(runs_file):
+    f = line.split()
+    scen, proxy = f[0], f[1]
+    requests, rps, p50, p99, mbps, ticks, rss = map(float, f[2:9])
+    r0, h0, r1, h1 = map(float, f[9:13])
+    runs[(scen, proxy)].append(
+        {
+            "rps": rps,
+            "p50": p50,
+            "p99": p99,
+            "mbps": mbps,
+            "cpu": ticks * 1e6 / clk_tck / requests if ticks else None,
+            "rss": rss / 1024,
+            "handshakes": h1 - h0,
+            "resumed": r1 - r0,
+        }
+    )
 
 
-def ratio(a, b):
-    return med(a) / med(b)
+def values(scen, proxy, key):
+    return [r[key] for r in runs[(scen, proxy)] if r[key] is not None]
 
 
-print("median (min-max) over the runs; req/s unless stated")
-print(f"{'path':36s} {'keep-alive':>24s} {'new conn from the app':>24s}")
-for label, ka, nc in [
-    ("direct to nginx (no proxy)", "direct_ka", "direct_nc"),
-    ("TCP: svidcar pair (1 worker each)", "s_ka", "s_nc"),
-    ("TCP: Envoy 1.40 pair (tcp_proxy)", "e_ka", "e_nc"),
-    ("HTTP: svidcar pair (pooled h2)", "sh_ka", "sh_nc"),
-    ("HTTP: Envoy 1.40 pair (HCM, h2)", "eh_ka", "eh_nc"),
+def med(scen, proxy, key):
+    v = values(scen, proxy, key)
+    return st.median(v) if v else None
+
+
+def spread(scen, proxy, key, fmt="{:,.0f}"):
+    v = values(scen, proxy, key)
+    if not v:
+        return "-"
+    if len(v) == 1:
+        return fmt.format(v[0])
+    return f"{fmt.format(st.median(v))} ({fmt.format(min(v))}-{fmt.format(max(v))})"
+
+
+def latency(scen, proxy):
+    if not values(scen, proxy, "p50"):
+        return "-"
+    return f"{med(scen, proxy, 'p50'):,.0f} / {med(scen, proxy, 'p99'):,.0f}"
+
+
+def resumption(scen, proxy):
+    hs = sum(values(scen, proxy, "handshakes"))
+    if not hs:
+        return ""
+    return f"{100 * sum(values(scen, proxy, 'resumed')) / hs:.0f}% of {hs:,.0f}"
+
+
+# scenario, label, figure compared (rps or mbps), target ratio, whether CPU and p99 are
+# part of the target
+SCENARIOS = [
+    ("tcp_ka", "TCP keep-alive, 16 conns", "rps", 1.5, True),
+    ("tcp_nc", "TCP new conn per request (defaults)", "rps", 1.5, False),
+    ("tcp_full", "TCP new conn, full handshakes forced", "rps", 1.4, False),
+    ("tcp_bulk", "TCP 1 MiB bulk, 4 conns (MB/s)", "mbps", 1.2, False),
+    ("tcp_lat", "TCP latency, 1 conn", "rps", 1.2, False),
+    ("http_ka", "HTTP keep-alive, 16 conns", "rps", 1.5, False),
+    ("http_nc", "HTTP new conn from the app", "rps", 1.5, False),
+    ("http_bulk", "HTTP 1 MiB bulk, 4 conns (MB/s)", "mbps", None, False),
+    ("http_lat", "HTTP latency, 1 conn", "rps", None, False),
+]
+n = max((len(v) for v in runs.values()), default=0)
+print(f"median (min-max) over {n} runs; latency p50 / p99 in us; CPU per request is both")
+print("proxies of a pair together; RSS is the pair's two processes after the run (the")
+print("svidcar pair serves every svidcar scenario; Envoy has one pair per shape)")
+print()
+print(
+    "| scenario | svidcar | Envoy | ratio | target | svidcar p50/p99 | Envoy p50/p99 "
+    "| svidcar CPU/req (us) | Envoy CPU/req (us) | svidcar RSS (MiB) | Envoy RSS (MiB) "
+    "| resumed: svidcar | resumed: Envoy |"
+)
+print("|" + "---|" * 13)
+verdicts = []
+for scen, label, fig, target, strict in SCENARIOS:
+    if not runs.get((scen, "svidcar")) or not runs.get((scen, "envoy")):
+        continue
+    ratio = med(scen, "svidcar", fig) / med(scen, "envoy", fig)
+    verdict = ""
+    if target:
+        ok = ratio >= target
+        why = [f"{ratio:.2f}x vs {target}x"]
+        if strict:
+            cpu = med(scen, "svidcar", "cpu") / med(scen, "envoy", "cpu")
+            p99 = med(scen, "svidcar", "p99") <= med(scen, "envoy", "p99")
+            ok = ok and cpu <= 0.67 and p99
+            why.append(f"CPU {cpu:.2f}x vs 0.67x")
+            why.append("p99 " + ("no worse" if p99 else "worse"))
+        verdict = ("met" if ok else "NOT met") + f" ({', '.join(why)})"
+        verdicts.append(f"{label}: {verdict}")
+    fmt = "{:,.0f}"
+    print(
+        f"| {label} | {spread(scen, 'svidcar', fig, fmt)} | {spread(scen, 'envoy', fig, fmt)} "
+        f"| {ratio:.2f}x | {'≥ ' + str(target) + 'x' if target else '-'} "
+        f"| {latency(scen, 'svidcar')} | {latency(scen, 'envoy')} "
+        f"| {spread(scen, 'svidcar', 'cpu', '{:.1f}')} | {spread(scen, 'envoy', 'cpu', '{:.1f}')} "
+        f"| {med(scen, 'svidcar', 'rss'):.1f} | {med(scen, 'envoy', 'rss'):.1f} "
+        f"| {resumption(scen, 'svidcar')} | {resumption(scen, 'envoy')} |"
+    )
+print()
+for key, label in [("direct_ka", "keep-alive"), ("direct_nc", "new connection")]:
+    if runs.get((key, "nginx")):
+        print(f"direct to nginx, no proxy, {label}: {spread(key, 'nginx', 'rps')} req/s")
+print()
+print("authorization on the svidcar HTTP pair, keep-alive (svidcar only; target: under 10% of the plain pair):")
+for scen, base, label in [
+    ("rules_ka", "http_ka", "20 per-route rules"),
+    ("rego_ka", "http_ka", "Rego policy, repeated requests (decisions cached)"),
+    ("rego_var", "http_var", "Rego policy, every path new (every request evaluated)"),
 ]:
-    print(f"{label:36s} {show(ka):>24s} {show(nc):>24s}")
-print(f"{'TCP: svidcar, full handshakes':36s} {'':>24s} {show('sf_nc'):>24s}")
-print(f"{'TCP: Envoy, full handshakes':36s} {'':>24s} {show('ef_nc'):>24s}")
-print(f"{'HTTP: svidcar, 20 rules':36s} {show('sr_ka'):>24s}")
-print(f"{'HTTP: svidcar, Rego policy':36s} {show('sg_ka'):>24s}")
-print(f"{'HTTP: svidcar, every path new':36s} {show('sh_var'):>24s}")
-print(f"{'HTTP: svidcar, Rego, every path new':36s} {show('sg_var'):>24s}")
-print(f"HTTP bulk, 1 MiB responses, 4 conns (MB/s): svidcar {show('sh_bulk')}, Envoy {show('eh_bulk')}")
-print(f"HTTP latency, 1 connection: svidcar {lat('sh_lat')}; Envoy {lat('eh_lat')}")
-def cpu(k):
-    v = num(k + "_cpu")
-    return f"{st.median(v):.1f} us ({min(v):.1f}-{max(v):.1f})" if len(v) > 1 else f"{v[0]:.1f} us"
-
-
-print(
-    f"CPU per request, both proxies of a pair, keep-alive: TCP svidcar {cpu('s_ka')}, Envoy {cpu('e_ka')}; "
-    f"HTTP svidcar {cpu('sh_ka')}, Envoy {cpu('eh_ka')}"
-)
-print(f"RSS after load (KiB): {rss}")
-print(
-    f"svidcar/envoy: TCP keep-alive {ratio('s_ka', 'e_ka'):.2f}x, TCP new connection {ratio('s_nc', 'e_nc'):.2f}x, "
-    f"HTTP keep-alive {ratio('sh_ka', 'eh_ka'):.2f}x, HTTP new connection from the app {ratio('sh_nc', 'eh_nc'):.2f}x, "
-    f"HTTP bulk {ratio('sh_bulk', 'eh_bulk'):.2f}x (target: 1.5x); TCP new connection, full handshakes forced "
-    f"{ratio('sf_nc', 'ef_nc'):.2f}x (target: 1.4x)"
-)
-print(
-    f"authorization cost vs the plain HTTP pair, keep-alive: 20 rules {100 * (1 - ratio('sr_ka', 'sh_ka')):.1f}%, "
-    f"Rego {100 * (1 - ratio('sg_ka', 'sh_ka')):.1f}% (repeated requests: decisions cached), "
-    f"Rego with every path new {100 * (1 - ratio('sg_var', 'sh_var')):.1f}% (every request evaluated) (target: under 10%)"
-)
+    if runs.get((scen, "svidcar")) and runs.get((base, "svidcar")):
+        cost = 1 - med(scen, "svidcar", "rps") / med(base, "svidcar", "rps")
+        cpu = med(scen, "svidcar", "cpu") - med(base, "svidcar", "cpu")
+        print(
+            f"  {label}: {spread(scen, 'svidcar', 'rps')} vs {spread(base, 'svidcar', 'rps')} req/s, "
+            f"costs {100 * cost:.1f}% of req/s, {cpu:+.1f} us CPU per request "
+            f"({'met' if cost < 0.10 else 'NOT met'})"
+        )
+print()
+print("targets:")
+for v in verdicts:
+    print(f"  {v}")

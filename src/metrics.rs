@@ -31,6 +31,7 @@ pub struct Metrics {
     pub jwt_bundle_keys: IntGaugeVec,
     pub connections_revoked: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
+    pub tls_key_exchange: IntCounterVec,
     pub config_reloads: IntCounterVec,
 }
 
@@ -193,6 +194,12 @@ impl Metrics {
                 "svidcar_tls_handshakes_total",
                 "Completed mTLS handshakes by listener and kind: full, or resumed (a session ticket; the peer checked again)",
                 &["listener", "kind"],
+            ),
+            tls_key_exchange: counter_vec(
+                &r,
+                "svidcar_tls_key_exchange_total",
+                "Completed mTLS handshakes (inbound and outbound, full and resumed) by the key exchange group negotiated: X25519MLKEM768, X25519, secp256r1, secp384r1",
+                &["group"],
             ),
             config_reloads: counter_vec(
                 &r,

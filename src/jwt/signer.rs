@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair, RsaKeyPair};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
-use ring::rand::SystemRandom;
-use ring::signature::{self, EcdsaKeyPair, KeyPair, RsaKeyPair};
 use serde_json::{json, Value};
 
 use super::bundle::JwtKey;
@@ -31,7 +31,7 @@ impl JwtSigner {
     pub fn from_pkcs8(der: &[u8]) -> Result<Self, String> {
         let rng = SystemRandom::new();
         let ec = |alg, name| {
-            EcdsaKeyPair::from_pkcs8(alg, der, &rng)
+            EcdsaKeyPair::from_pkcs8(alg, der)
                 .ok()
                 .map(|k| Key::Ec(k, name))
         };
@@ -43,11 +43,11 @@ impl JwtSigner {
             Key::Ec(k, "ES256") => JwtKey::EcP256(k.public_key().as_ref().to_vec()),
             Key::Ec(k, _) => JwtKey::EcP384(k.public_key().as_ref().to_vec()),
             Key::Rsa(k) => {
-                let c: ring::rsa::PublicKeyComponents<Vec<u8>> = k.public().into();
+                let c = aws_lc_rs::rsa::PublicKeyComponents::<Vec<u8>>::from(k.public_key());
                 JwtKey::Rsa { n: c.n, e: c.e }
             }
         };
-        let digest = ring::digest::digest(&ring::digest::SHA256, &public_bytes(&public));
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &public_bytes(&public));
         Ok(Self {
             key,
             kid: B64.encode(&digest.as_ref()[..16]),
@@ -119,7 +119,7 @@ impl JwtSigner {
                 .as_ref()
                 .to_vec(),
             Key::Rsa(k) => {
-                let mut sig = vec![0; k.public().modulus_len()];
+                let mut sig = vec![0; k.public_modulus_len()];
                 k.sign(
                     &signature::RSA_PKCS1_SHA256,
                     &self.rng,

@@ -10,9 +10,11 @@
 
 use std::time::Duration;
 
+use aws_lc_rs::signature::{
+    self, RsaPublicKeyComponents, UnparsedPublicKey, VerificationAlgorithm,
+};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine;
-use ring::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey, VerificationAlgorithm};
 use serde_json::{Map, Value};
 
 use super::bundle::{JwtBundles, JwtKey};

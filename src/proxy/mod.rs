@@ -104,6 +104,10 @@ fn established(
     verifier: &std::sync::Arc<crate::tls::SpiffeVerifier>,
     role: PeerRole,
 ) -> Result<(), Rejection> {
+    crate::metrics::get()
+        .tls_key_exchange
+        .with_label_values(&[crate::tls::key_exchange_group(session)])
+        .inc();
     if !crate::tls::resumption::was_resumed(session) {
         full.inc();
         return Ok(());

@@ -36,7 +36,7 @@ pub enum RequestKind {
 }
 
 pub fn version_of(secret: &Secret) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, &secret.encode_to_vec());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &secret.encode_to_vec());
     digest.as_ref()[..8]
         .iter()
         .map(|b| format!("{b:02x}"))

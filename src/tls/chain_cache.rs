@@ -35,7 +35,7 @@ impl ChainCache {
         version: u64,
         client: bool,
     ) -> ChainKey {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         for c in std::iter::once(end_entity).chain(intermediates) {
             ctx.update(&(c.len() as u32).to_be_bytes());
             ctx.update(c.as_ref());

@@ -101,6 +101,21 @@ impl Rejection {
     }
 }
 
+/// The key exchange group a handshake negotiated, as a metric label (a fixed set, so
+/// a peer cannot grow the label space).
+pub fn key_exchange_group(session: &rustls::CommonState) -> &'static str {
+    use rustls::NamedGroup;
+    match session.negotiated_key_exchange_group().map(|g| g.name()) {
+        Some(NamedGroup::X25519MLKEM768) => "X25519MLKEM768",
+        Some(NamedGroup::X25519) => "X25519",
+        Some(NamedGroup::secp256r1) => "secp256r1",
+        Some(NamedGroup::secp384r1) => "secp384r1",
+        Some(NamedGroup::MLKEM768) => "MLKEM768",
+        Some(_) => "other",
+        None => "none",
+    }
+}
+
 fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
     static ALL: &[&rustls::SupportedProtocolVersion] =
         &[&rustls::version::TLS13, &rustls::version::TLS12];

@@ -60,7 +60,7 @@ impl EpochTicketer {
     pub fn new(state: Arc<IdentityState>) -> Result<Self, rustls::Error> {
         Ok(Self {
             state,
-            current: Mutex::new((epoch(), rustls::crypto::ring::Ticketer::new()?)),
+            current: Mutex::new((epoch(), rustls::crypto::aws_lc_rs::Ticketer::new()?)),
         })
     }
 
@@ -69,7 +69,7 @@ impl EpochTicketer {
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         let now = epoch();
         if cur.0 != now {
-            *cur = (now, rustls::crypto::ring::Ticketer::new().ok()?);
+            *cur = (now, rustls::crypto::aws_lc_rs::Ticketer::new().ok()?);
         }
         Some(cur.1.clone())
     }
@@ -197,7 +197,7 @@ pub fn check_resumed(
             "resumed session without a peer certificate".into(),
         ));
     };
-    let digest = ring::digest::digest(&ring::digest::SHA256, leaf.as_ref());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf.as_ref());
     let mut sha = [0u8; 32];
     sha.copy_from_slice(digest.as_ref());
     let key = (Arc::as_ptr(verifier) as usize, sha, epoch());

@@ -255,7 +255,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 }
 
 fn peer_identity(leaf: LeafInfo, der: &[u8]) -> PeerIdentity {
-    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
     let mut sha = [0u8; 32];
     sha.copy_from_slice(digest.as_ref());
     PeerIdentity::new(leaf.spiffe_id, sha, leaf.not_after)

@@ -299,7 +299,7 @@ fn element<C: AsRef<[u8]>>(
     }
     parts.push(format!(
         "Hash={}",
-        hex(ring::digest::digest(&ring::digest::SHA256, leaf).as_ref())
+        hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf).as_ref())
     ));
     let needs_parse = details.subject || details.uri || details.dns;
     let parsed = if needs_parse {
@@ -664,7 +664,7 @@ mod tests {
     }
 
     fn sha(der: &[u8]) -> String {
-        hex(ring::digest::digest(&ring::digest::SHA256, der).as_ref())
+        hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der).as_ref())
     }
 
     const NO_PEER: &[Vec<u8>] = &[];
