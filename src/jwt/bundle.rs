@@ -23,6 +23,8 @@ pub enum JwtKey {
     EcP256(Vec<u8>),
     /// Uncompressed point on P-384.
     EcP384(Vec<u8>),
+    /// Uncompressed point on P-521.
+    EcP521(Vec<u8>),
     /// Modulus and exponent, big-endian without leading zeros.
     Rsa { n: Vec<u8>, e: Vec<u8> },
 }
@@ -33,6 +35,7 @@ impl JwtKey {
         match self {
             Self::EcP256(_) => "EC P-256",
             Self::EcP384(_) => "EC P-384",
+            Self::EcP521(_) => "EC P-521",
             Self::Rsa { .. } => "RSA",
         }
     }
@@ -40,10 +43,11 @@ impl JwtKey {
     /// The public JWK of this key, with `kid` and `use: jwt-svid`.
     pub fn to_jwk(&self, kid: &str) -> Value {
         match self {
-            Self::EcP256(p) | Self::EcP384(p) => {
+            Self::EcP256(p) | Self::EcP384(p) | Self::EcP521(p) => {
                 let (crv, len) = match self {
                     Self::EcP256(_) => ("P-256", 32),
-                    _ => ("P-384", 48),
+                    Self::EcP384(_) => ("P-384", 48),
+                    _ => ("P-521", 66),
                 };
                 serde_json::json!({
                     "kty": "EC", "crv": crv, "use": "jwt-svid", "kid": kid,
@@ -127,6 +131,7 @@ fn parse_jwk(jwk: &Value) -> Result<Option<(String, JwtKey)>, String> {
             let len = match text("crv") {
                 Some("P-256") => 32,
                 Some("P-384") => 48,
+                Some("P-521") => 66,
                 Some(c) => return Err(format!("kid {kid:?}: curve {c} is not supported")),
                 None => return Err(format!("kid {kid:?}: no crv")),
             };
@@ -137,10 +142,10 @@ fn parse_jwk(jwk: &Value) -> Result<Option<(String, JwtKey)>, String> {
             point.push(4);
             point.extend_from_slice(&x);
             point.extend_from_slice(&y);
-            if len == 32 {
-                JwtKey::EcP256(point)
-            } else {
-                JwtKey::EcP384(point)
+            match len {
+                32 => JwtKey::EcP256(point),
+                48 => JwtKey::EcP384(point),
+                _ => JwtKey::EcP521(point),
             }
         }
         Some("RSA") => {
@@ -199,7 +204,7 @@ mod tests {
             {"kty": "EC", "crv": "P-256", "kid": "b", "x": x, "y": x},
             {"kty": "EC", "crv": "P-256", "use": "x509-svid", "x": x, "y": x, "x5c": []},
             {"kty": "oct", "kid": "h", "k": "c2VjcmV0"},
-            {"kty": "EC", "crv": "P-521", "kid": "c", "x": x, "y": x},
+            {"kty": "EC", "crv": "secp256k1", "kid": "c", "x": x, "y": x},
             {"kty": "EC", "crv": "P-256", "x": x, "y": x},
             {"kty": "EC", "crv": "P-256", "kid": "s", "use": "sig", "x": x, "y": x},
             {"kty": "RSA", "kid": "r", "n": B64.encode([0xc1u8; 128]), "e": "AQAB"},
@@ -208,7 +213,7 @@ mod tests {
         assert_eq!(b.keys.keys().collect::<Vec<_>>(), ["a", "b"]);
         let text = skipped.join("\n");
         assert!(text.contains("keys[3]: kid \"h\": key type oct"), "{text}");
-        assert!(text.contains("curve P-521"), "{text}");
+        assert!(text.contains("curve secp256k1"), "{text}");
         assert!(text.contains("keys[5]: no kid"), "{text}");
         assert!(text.contains("keys[6]: use is \"sig\""), "{text}");
         assert!(text.contains("1024 bits"), "{text}");

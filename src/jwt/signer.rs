@@ -1,5 +1,5 @@
 //! Minting JWT-SVIDs with a key we hold (the dev CA's): ES256 for P-256, ES384 for
-//! P-384, RS256 for RSA. The key ID is derived from the public key, so every process
+//! P-384, ES512 for P-521, RS256 for RSA. The key ID is derived from the public key, so every process
 //! that loads the same CA key mints under the same `kid` and validates the others' tokens.
 
 use std::time::Duration;
@@ -37,11 +37,13 @@ impl JwtSigner {
         };
         let key = ec(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, "ES256")
             .or_else(|| ec(&signature::ECDSA_P384_SHA384_FIXED_SIGNING, "ES384"))
+            .or_else(|| ec(&signature::ECDSA_P521_SHA512_FIXED_SIGNING, "ES512"))
             .or_else(|| RsaKeyPair::from_pkcs8(der).ok().map(Key::Rsa))
             .ok_or("the key is not EC P-256, EC P-384 or RSA in PKCS#8")?;
         let public = match &key {
             Key::Ec(k, "ES256") => JwtKey::EcP256(k.public_key().as_ref().to_vec()),
-            Key::Ec(k, _) => JwtKey::EcP384(k.public_key().as_ref().to_vec()),
+            Key::Ec(k, "ES384") => JwtKey::EcP384(k.public_key().as_ref().to_vec()),
+            Key::Ec(k, _) => JwtKey::EcP521(k.public_key().as_ref().to_vec()),
             Key::Rsa(k) => {
                 let c = aws_lc_rs::rsa::PublicKeyComponents::<Vec<u8>>::from(k.public_key());
                 JwtKey::Rsa { n: c.n, e: c.e }
@@ -150,7 +152,7 @@ impl JwtSigner {
 /// The bytes the key ID is a digest of: the EC point, or `n || e`.
 fn public_bytes(k: &JwtKey) -> Vec<u8> {
     match k {
-        JwtKey::EcP256(p) | JwtKey::EcP384(p) => p.clone(),
+        JwtKey::EcP256(p) | JwtKey::EcP384(p) | JwtKey::EcP521(p) => p.clone(),
         JwtKey::Rsa { n, e } => [n.as_slice(), e.as_slice()].concat(),
     }
 }

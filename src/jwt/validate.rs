@@ -1,5 +1,5 @@
 //! JWT-SVID validation (SPIFFE JWT-SVID spec): compact JWS only; `alg` RS/PS 256/384/512
-//! or ES256/ES384 (never `none`, never HMAC: a bundle holds public keys, and an HMAC
+//! or ES256/ES384/ES512 (never `none`, never HMAC: a bundle holds public keys, and an HMAC
 //! "verified" with a public key proves nothing); `typ` absent, `JWT` or `JOSE`; `kid`
 //! required; the key comes from the JWT bundle of the trust domain of `sub`, which must
 //! be a workload's SPIFFE ID, and its family must fit `alg`; `aud` must hold one of our
@@ -115,6 +115,7 @@ enum Alg {
     Ps512,
     Es256,
     Es384,
+    Es512,
 }
 
 impl Alg {
@@ -128,6 +129,7 @@ impl Alg {
             "PS512" => Self::Ps512,
             "ES256" => Self::Es256,
             "ES384" => Self::Es384,
+            "ES512" => Self::Es512,
             _ => return None,
         })
     }
@@ -142,6 +144,7 @@ impl Alg {
             Self::Ps512 => "PS512",
             Self::Es256 => "ES256",
             Self::Es384 => "ES384",
+            Self::Es512 => "ES512",
         }
     }
 
@@ -154,10 +157,11 @@ impl Alg {
             Self::Ps256 => &signature::RSA_PSS_2048_8192_SHA256,
             Self::Ps384 => &signature::RSA_PSS_2048_8192_SHA384,
             Self::Ps512 => &signature::RSA_PSS_2048_8192_SHA512,
-            Self::Es256 | Self::Es384 => {
+            Self::Es256 | Self::Es384 | Self::Es512 => {
                 let (alg, point): (&'static dyn VerificationAlgorithm, _) = match (self, key) {
                     (Self::Es256, JwtKey::EcP256(p)) => (&signature::ECDSA_P256_SHA256_FIXED, p),
                     (Self::Es384, JwtKey::EcP384(p)) => (&signature::ECDSA_P384_SHA384_FIXED, p),
+                    (Self::Es512, JwtKey::EcP521(p)) => (&signature::ECDSA_P521_SHA512_FIXED, p),
                     _ => return Err(()),
                 };
                 return Ok(UnparsedPublicKey::new(alg, point).verify(msg, sig).is_ok());
@@ -375,6 +379,38 @@ mod tests {
             &claims(serde_json::json!("users"), 60),
         );
         assert!(validate(&t, &bundles, &policy, now()).is_ok());
+    }
+
+    #[test]
+    fn es512_tokens_verify_with_p521_keys_from_a_jwks() {
+        let (a, _, mut bundles, policy) = setup();
+        let pkcs8 = aws_lc_rs::signature::EcdsaKeyPair::generate_pkcs8(
+            &signature::ECDSA_P521_SHA512_FIXED_SIGNING,
+            &aws_lc_rs::rand::SystemRandom::new(),
+        )
+        .unwrap();
+        let p521 = JwtSigner::from_pkcs8(pkcs8.as_ref()).unwrap();
+        // The key travels as a JWK (crv P-521), as a bundle endpoint would serve it.
+        let jwks = serde_json::json!({"keys": [p521.public_key().to_jwk(p521.kid())]});
+        let (bundle, skipped) = JwtBundle::parse(jwks.to_string().as_bytes()).unwrap();
+        assert!(skipped.is_empty(), "{skipped:?}");
+        bundles
+            .by_domain
+            .insert(parse_trust_domain("example.org").unwrap(), Arc::new(bundle));
+        let good = claims(serde_json::json!(["users"]), 60);
+        let t = p521.sign(&serde_json::json!({}), &good);
+        let header: Value =
+            serde_json::from_slice(&B64.decode(t.split('.').next().unwrap()).unwrap()).unwrap();
+        assert_eq!(header["alg"], "ES512");
+        assert_eq!(validate(&t, &bundles, &policy, now()).unwrap().sub, SUB);
+        // ES512 named over a P-256 key, and ES256 over the P-521 key: refused.
+        let t = a.sign(
+            &serde_json::json!({"alg": "ES512", "kid": p521.kid()}),
+            &good,
+        );
+        assert_eq!(reason(&t, &bundles, &policy), "bad_signature");
+        let t = p521.sign(&serde_json::json!({"alg": "ES256"}), &good);
+        assert_eq!(reason(&t, &bundles, &policy), "bad_alg");
     }
 
     #[test]
