@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -21,6 +21,7 @@ pub struct Metrics {
     pub identity_version: IntGauge,
     pub svid_expiry: IntGauge,
     pub identity_updates: IntCounter,
+    pub identity_updated_at: Gauge,
     pub identity_cached: IntGauge,
     pub sds_streams: IntGauge,
     pub sds_requests: IntCounterVec,
@@ -67,6 +68,13 @@ impl Metrics {
             "Identity snapshots published (rotations and bundle changes)",
         )
         .expect("static metric definition");
+        let identity_updated_at = Gauge::new(
+            "svidcar_identity_updated_timestamp_seconds",
+            "When the identity snapshot in use was published (before streams are told), unix seconds",
+        )
+        .expect("static metric definition");
+        r.register(Box::new(identity_updated_at.clone()))
+            .expect("metric registered once");
         let identity_cached = IntGauge::new(
             "svidcar_identity_cached",
             "1 while the identity source is unreachable and the last good identity is served",
@@ -155,6 +163,7 @@ impl Metrics {
             identity_version,
             svid_expiry,
             identity_updates,
+            identity_updated_at,
             identity_cached,
             sds_streams,
             sds_requests: counter_vec(

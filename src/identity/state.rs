@@ -120,6 +120,12 @@ fn record_snapshot(s: &Snapshot) {
     let m = crate::metrics::get();
     m.identity_version.set(s.version as i64);
     m.identity_updates.inc();
+    // Taken before the change signal goes out: the reference time for SDS push latency.
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    m.identity_updated_at.set(now);
     if let Some(svid) = s.default_svid() {
         let t = svid
             .not_after
@@ -149,7 +155,7 @@ mod tests {
     use super::*;
     use crate::identity::dev_ca::DevCa;
     use crate::spiffe::parse_spiffe_id;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     fn update(ca: &DevCa, svid: &Arc<crate::identity::Svid>) -> IdentityUpdate {
         IdentityUpdate {
@@ -175,7 +181,12 @@ mod tests {
         assert!(!rx.has_changed().unwrap());
         // A new SVID is a new version, seen by subscribers.
         let second = Arc::new(ca.mint(&id, Duration::from_secs(60)).unwrap());
+        let now = || SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let before = now().as_secs_f64();
         assert_eq!(state.publish(update(&ca, &second)), Some(2));
+        // When it was published (other tests publish too, but never before `before`).
+        let at = crate::metrics::get().identity_updated_at.get();
+        assert!(before <= at && at <= now().as_secs_f64(), "{before} {at}");
         assert!(rx.has_changed().unwrap());
         assert_eq!(state.load().default_svid().unwrap().serial, second.serial);
         assert_eq!(state.ready(), Ok(()));
