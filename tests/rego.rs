@@ -408,3 +408,14 @@ fn opa_envoy_style_v1_policy_decides_as_the_reference() {
         }
     });
 }
+
+/// A policy using `with` (a rule asked again with part of the input replaced).
+#[test]
+fn with_modifier_policy_decides_as_the_reference() {
+    compare("with.rego", "data.authz.allow", |case, d| {
+        let want = case.caller == Some(PAYMENT)
+            && case.path.starts_with("/v1/users/")
+            && case.method != "DELETE";
+        assert_eq!(d.is_allowed(), want, "{}", case.what);
+    });
+}
