@@ -21,6 +21,16 @@ fn inbound(d: &Path, port: u16, app: u16, id: &str, allow: &str) -> String {
     )
 }
 
+/// A svidcar terminating mTLS on `port` for `app`, as `spiffe://example.org/server`,
+/// admitting `peer` only.
+fn server(d: &Path, port: u16, app: u16, peer: &str) -> Svidcar {
+    Svidcar::start(
+        d,
+        "server",
+        &inbound(d, port, app, "spiffe://example.org/server", peer),
+    )
+}
+
 fn outbound(d: &Path, port: u16, to: u16, id: &str, expect: &str) -> String {
     format!(
         "identity:\n  dev: {{spiffe_id: \"{id}\", ca_cert: {}, ca_key: {}}}\noutbound:\n  - name: out\n    listen: 127.0.0.1:{port}\n    connect: 127.0.0.1:{to}\n    expect: [{{exact: \"{expect}\"}}]\n",
@@ -54,17 +64,7 @@ fn a_pair_agrees_on_x25519mlkem768() {
     ca(d);
     let echo = EchoServer::start();
     let (inp, outp) = (free_port(), free_port());
-    let server = Svidcar::start(
-        d,
-        "server",
-        &inbound(
-            d,
-            inp,
-            echo.port,
-            "spiffe://example.org/server",
-            "spiffe://example.org/client",
-        ),
-    );
+    let server = server(d, inp, echo.port, "spiffe://example.org/client");
     let client = Svidcar::start(
         d,
         "client",
@@ -93,17 +93,7 @@ fn a_client_without_mlkem_gets_x25519() {
     let ca = ca(d);
     let echo = EchoServer::start();
     let port = free_port();
-    let server = Svidcar::start(
-        d,
-        "server",
-        &inbound(
-            d,
-            port,
-            echo.port,
-            "spiffe://example.org/server",
-            "spiffe://example.org/client",
-        ),
-    );
+    let server = server(d, port, echo.port, "spiffe://example.org/client");
     let (c, k) = ca.valid_leaf(d, "client", "spiffe://example.org/client");
     // The groups an OpenSSL before 3.5 offers (whatever version runs the test).
     let out = s_client(
@@ -137,17 +127,7 @@ fn envoy_and_svidcar_agree_on_x25519mlkem768_both_ways() {
     // Envoy originates, svidcar terminates. (Envoy::start waits for /ready: its static
     // listeners are bound; probing them would proxy a connection and count a handshake.)
     let inp = free_port();
-    let server = Svidcar::start(
-        d,
-        "server",
-        &inbound(
-            d,
-            inp,
-            echo.port,
-            "spiffe://example.org/server",
-            "spiffe://example.org/envoy",
-        ),
-    );
+    let server = server(d, inp, echo.port, "spiffe://example.org/envoy");
     let (ec, ek) = ca.valid_leaf(d, "envoy", "spiffe://example.org/envoy");
     let envoy_out_port = free_port();
     let envoy_out = Envoy::start(
