@@ -1,5 +1,6 @@
-//! Compiles the .proto files in proto/ at build time with protox (a pure-Rust protobuf
-//! compiler), so a build needs no protoc on the machine.
+//! Build steps: compiles the .proto files in proto/ with protox (a pure-Rust protobuf
+//! compiler, so a build needs no protoc on the machine), and gives the linker the
+//! binary's code layout.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
@@ -8,10 +9,49 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/envoy/extensions/transport_sockets/tls/v3/secret.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
+    link_args()?;
     let fds = protox::compile(protos, ["proto"])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+    Ok(())
+}
+
+/// Linker arguments for the `svidcar` binary, where the linker is rustc's default rust-lld
+/// (x86_64 Linux with glibc, Rust 1.90+); other targets link as they always did.
+///
+/// - `-z pack-relative-relocs`: the relative relocations of a position-independent binary
+///   (800 KB of `.rela.dyn` here) stored as a compact bitmap (DT_RELR, glibc 2.36+, as
+///   Debian bookworm has), so start-up reads a few KB instead.
+/// - `--symbol-ordering-file`: the functions that start-up, an idle process and the common
+///   traffic paths run (`scripts/symbol-order` records them), placed first and together.
+///   The kernel maps 64 KiB of code around every page touched, so scattered start-up code
+///   kept 8 MiB of a 13 MiB `.text` resident; packed, about 2.7 MiB.
+fn link_args() -> Result<(), Box<dyn std::error::Error>> {
+    let var = |k: &str| std::env::var(k).unwrap_or_default();
+    if var("CARGO_CFG_TARGET_ARCH") != "x86_64"
+        || var("CARGO_CFG_TARGET_OS") != "linux"
+        || var("CARGO_CFG_TARGET_ENV") != "gnu"
+    {
+        return Ok(());
+    }
+    println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+    let order = std::path::Path::new(&std::env::var("CARGO_MANIFEST_DIR")?)
+        .join("build")
+        .join("symbol-order.txt");
+    println!("cargo:rerun-if-changed=build/symbol-order.txt");
+    // A missing file would fail the link with lld's own message; say which file instead.
+    if !order.is_file() {
+        return Err(format!(
+            "{} is missing (scripts/symbol-order makes it)",
+            order.display()
+        )
+        .into());
+    }
+    println!(
+        "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={},--no-warn-symbol-ordering",
+        order.display()
+    );
     Ok(())
 }
