@@ -30,7 +30,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 ///   kept 8 MiB of a 13 MiB `.text` resident; packed, about 2.7 MiB.
 fn link_args() -> Result<(), Box<dyn std::error::Error>> {
     let var = |k: &str| std::env::var(k).unwrap_or_default();
-    if var("CARGO_CFG_TARGET_ARCH") != "x86_64"
+    println!("cargo:rerun-if-env-changed=SVIDCAR_LINK_LAYOUT");
+    println!("cargo:rerun-if-env-changed=CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER");
+    // A build that chose its own linker may not have lld (GNU ld reads no symbol ordering
+    // file); `SVIDCAR_LINK_LAYOUT=0` turns the layout off by hand.
+    let own_linker = var("CARGO_ENCODED_RUSTFLAGS").contains("linker")
+        || !var("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER").is_empty();
+    if own_linker
+        || var("SVIDCAR_LINK_LAYOUT") == "0"
+        || var("CARGO_CFG_TARGET_ARCH") != "x86_64"
         || var("CARGO_CFG_TARGET_OS") != "linux"
         || var("CARGO_CFG_TARGET_ENV") != "gnu"
     {
