@@ -57,9 +57,12 @@ fn link_args() -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     }
+    // -Xlinker passes the path whole (-Wl, would split it at a comma).
+    println!("cargo:rustc-link-arg-bins=-Xlinker");
     println!(
-        "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={},--no-warn-symbol-ordering",
+        "cargo:rustc-link-arg-bins=--symbol-ordering-file={}",
         order.display()
     );
+    println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
     Ok(())
 }
