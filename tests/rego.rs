@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 
 use http::{HeaderMap, HeaderValue, StatusCode};
 use serde_json::{json, Value};
-use svidcar::authz::rego::{Decision, DenyReason, Input, RegoAuthorizer, RequestView};
+use svidcar::authz::rego::{
+    Backend, Decision, DenyReason, Input, NotCompiled, RegoAuthorizer, RequestView,
+};
 
 const PAYMENT: &str = "spiffe://example.org/ns/default/sa/payment";
 const WEB: &str = "spiffe://example.org/ns/default/sa/web";
@@ -317,12 +319,29 @@ fn same_value(a: &Value, b: &Value) -> bool {
     }
 }
 
+/// Which engine must evaluate a policy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Engine {
+    Vm,
+    /// The interpreter, because the policy could conflict.
+    InterpreterMayConflict,
+    /// The interpreter, because the VM does not support the policy.
+    InterpreterUnsupported,
+}
+
 /// Decides every case with our module and with the reference; both must agree on the
 /// raw value and on the decision, and the decision must be the expected one.
-fn compare(policy: &str, query: &str, expect: impl Fn(&Case, &Decision)) {
+fn compare(policy: &str, query: &str, engine: Engine, expect: impl Fn(&Case, &Decision)) {
     let dir = tempfile::tempdir().unwrap();
     let files = vec![fixture(policy)];
     let authz = RegoAuthorizer::load(files.clone(), query).unwrap();
+    let backend = authz.policy().backend();
+    let got = match &backend {
+        Backend::Vm => Engine::Vm,
+        Backend::Interpreter(NotCompiled::MayConflict { .. }) => Engine::InterpreterMayConflict,
+        Backend::Interpreter(NotCompiled::Unsupported(_)) => Engine::InterpreterUnsupported,
+    };
+    assert_eq!(got, engine, "{policy}: {backend}");
     let cases = cases();
     let inputs: Vec<Input> = cases.iter().map(input).collect();
     let theirs = reference(dir.path(), &files, query, &inputs);
@@ -355,67 +374,91 @@ fn compare(policy: &str, query: &str, expect: impl Fn(&Case, &Decision)) {
 
 #[test]
 fn seed_style_v0_policy_decides_as_the_reference() {
-    compare("seed.rego", "data.authz.allow", |case, d| match d {
-        Decision::Allow { headers } => {
-            assert!(case.seed, "{}: allowed", case.what);
-            assert!(headers.is_empty());
-        }
-        Decision::Deny { status, reason, .. } => {
-            assert!(!case.seed, "{}: denied", case.what);
-            assert_eq!(*status, StatusCode::FORBIDDEN);
-            assert_eq!(
-                *reason,
-                DenyReason::Policy,
-                "{}: default allow = false",
-                case.what
-            );
-        }
-    });
+    compare(
+        "seed.rego",
+        "data.authz.allow",
+        Engine::Vm,
+        |case, d| match d {
+            Decision::Allow { headers } => {
+                assert!(case.seed, "{}: allowed", case.what);
+                assert!(headers.is_empty());
+            }
+            Decision::Deny { status, reason, .. } => {
+                assert!(!case.seed, "{}: denied", case.what);
+                assert_eq!(*status, StatusCode::FORBIDDEN);
+                assert_eq!(
+                    *reason,
+                    DenyReason::Policy,
+                    "{}: default allow = false",
+                    case.what
+                );
+            }
+        },
+    );
 }
 
 #[test]
 fn opa_envoy_style_v1_policy_decides_as_the_reference() {
     // The boolean rule.
-    compare("envoy.rego", "data.envoy.authz.allow", |case, d| {
+    // `response` has two definitions with different values: the interpreter, which
+    // reports a conflict as OPA does.
+    let engine = Engine::InterpreterMayConflict;
+    compare("envoy.rego", "data.envoy.authz.allow", engine, |case, d| {
         assert_eq!(d.is_allowed(), case.envoy == Expect::Allow, "{}", case.what);
     });
     // The object decision built on it.
-    compare("envoy.rego", "data.envoy.authz.response", |case, d| {
-        let rego = |h: &[(http::HeaderName, HeaderValue)]| {
-            h.iter().any(|(n, v)| n == "x-authz" && v == "rego")
-        };
-        match (case.envoy, d) {
-            (Expect::Allow, Decision::Allow { headers }) => {
-                assert!(rego(headers), "{}: {headers:?}", case.what)
+    compare(
+        "envoy.rego",
+        "data.envoy.authz.response",
+        engine,
+        |case, d| {
+            let rego = |h: &[(http::HeaderName, HeaderValue)]| {
+                h.iter().any(|(n, v)| n == "x-authz" && v == "rego")
+            };
+            match (case.envoy, d) {
+                (Expect::Allow, Decision::Allow { headers }) => {
+                    assert!(rego(headers), "{}: {headers:?}", case.what)
+                }
+                (
+                    Expect::NotFound,
+                    Decision::Deny {
+                        status,
+                        headers,
+                        body,
+                        reason: DenyReason::Policy,
+                    },
+                ) => {
+                    assert_eq!(*status, StatusCode::NOT_FOUND, "{}", case.what);
+                    assert_eq!(body.as_deref(), Some("no such route"), "{}", case.what);
+                    assert!(rego(headers), "{}: {headers:?}", case.what);
+                }
+                (Expect::Undefined, d) => {
+                    assert_eq!(*d, Decision::deny(DenyReason::Undefined), "{}", case.what)
+                }
+                (want, got) => panic!("{}: wanted {want:?}, got {got:?}", case.what),
             }
-            (
-                Expect::NotFound,
-                Decision::Deny {
-                    status,
-                    headers,
-                    body,
-                    reason: DenyReason::Policy,
-                },
-            ) => {
-                assert_eq!(*status, StatusCode::NOT_FOUND, "{}", case.what);
-                assert_eq!(body.as_deref(), Some("no such route"), "{}", case.what);
-                assert!(rego(headers), "{}: {headers:?}", case.what);
-            }
-            (Expect::Undefined, d) => {
-                assert_eq!(*d, Decision::deny(DenyReason::Undefined), "{}", case.what)
-            }
-            (want, got) => panic!("{}: wanted {want:?}, got {got:?}", case.what),
-        }
-    });
+        },
+    );
 }
 
 /// A policy using `with` (a rule asked again with part of the input replaced).
 #[test]
 fn with_modifier_policy_decides_as_the_reference() {
-    compare("with.rego", "data.authz.allow", |case, d| {
+    let engine = Engine::InterpreterUnsupported;
+    compare("with.rego", "data.authz.allow", engine, |case, d| {
         let want = case.caller == Some(PAYMENT)
             && case.path.starts_with("/v1/users/")
             && case.method != "DELETE";
         assert_eq!(d.is_allowed(), want, "{}", case.what);
+    });
+}
+
+/// The same decisions as envoy.rego's allow rule from a policy the VM evaluates (a set, a
+/// function, `some`, `every`, a comprehension, a failing builtin, `regex.match`).
+#[test]
+fn compiled_policy_decides_as_the_reference() {
+    let query = "data.envoy.compiled.allow";
+    compare("envoy_compiled.rego", query, Engine::Vm, |case, d| {
+        assert_eq!(d.is_allowed(), case.envoy == Expect::Allow, "{}", case.what);
     });
 }

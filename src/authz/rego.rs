@@ -37,6 +37,8 @@ use serde_json::{json, Map, Value as Json};
 use tokio_util::sync::CancellationToken;
 
 use super::decision_cache::DecisionCache;
+pub use super::rego_vm::NotCompiled;
+use super::rego_vm::{conflict_free, VmPool};
 use crate::watch::FileWatch;
 
 /// Longest a single decision may evaluate. A policy that loops over a large input or
@@ -101,7 +103,7 @@ pub enum Syntax {
 /// builds a new one and swaps it in whole.
 #[derive(Debug)]
 pub struct RegoPolicy {
-    engines: Engines,
+    evaluator: Evaluator,
     query: String,
     files: Vec<(PathBuf, Syntax)>,
     /// The top-level input keys the policy can read: only those are built per request.
@@ -184,8 +186,14 @@ impl RegoPolicy {
             .to_string();
         let input_keys = InputKeys::of_sources(sources.iter().map(|(_, text)| text.as_str()));
         let cache = DecisionCache::for_policy(sources.iter().map(|(_, t)| t.as_str()), &input_keys);
+        let evaluator = match conflict_free(engine.get_modules())
+            .and_then(|()| VmPool::compile(&compiled, &rule, time_limit()))
+        {
+            Ok(vm) => Evaluator::Vm(vm),
+            Err(why) => Evaluator::Interpreter(Box::new(Engines::new(engine, rule)), why),
+        };
         Ok(Self {
-            engines: Engines::new(engine, rule),
+            evaluator,
             query: query.to_string(),
             files,
             input_keys,
@@ -207,6 +215,14 @@ impl RegoPolicy {
         &self.query
     }
 
+    /// Which engine evaluates this policy.
+    pub fn backend(&self) -> Backend {
+        match &self.evaluator {
+            Evaluator::Vm(_) => Backend::Vm,
+            Evaluator::Interpreter(_, why) => Backend::Interpreter(why.clone()),
+        }
+    }
+
     /// What the query evaluated to for `input`, as JSON; `None` when it is undefined
     /// (no rule body matched and there is no default).
     pub fn evaluate(&self, input: &Input) -> Result<Option<Json>, EvalError> {
@@ -220,9 +236,11 @@ impl RegoPolicy {
     /// What the query evaluated to, as the interpreter's value (`Undefined` when it is).
     fn evaluate_value(&self, input: &Input) -> Result<regorus::Value, EvalError> {
         let value = to_rego_value(&input.json).map_err(EvalError::Input)?;
-        self.engines
-            .eval(value)
-            .map_err(|e| EvalError::Policy(e.to_string()))
+        match &self.evaluator {
+            Evaluator::Vm(vm) => vm.eval(value),
+            Evaluator::Interpreter(engines, _) => engines.eval(value),
+        }
+        .map_err(|e| EvalError::Policy(e.to_string()))
     }
 
     /// Evaluates and decides; never fails: errors deny. A deterministic policy decides
@@ -251,6 +269,31 @@ impl RegoPolicy {
     pub fn caches_decisions(&self) -> bool {
         self.cache.is_some()
     }
+}
+
+/// Which engine evaluates a policy: regorus's VM where it decides as OPA does (see
+/// `rego_vm`), its interpreter otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Vm,
+    /// With the reason the VM was not used.
+    Interpreter(NotCompiled),
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Vm => f.write_str("compiled (regorus VM)"),
+            Backend::Interpreter(why) => write!(f, "interpreted (regorus interpreter; {why})"),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Evaluator {
+    Vm(VmPool),
+    /// Boxed: an engine is large, and a policy holds one evaluator.
+    Interpreter(Box<Engines>, NotCompiled),
 }
 
 /// Interpreters ready to evaluate one compiled policy, kept between decisions.
@@ -386,13 +429,16 @@ fn files_list(files: &[(PathBuf, Syntax)]) -> String {
 fn install_time_limit() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        regorus::utils::limits::set_fallback_execution_timer_config(Some(
-            regorus::utils::limits::ExecutionTimerConfig {
-                limit: EVAL_TIME_LIMIT,
-                check_interval: NonZeroU32::MIN.saturating_add(63),
-            },
-        ));
+        regorus::utils::limits::set_fallback_execution_timer_config(Some(time_limit()));
     });
+}
+
+/// [`EVAL_TIME_LIMIT`], checked every 64 units of work.
+fn time_limit() -> regorus::utils::limits::ExecutionTimerConfig {
+    regorus::utils::limits::ExecutionTimerConfig {
+        limit: EVAL_TIME_LIMIT,
+        check_interval: NonZeroU32::MIN.saturating_add(63),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -899,6 +945,7 @@ impl RegoAuthorizer {
         for (path, syntax) in policy.files() {
             tracing::info!(file = %path.display(), syntax = ?syntax, query, "rego policy loaded");
         }
+        tracing::info!(query, evaluation = %policy.backend(), "rego policy compiled");
         Ok(Self::from_policy(policy))
     }
 
@@ -958,9 +1005,10 @@ impl Shared {
     fn reload(&self) -> Result<(), RegoError> {
         match RegoPolicy::load(&self.files, &self.query) {
             Ok(policy) => {
+                let evaluation = policy.backend();
                 self.current.store(Arc::new(policy));
                 self.reloaded.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(files = %self.files_text(), query = %self.query, "rego policy reloaded");
+                tracing::info!(files = %self.files_text(), query = %self.query, %evaluation, "rego policy reloaded");
                 Ok(())
             }
             Err(e) => {
@@ -1149,6 +1197,10 @@ allow := {"allowed": true, "headers": {"x-policy": ["a", "b"]}} if input.method 
         let conflict = policy(
             "package authz\nallow := true if input.method\nallow := false if input.method\n",
         );
+        assert!(matches!(
+            conflict.backend(),
+            Backend::Interpreter(NotCompiled::MayConflict { .. })
+        ));
         let d = conflict.decide(&input(PAYMENT, "GET", "/", None));
         assert!(
             matches!(&d, Decision::Deny { reason: DenyReason::Evaluation(_), status, .. } if *status == StatusCode::FORBIDDEN),
@@ -1173,6 +1225,11 @@ allow := {"allowed": true, "headers": {"x-policy": ["a", "b"]}} if input.method 
     fn runaway_policy_is_stopped_and_denies() {
         let p = policy(
             "package authz\nimport rego.v1\nallow if {\n some i in numbers.range(1, 20000)\n some j in numbers.range(1, 20000)\n i * j == -1\n}\n",
+        );
+        assert_eq!(
+            p.backend(),
+            Backend::Vm,
+            "the VM's time limit is the one tested"
         );
         let start = std::time::Instant::now();
         let d = p.decide(&input(PAYMENT, "GET", "/", None));
@@ -1652,9 +1709,16 @@ allow {
             before,
             |v| compiled.eval_with_input(v).unwrap(),
         );
-        step("eval, now: Engines::eval (engines kept)", now, |v| {
-            policy.engines.eval(v).unwrap()
-        });
+        let engines = Engines::new(engine, "data.authz.allow".into());
+        step(
+            "eval, interpreter: Engines::eval (engines kept)",
+            now.clone(),
+            |v| engines.eval(v).unwrap(),
+        );
+        let Evaluator::Vm(vm) = &policy.evaluator else {
+            panic!("the bench policy is not compiled: {}", policy.backend())
+        };
+        step("eval, now: VmPool::eval", now, |v| vm.eval(v).unwrap());
         step(
             "decision, before: to JSON + Decision::from_result",
             outs.iter().collect(),
