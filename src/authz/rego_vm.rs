@@ -152,13 +152,7 @@ fn check_query(query: &Query) -> Result<(), &'static str> {
                 value,
                 collection,
                 ..
-            } => {
-                if let Some(key) = key {
-                    check_expr(key)?;
-                }
-                check_expr(value)?;
-                check_expr(collection)?;
-            }
+            } => check_exprs(key.iter().chain([value, collection]))?,
             Literal::Expr { expr, .. } | Literal::NotExpr { expr, .. } => check_expr(expr)?,
             Literal::Every { domain, query, .. } => {
                 check_expr(domain)?;
@@ -179,9 +173,7 @@ fn check_expr(expr: &Expr) -> Result<(), &'static str> {
         | Expr::Bool { .. }
         | Expr::Null { .. }
         | Expr::Var { .. } => Ok(()),
-        Expr::Array { items, .. } | Expr::Set { items, .. } => {
-            items.iter().try_for_each(|i| check_expr(i))
-        }
+        Expr::Array { items, .. } | Expr::Set { items, .. } => check_exprs(items),
         Expr::Object { fields, .. } => fields
             .iter()
             .try_for_each(|(_, k, v)| check_expr(k).and_then(|()| check_expr(v))),
@@ -190,41 +182,27 @@ fn check_expr(expr: &Expr) -> Result<(), &'static str> {
             check_query(query)
         }
         Expr::ObjectCompr { .. } => Err("an object comprehension"),
-        Expr::Call { fcn, params, .. } => {
-            check_expr(fcn)?;
-            params.iter().try_for_each(|p| check_expr(p))
-        }
+        Expr::Call { fcn, params, .. } => check_exprs([fcn].into_iter().chain(params)),
         Expr::UnaryExpr { expr, .. } => check_expr(expr),
         Expr::RefDot { refr, .. } => check_expr(refr),
-        Expr::RefBrack { refr, index, .. } => {
-            check_expr(refr)?;
-            check_expr(index)
-        }
-        Expr::BinExpr { lhs, rhs, .. } | Expr::BoolExpr { lhs, rhs, .. } => {
-            check_expr(lhs)?;
-            check_expr(rhs)
-        }
+        Expr::RefBrack { refr, index, .. } => check_exprs([refr, index]),
+        Expr::BinExpr { lhs, rhs, .. } | Expr::BoolExpr { lhs, rhs, .. } => check_exprs([lhs, rhs]),
         Expr::ArithExpr { .. } => Err("arithmetic"),
         Expr::AssignExpr { op, lhs, rhs, .. } => match op {
             AssignOp::ColEq => Err("`:=` in a body"),
-            AssignOp::Eq => {
-                check_expr(lhs)?;
-                check_expr(rhs)
-            }
+            AssignOp::Eq => check_exprs([lhs, rhs]),
         },
         Expr::Membership {
             key,
             value,
             collection,
             ..
-        } => {
-            if let Some(key) = key {
-                check_expr(key)?;
-            }
-            check_expr(value)?;
-            check_expr(collection)
-        }
+        } => check_exprs(key.iter().chain([value, collection])),
     }
+}
+
+fn check_exprs<'a>(exprs: impl IntoIterator<Item = &'a Ref<Expr>>) -> Result<(), &'static str> {
+    exprs.into_iter().try_for_each(|e| check_expr(e))
 }
 
 /// The value of a literal string, number, boolean or null.
@@ -320,6 +298,11 @@ fn one_line(message: &str) -> String {
 mod tests {
     use super::*;
 
+    const TIMER: ExecutionTimerConfig = ExecutionTimerConfig {
+        limit: std::time::Duration::from_millis(100),
+        check_interval: std::num::NonZeroU32::MIN,
+    };
+
     fn check(policy: &str) -> Result<(), NotCompiled> {
         let mut engine = regorus::Engine::new();
         engine.set_rego_v0(false);
@@ -330,10 +313,12 @@ mod tests {
         vm_safe(engine.get_modules())
     }
 
+    /// Why `policy` is refused (a possible conflict, or a construct).
     fn why(policy: &str) -> &'static str {
         match check(policy) {
             Err(NotCompiled::MayConflict { why, .. }) => why,
-            other => panic!("expected a possible conflict, got {other:?}"),
+            Err(NotCompiled::Construct { what, .. }) => what,
+            other => panic!("expected a refusal, got {other:?}"),
         }
     }
 
@@ -348,13 +333,6 @@ mod tests {
              allow if { ok(input.path); every y in input.l { y > 0 } }\n",
         )
         .unwrap();
-    }
-
-    fn what(policy: &str) -> &'static str {
-        match check(policy) {
-            Err(NotCompiled::Construct { what, .. }) => what,
-            other => panic!("expected a refused construct, got {other:?}"),
-        }
     }
 
     #[test]
@@ -403,72 +381,72 @@ mod tests {
             |body: &str| format!("package t\nimport rego.v1\ndefault allow := false\n{body}\n");
         // `:=` of an undefined value succeeded (VM true, interpreter false, input {}).
         assert_eq!(
-            what(&v1("allow if { x := input.missing; not x == 1 }")),
+            why(&v1("allow if { x := input.missing; not x == 1 }")),
             "`:=` in a body"
         );
         assert_eq!(
-            what("package t\ndefault allow = false\nallow { role := input.user.role; not role == \"guest\" }\n"),
+            why("package t\ndefault allow = false\nallow { role := input.user.role; not role == \"guest\" }\n"),
             "`:=` in a body"
         );
         assert_eq!(
-            what(&v1(
+            why(&v1(
                 "allow if every x in input.l { y := to_number(x); not y < 0 }"
             )),
             "`:=` in a body"
         );
         assert_eq!(
-            what(&v1(
+            why(&v1(
                 "allow if count([y | some x in input.l; y := to_number(x)]) == 1"
             )),
             "`:=` in a body"
         );
         // A head with a path read back as its leaf (VM true, interpreter false).
         assert_eq!(
-            what(&v1("a.b.c := false if input.z\nallow if not a.b")),
+            why(&v1("a.b.c := false if input.z\nallow if not a.b")),
             "a path or brackets in its head"
         );
         assert_eq!(
-            what(&v1(
+            why(&v1(
                 "a[x].b := true if { some x in input.l }\nallow if not a.k.b"
             )),
             "a path or brackets in its head"
         );
         assert_eq!(
-            what(&v1("o[k] := 1 if { some k in input.l }\nallow if o.a == 1")),
+            why(&v1("o[k] := 1 if { some k in input.l }\nallow if o.a == 1")),
             "a path or brackets in its head"
         );
         // A default function was ignored (VM true, interpreter false).
         assert_eq!(
-            what(&v1(
+            why(&v1(
                 "default f(_) := true\nf(x) := true if x == 1\nallow if not f(input.x)"
             )),
             "a default function"
         );
         // A default that is not a constant (interpreter error, VM true).
         assert_eq!(
-            what("package t\nimport rego.v1\ndefault allow := input.x\nallow if input.y\n"),
+            why("package t\nimport rego.v1\ndefault allow := input.x\nallow if input.y\n"),
             "a default that is not a constant"
         );
         // Duplicate keys from an object comprehension (interpreter error, VM by order).
         assert_eq!(
-            what(&v1(
+            why(&v1(
                 "allow if {\"role\": r | some r in input.roles}.role == \"admin\""
             )),
             "an object comprehension"
         );
         // Arithmetic on a string (interpreter error, VM undefined).
         assert_eq!(
-            what(&v1("deny if input.a + 1 > 2\nallow if not deny")),
+            why(&v1("deny if input.a + 1 > 2\nallow if not deny")),
             "arithmetic"
         );
         assert_eq!(
-            what(&v1(
+            why(&v1(
                 "r if input.m == \"GET\"\nallow if { r with input.m as \"GET\" }"
             )),
             "`with`"
         );
         assert_eq!(
-            what(&v1("f([a, b]) if a == b\nallow if f(input.p)")),
+            why(&v1("f([a, b]) if a == b\nallow if f(input.p)")),
             "a pattern as a function argument"
         );
     }
@@ -485,11 +463,7 @@ mod tests {
         let compiled = engine
             .compile_with_entrypoint(&"data.t.allow".into())
             .unwrap();
-        let timer = ExecutionTimerConfig {
-            limit: std::time::Duration::from_millis(100),
-            check_interval: std::num::NonZeroU32::MIN,
-        };
-        let pool = VmPool::compile(&compiled, "data.t.allow", timer).unwrap();
+        let pool = VmPool::compile(&compiled, "data.t.allow", TIMER).unwrap();
         let input = |n: &str| Value::from_json_str(&format!("{{\"n\": \"{n}\"}}")).unwrap();
         assert_eq!(pool.eval(input("5")).unwrap(), Value::Bool(true));
         assert_eq!(pool.eval(input("0")).unwrap(), Value::Bool(false));
@@ -511,11 +485,7 @@ mod tests {
         let compiled = engine
             .compile_with_entrypoint(&"data.t.allow".into())
             .unwrap();
-        let timer = ExecutionTimerConfig {
-            limit: std::time::Duration::from_millis(100),
-            check_interval: std::num::NonZeroU32::MIN,
-        };
-        match VmPool::compile(&compiled, "data.t.allow", timer) {
+        match VmPool::compile(&compiled, "data.t.allow", TIMER) {
             Err(NotCompiled::Unsupported(why)) => {
                 assert!(why.contains("with"), "{why}");
                 assert!(!why.contains('\n'), "{why}");
