@@ -463,3 +463,17 @@ fn compiled_policy_decides_as_the_reference() {
         assert_eq!(d.is_allowed(), case.envoy == Expect::Allow, "{}", case.what);
     });
 }
+
+/// Where the VM and the interpreter differ and the policy still runs in the VM, the VM
+/// decides as the reference engine does.
+#[test]
+fn vm_differences_from_the_interpreter_side_with_the_reference() {
+    compare(
+        "vm_differences.rego",
+        "data.vmdiff.allow",
+        Engine::Vm,
+        |case, d| {
+            assert!(d.is_allowed(), "{}: {d:?}", case.what);
+        },
+    );
+}
