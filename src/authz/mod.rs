@@ -9,6 +9,7 @@ pub mod http_rules;
 mod input_refs;
 pub mod opa;
 mod opa_error;
+mod rego_recursion;
 mod rego_vm;
 pub mod string_match;
 

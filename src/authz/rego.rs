@@ -37,6 +37,7 @@ use serde_json::{json, Map, Value as Json};
 use tokio_util::sync::CancellationToken;
 
 use super::decision_cache::DecisionCache;
+use super::rego_recursion::function_cycle;
 pub use super::rego_vm::NotCompiled;
 use super::rego_vm::{vm_safe, VmPool};
 use crate::watch::FileWatch;
@@ -165,6 +166,15 @@ impl RegoPolicy {
                 }
             };
             files.push((path.clone(), syntax));
+        }
+        if let Some(function) = function_cycle(engine.get_modules()) {
+            return Err(RegoError::Compile {
+                files: files_list(&files),
+                query: query.to_string(),
+                problem: format!(
+                    "function {function} may call itself (recursion), which OPA refuses too"
+                ),
+            });
         }
         // As OPA by default: a builtin that fails (`to_number("abc")`) makes its
         // expression undefined instead of failing the whole evaluation, so policies
@@ -1316,6 +1326,18 @@ allow := {"allowed": true, "headers": {"x-policy": ["a", "b"]}} if input.method 
         assert!(e.to_string().contains("/nonexistent/p.rego"), "{e}");
         let e = RegoPolicy::from_sources(&[], "data.authz.allow").unwrap_err();
         assert!(matches!(e, RegoError::NoFiles), "{e}");
+        // Functions calling each other: the interpreter would overflow its stack on
+        // the first request; OPA refuses the policy, and so does the load.
+        let recursive =
+            "package authz\nimport rego.v1\nf(x) if g(x)\ng(x) if f(x)\nallow if f(input.method)\n";
+        let e =
+            RegoPolicy::from_sources(&[("r.rego".into(), recursive.into())], "data.authz.allow")
+                .unwrap_err();
+        assert!(
+            matches!(&e, RegoError::Compile { problem, files, .. }
+                if problem.contains("recursion") && files.contains("r.rego")),
+            "{e}"
+        );
     }
 
     #[test]

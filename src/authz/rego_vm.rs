@@ -43,10 +43,12 @@ use std::sync::{Arc, Mutex};
 
 use regorus::languages::rego::compiler::Compiler;
 use regorus::rvm::{Program, RegoVM};
-use regorus::unstable::{AssignOp, Expr, Literal, Module, Query, Ref, Rule, RuleHead};
+use regorus::unstable::{AssignOp, Expr, Module, Query, Ref, Rule, RuleHead};
 use regorus::utils::get_path_string;
 use regorus::utils::limits::ExecutionTimerConfig;
 use regorus::{CompiledPolicy, Value};
+
+use super::rego_recursion::{cycle, statement_parts};
 
 /// Why a policy is evaluated by the interpreter rather than the VM (logged at load).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -198,50 +200,6 @@ fn head_ref(rule: &Rule) -> &Ref<Expr> {
     }
 }
 
-/// A rule name that can reach itself through the names the rules mention, if any.
-fn cycle(reaches: &HashMap<String, HashSet<String>>) -> Option<String> {
-    // Depth-first, iterative: 0 = not seen, 1 = on the path, 2 = done.
-    let mut state: HashMap<&str, u8> = HashMap::new();
-    for start in reaches.keys() {
-        if state.contains_key(start.as_str()) {
-            continue;
-        }
-        let mut stack: Vec<(&str, Vec<&str>)> = vec![(start, successors(reaches, start))];
-        state.insert(start, 1);
-        while let Some((node, next)) = stack.last_mut() {
-            match next.pop() {
-                Some(n) => match state.get(n) {
-                    Some(1) => return Some(n.to_string()),
-                    Some(_) => {}
-                    None => {
-                        state.insert(n, 1);
-                        let succ = successors(reaches, n);
-                        stack.push((n, succ));
-                    }
-                },
-                None => {
-                    state.insert(node, 2);
-                    stack.pop();
-                }
-            }
-        }
-    }
-    None
-}
-
-fn successors<'a>(reaches: &'a HashMap<String, HashSet<String>>, name: &str) -> Vec<&'a str> {
-    reaches
-        .get(name)
-        .map(|names| {
-            names
-                .iter()
-                .filter(|n| reaches.contains_key(n.as_str()))
-                .map(String::as_str)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The allowlist walk over a rule's bodies; it also collects every name the rule
 /// mentions (variables and fields), a superset of the rules it can reach.
 struct Walk<'a> {
@@ -256,19 +214,10 @@ impl Walk<'_> {
             if !stmt.with_mods.is_empty() {
                 return Err("`with`");
             }
-            match &stmt.literal {
-                Literal::SomeVars { .. } => {}
-                Literal::SomeIn {
-                    key,
-                    value,
-                    collection,
-                    ..
-                } => self.exprs(key.iter().chain([value, collection]))?,
-                Literal::Expr { expr, .. } | Literal::NotExpr { expr, .. } => self.expr(expr)?,
-                Literal::Every { domain, query, .. } => {
-                    self.expr(domain)?;
-                    self.query(query)?;
-                }
+            let (exprs, nested) = statement_parts(&stmt.literal);
+            self.exprs(exprs)?;
+            if let Some(nested) = nested {
+                self.query(nested)?;
             }
         }
         Ok(())
