@@ -75,7 +75,8 @@ SCENARIOS = [
     ("http_bulk", "HTTP 1 MiB bulk, 4 conns (MB/s)", "mbps", None, False),
     ("http_lat", "HTTP latency, 1 conn", "rps", None, False),
 ]
-n = max((len(v) for v in runs.values()), default=0)
+# Runs per scenario (the plain HTTP pair runs twice per round, before each authorization run).
+n = max((len(v) for (scen, _), v in runs.items() if scen != "http_base"), default=0)
 print(f"median (min-max) over {n} runs; latency p50 / p99 in us; CPU per request is both")
 print("proxies of a pair together; RSS is the pair's two processes after the run (the")
 print("svidcar pair serves every svidcar scenario; Envoy has one pair per shape)")
