@@ -75,8 +75,7 @@ SCENARIOS = [
     ("http_bulk", "HTTP 1 MiB bulk, 4 conns (MB/s)", "mbps", None, False),
     ("http_lat", "HTTP latency, 1 conn", "rps", None, False),
 ]
-# Runs per scenario (the plain HTTP pair runs twice per round, before each authorization run).
-n = max((len(v) for (scen, _), v in runs.items() if scen != "http_base"), default=0)
+n = max((len(v) for v in runs.values()), default=0)
 print(f"median (min-max) over {n} runs; latency p50 / p99 in us; CPU per request is both")
 print("proxies of a pair together; RSS is the pair's two processes after the run (the")
 print("svidcar pair serves every svidcar scenario; Envoy has one pair per shape)")
@@ -120,15 +119,13 @@ for key, label in [("direct_ka", "keep-alive"), ("direct_nc", "new connection")]
 print()
 print("authorization on the svidcar HTTP pair, keep-alive (svidcar only; target: under 10% of the plain pair):")
 print("  (each run paired with the plain-pair run just before it; cost = median of the pairs' costs)")
-for scen, base, step, label in [
-    ("rules_ka", "http_base", 0, "20 per-route rules"),
-    ("rego_ka", "http_base", 1, "Rego policy, repeated requests (decisions cached)"),
-    ("rego_var", "http_var", 0, "Rego policy, every path new (every request evaluated)"),
+for scen, base, label in [
+    ("rules_ka", "rules_base", "20 per-route rules"),
+    ("rego_ka", "rego_base", "Rego policy, repeated requests (decisions cached)"),
+    ("rego_var", "http_var", "Rego policy, every path new (every request evaluated)"),
 ]:
-    mine = runs.get((scen, "svidcar"), [])
-    # The plain runs alternate between the authorization scenarios that follow them.
-    bases = runs.get((base, "svidcar"), [])[step :: 2 if base == "http_base" else 1]
-    pairs = list(zip(bases, mine))
+    # The n-th run of each scenario follows the n-th run of its plain-pair baseline.
+    pairs = list(zip(runs.get((base, "svidcar"), []), runs.get((scen, "svidcar"), [])))
     if not pairs:
         continue
     costs = [1 - r["rps"] / b["rps"] for b, r in pairs]

@@ -6,6 +6,7 @@
 
 mod decision_cache;
 pub mod http_rules;
+mod idle;
 mod input_refs;
 pub mod opa;
 mod opa_error;

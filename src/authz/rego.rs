@@ -26,7 +26,7 @@
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Once, Weak};
+use std::sync::{Arc, Once, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -37,6 +37,7 @@ use serde_json::{json, Map, Value as Json};
 use tokio_util::sync::CancellationToken;
 
 use super::decision_cache::DecisionCache;
+use super::idle::Idle;
 use super::rego_recursion::function_cycle;
 pub use super::rego_vm::NotCompiled;
 use super::rego_vm::{vm_safe, VmPool};
@@ -312,9 +313,7 @@ enum Evaluator {
 /// it afterwards (6% of the instructions of evaluating the bench's three-line policy).
 /// Here an engine evaluates many inputs in turn: regorus resets its evaluation state at
 /// the start of every `eval_rule` (its documented way to evaluate one loaded policy with
-/// several inputs). An engine whose evaluation failed is dropped rather than reused, so
-/// no state an error may have left behind reaches the next decision. Engines kept idle
-/// are bounded; there are as many busy at once as threads deciding at once.
+/// several inputs), kept in an [`Idle`] pool.
 ///
 /// Unlike an engine made from a `CompiledPolicy`, the engine the policy was compiled in
 /// has `data` in the document `with` modifies, so a rule reached through `with input...`
@@ -324,7 +323,7 @@ struct Engines {
     template: regorus::Engine,
     /// The canonical path of the rule to evaluate (`data.authz.allow`).
     rule: String,
-    idle: Mutex<Vec<regorus::Engine>>,
+    idle: Idle<regorus::Engine>,
 }
 
 impl std::fmt::Debug for Engines {
@@ -336,32 +335,22 @@ impl std::fmt::Debug for Engines {
 }
 
 impl Engines {
-    /// Most engines kept idle (each holds its last input and results until reused).
-    const MAX_IDLE: usize = 64;
-
     fn new(template: regorus::Engine, rule: String) -> Self {
         Self {
             template,
             rule,
-            idle: Mutex::new(Vec::new()),
+            idle: Idle::new(),
         }
     }
 
     fn eval(&self, input: regorus::Value) -> anyhow::Result<regorus::Value> {
-        let mut engine = self.lock().pop().unwrap_or_else(|| self.template.clone());
-        engine.set_input(input);
-        let result = engine.eval_rule(self.rule.clone());
-        if result.is_ok() {
-            let mut idle = self.lock();
-            if idle.len() < Self::MAX_IDLE {
-                idle.push(engine);
-            }
-        }
-        result
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<regorus::Engine>> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+        self.idle.with(
+            || self.template.clone(),
+            |engine| {
+                engine.set_input(input);
+                engine.eval_rule(self.rule.clone())
+            },
+        )
     }
 }
 

@@ -39,7 +39,7 @@
 
 use std::collections::hash_map::{Entry, HashMap};
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use regorus::languages::rego::compiler::Compiler;
 use regorus::rvm::{Program, RegoVM};
@@ -48,6 +48,7 @@ use regorus::utils::get_path_string;
 use regorus::utils::limits::ExecutionTimerConfig;
 use regorus::{CompiledPolicy, Value};
 
+use super::idle::Idle;
 use super::rego_recursion::{cycle, statement_parts};
 
 /// Why a policy is evaluated by the interpreter rather than the VM (logged at load).
@@ -338,13 +339,12 @@ fn scalar_literal(expr: &Expr) -> Option<Value> {
     }
 }
 
-/// VMs ready to evaluate one compiled program, kept between decisions. A VM resets its
-/// evaluation state at the start of every run; one whose run failed is dropped rather
-/// than reused, as the interpreter's engines are.
+/// VMs ready to evaluate one compiled program, kept between decisions in an [`Idle`]
+/// pool (a VM resets its evaluation state at the start of every run).
 pub struct VmPool {
     program: Arc<Program>,
     timer: ExecutionTimerConfig,
-    idle: Mutex<Vec<RegoVM>>,
+    idle: Idle<RegoVM>,
 }
 
 impl std::fmt::Debug for VmPool {
@@ -354,9 +354,6 @@ impl std::fmt::Debug for VmPool {
 }
 
 impl VmPool {
-    /// Most VMs kept idle (each holds its last input and registers until reused).
-    const MAX_IDLE: usize = 64;
-
     /// Compiles `policy`'s entry point `rule` (canonical, `data.authz.allow`) for the VM.
     /// `timer` stops a runaway evaluation, as the interpreter's time limit does.
     pub fn compile(
@@ -369,7 +366,7 @@ impl VmPool {
         Ok(Self {
             program,
             timer,
-            idle: Mutex::new(Vec::new()),
+            idle: Idle::new(),
         })
     }
 
@@ -387,20 +384,15 @@ impl VmPool {
 
     /// Evaluates the program's entry point for `input`.
     pub fn eval(&self, input: Value) -> anyhow::Result<Value> {
-        let mut vm = self.lock().pop().unwrap_or_else(|| self.new_vm());
-        vm.set_input(input);
-        let result = vm.execute();
-        if result.is_ok() {
-            let mut idle = self.lock();
-            if idle.len() < Self::MAX_IDLE {
-                idle.push(vm);
-            }
-        }
-        result.map_err(anyhow::Error::from)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<RegoVM>> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+        self.idle
+            .with(
+                || self.new_vm(),
+                |vm| {
+                    vm.set_input(input);
+                    vm.execute()
+                },
+            )
+            .map_err(anyhow::Error::from)
     }
 }
 
@@ -609,7 +601,7 @@ mod tests {
         assert_eq!(pool.eval(input("0")).unwrap(), Value::Bool(false));
         // A builtin that fails is undefined, as in OPA: the default applies.
         assert_eq!(pool.eval(input("abc")).unwrap(), Value::Bool(false));
-        assert_eq!(pool.lock().len(), 1);
+        assert_eq!(pool.idle.len(), 1);
     }
 
     #[test]
