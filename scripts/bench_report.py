@@ -113,6 +113,21 @@ for scen, label, fig, target, strict in SCENARIOS:
         f"| {resumption(scen, 'svidcar')} | {resumption(scen, 'envoy')} |"
     )
 print()
+# The n-th svidcar run and the n-th Envoy run of a scenario ran back to back: their ratio
+# is a pair of neighbours, which drift on a shared machine moves less than the medians.
+print("paired: each svidcar run against the Envoy run right after it, median (min-max) of the")
+print("runs' ratios (the table's ratio and the verdicts are the ratios of the medians):")
+for scen, label, fig, _target, _strict in SCENARIOS:
+    pairs = list(zip(runs.get((scen, "svidcar"), []), runs.get((scen, "envoy"), [])))
+    if not pairs:
+        continue
+    speed = [s[fig] / e[fig] for s, e in pairs]
+    cpu = [s["cpu"] / e["cpu"] for s, e in pairs if s["cpu"] and e["cpu"]]
+    line = f"  {label}: {st.median(speed):.2f}x ({min(speed):.2f}-{max(speed):.2f})"
+    if cpu:
+        line += f", CPU per request {st.median(cpu):.2f}x ({min(cpu):.2f}-{max(cpu):.2f})"
+    print(line)
+print()
 for key, label in [("direct_ka", "keep-alive"), ("direct_nc", "new connection")]:
     if runs.get((key, "nginx")):
         print(f"direct to nginx, no proxy, {label}: {spread(key, 'nginx', 'rps')} req/s")
