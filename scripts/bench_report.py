@@ -113,9 +113,10 @@ for scen, label, fig, target, strict in SCENARIOS:
         f"| {resumption(scen, 'svidcar')} | {resumption(scen, 'envoy')} |"
     )
 print()
-# The n-th svidcar run and the n-th Envoy run of a scenario ran back to back: their ratio
+# The n-th svidcar run and the n-th Envoy run of a scenario ran back to back (which one
+# first alternates between repetitions): their ratio
 # is a pair of neighbours, which drift on a shared machine moves less than the medians.
-print("paired: each svidcar run against the Envoy run right after it, median (min-max) of the")
+print("paired: each svidcar run against the Envoy run beside it, median (min-max) of the")
 print("runs' ratios (the table's ratio and the verdicts are the ratios of the medians):")
 for scen, label, fig, _target, _strict in SCENARIOS:
     pairs = list(zip(runs.get((scen, "svidcar"), []), runs.get((scen, "envoy"), [])))
