@@ -1,21 +1,9 @@
-//! Build steps: compiles the .proto files in proto/ with protox (a pure-Rust protobuf
-//! compiler, so a build needs no protoc on the machine), and gives the linker the
-//! binary's code layout.
+//! Build step: gives the linker the binary's code layout. (The code generated from
+//! proto/ is checked in under src/proto/generated; `tests/proto_generated.rs` keeps it
+//! in step with proto/.)
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = [
-        "proto/workload.proto",
-        "proto/envoy/service/secret/v3/sds.proto",
-        "proto/envoy/extensions/transport_sockets/tls/v3/secret.proto",
-    ];
-    println!("cargo:rerun-if-changed=proto");
-    link_args()?;
-    let fds = protox::compile(protos, ["proto"])?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(fds)?;
-    Ok(())
+    link_args()
 }
 
 /// Linker arguments for the `svidcar` binary, where the linker is rustc's default rust-lld
