@@ -5,7 +5,6 @@ FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY build build
-COPY proto proto
 COPY src src
 RUN cargo build --release --locked --bin svidcar && strip target/release/svidcar
 
