@@ -148,12 +148,14 @@ fn nginx_logs_the_callers_real_address() {
         ),
     )
     .unwrap();
-    let mut nginx = Command::new("nginx")
-        .arg("-c")
-        .arg(d.join("nginx.conf"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let _nginx = Nginx(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(d.join("nginx.conf"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_until("nginx", Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", ngx_port)).ok()
     });
@@ -177,9 +179,20 @@ fn nginx_logs_the_callers_real_address() {
         log.lines().next().map(str::to_string)
     });
     assert_eq!(line, format!("127.0.0.5:{client_port} via 127.0.0.1"));
-    let _ = nginx.kill();
-    let _ = nginx.wait();
     drop(s);
+}
+
+/// nginx, stopped on drop (a failed assertion too) with SIGTERM, on which the master
+/// stops its worker: SIGKILL would leave the worker running, still listening.
+struct Nginx(std::process::Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
