@@ -260,7 +260,7 @@ fn reference(
     query: &str,
     inputs: &[Input],
 ) -> Vec<Option<Value>> {
-    let docs: Vec<&Value> = inputs.iter().map(Input::json).collect();
+    let docs: Vec<Value> = inputs.iter().map(Input::to_json).collect();
     std::fs::write(dir.join("inputs.json"), serde_json::to_vec(&docs).unwrap()).unwrap();
     let files: Vec<String> = policies.iter().map(|p| p.display().to_string()).collect();
     let script = format!(

@@ -23,7 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus::IntCounterVec;
-use serde_json::{json, Value as Json};
+use serde_json::Value as Json;
 
 pub use super::opa_error::OpaError;
 use super::rego::{Decision, DenyReason, Input, InputKeys, RegoAuthorizer, RequestView};
@@ -142,8 +142,15 @@ impl OpaClient {
 
     /// One exchange with OPA: the `result` of its answer (`None`: undefined).
     async fn ask(&self, input: &Input) -> Result<Option<Json>, OpaError> {
-        let body = serde_json::to_vec(&json!({ "input": input.json() }))
-            .map_err(|e| OpaError::Connect(format!("input not serializable: {e}")))?;
+        /// The Data API's request body.
+        #[derive(serde::Serialize)]
+        struct Ask<'a> {
+            input: &'a regorus::Value,
+        }
+        let body = serde_json::to_vec(&Ask {
+            input: input.document(),
+        })
+        .map_err(|e| OpaError::Connect(format!("input not serializable: {e}")))?;
         let req = Request::builder()
             .method(Method::POST)
             .uri(self.inner.settings.url.clone())

@@ -33,7 +33,7 @@ use arc_swap::ArcSwap;
 
 pub use super::input_refs::InputKeys;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
-use serde_json::{json, Map, Value as Json};
+use serde_json::{Map, Value as Json};
 use tokio_util::sync::CancellationToken;
 
 use super::decision_cache::DecisionCache;
@@ -81,9 +81,6 @@ pub enum RegoError {
 /// Why one evaluation failed (the request is denied).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EvalError {
-    /// The input document could not be handed to the interpreter.
-    #[error("input not accepted by the interpreter: {0}")]
-    Input(String),
     /// The policy failed at run time: conflicting rule values, a time limit, ...
     #[error("{0}")]
     Policy(String),
@@ -246,7 +243,7 @@ impl RegoPolicy {
 
     /// What the query evaluated to, as the interpreter's value (`Undefined` when it is).
     fn evaluate_value(&self, input: &Input) -> Result<regorus::Value, EvalError> {
-        let value = to_rego_value(&input.json).map_err(EvalError::Input)?;
+        let value = input.doc.clone();
         match &self.evaluator {
             Evaluator::Vm(vm) => vm.eval(value),
             Evaluator::Interpreter(engines, _) => engines.eval(value),
@@ -262,7 +259,7 @@ impl RegoPolicy {
             Err(e) => Decision::deny(DenyReason::Evaluation(e.to_string())),
         };
         match &self.cache {
-            Some(cache) => cache.decide(input.cache_key(), evaluate, |d| {
+            Some(cache) => cache.decide(&input.doc, evaluate, |d| {
                 !matches!(
                     d,
                     Decision::Deny {
@@ -376,16 +373,26 @@ fn to_rego_value(json: &Json) -> Result<regorus::Value, String> {
                 .map(to_rego_value)
                 .collect::<Result<Vec<_>, _>>()?,
         ),
-        Json::Object(map) if map.is_empty() => Value::new_object(),
-        Json::Object(map) if !map.contains_key(SERDE_JSON_NUMBER) => {
-            let mut object = std::collections::BTreeMap::new();
-            for (key, value) in map {
-                object.insert(Value::String(key.as_str().into()), to_rego_value(value)?);
-            }
-            Value::from(object)
-        }
+        Json::Object(map) if !map.contains_key(SERDE_JSON_NUMBER) => object_to_rego(map)?,
         Json::Number(_) | Json::Object(_) => serde_via_deserialize(json)?,
     })
+}
+
+/// [`to_rego_value`] of a JSON object (JWT claims).
+fn object_to_rego(map: &Map<String, Json>) -> Result<regorus::Value, String> {
+    use regorus::Value;
+    if map.is_empty() {
+        return Ok(Value::new_object());
+    }
+    if map.contains_key(SERDE_JSON_NUMBER) {
+        return serde::Deserialize::deserialize(&Json::Object(map.clone()))
+            .map_err(|e: serde_json::Error| e.to_string());
+    }
+    let mut object = std::collections::BTreeMap::new();
+    for (key, value) in map {
+        object.insert(Value::String(key.as_str().into()), to_rego_value(value)?);
+    }
+    Ok(Value::from(object))
 }
 
 /// serde_json's marker for an arbitrary-precision number (`{"$serde_json::private::Number":
@@ -470,6 +477,9 @@ pub enum InputError {
     Path,
     #[error("query: {0}")]
     Query(&'static str),
+    /// Not reached for claims serde_json parsed, but never a panic.
+    #[error("JWT claims not accepted by the interpreter: {0}")]
+    Claims(String),
 }
 
 /// The policy input: one JSON object carrying both shapes.
@@ -509,7 +519,9 @@ pub enum InputError {
 /// `jwt_claims` is present only when a JWT-SVID was validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Input {
-    json: Json,
+    /// Built as the engine's value type: that is what the policy evaluates, and what the
+    /// decision cache remembers (JSON only for OPA and tests).
+    doc: regorus::Value,
 }
 
 impl Input {
@@ -524,96 +536,125 @@ impl Input {
     /// refused for bad input whatever the policy reads.
     pub fn build_for(view: &RequestView<'_>, keys: &InputKeys) -> Result<Self, InputError> {
         let parsed_path = if keys.wants("parsed_path") {
-            parse_path(view.path)?
+            Some(parse_path(view.path)?)
         } else {
             check_path(view.path)?;
-            Vec::new()
+            None
         };
         let parsed_query = parse_query(view.query.unwrap_or(""))?;
-        let mut json = Map::new();
+        let mut doc = Object::new();
         if let Some(caller) = view.caller {
             for key in ["client_spiffe_id", "source_principal"] {
                 if keys.wants(key) {
-                    json.insert(key.into(), caller.into());
+                    doc.put(key, caller);
                 }
             }
         }
         if keys.wants("method") {
-            json.insert("method".into(), view.method.into());
+            doc.put("method", view.method);
         }
         if keys.wants("path") {
-            json.insert("path".into(), view.path.into());
+            doc.put("path", view.path);
         }
         if keys.wants("attributes") {
-            json.insert("attributes".into(), Self::attributes(view));
+            doc.put("attributes", Self::attributes(view));
         }
-        if keys.wants("parsed_path") {
-            json.insert("parsed_path".into(), parsed_path.into());
+        if let Some(segments) = parsed_path {
+            let list: Vec<regorus::Value> = segments.into_iter().map(Into::into).collect();
+            doc.put("parsed_path", list);
         }
         if keys.wants("parsed_query") {
-            json.insert("parsed_query".into(), Json::Object(parsed_query));
+            let mut query = Object::new();
+            for (name, values) in parsed_query {
+                query.put(&name, values);
+            }
+            doc.put("parsed_query", query);
         }
         if keys.wants("version") {
-            json.insert(
-                "version".into(),
-                json!({"ext_authz": "v3", "encoding": "protojson"}),
-            );
+            let mut version = Object::new();
+            version.put("ext_authz", "v3");
+            version.put("encoding", "protojson");
+            doc.put("version", version);
         }
         if let (Some(claims), true) = (view.jwt_claims, keys.wants("jwt_claims")) {
-            json.insert("jwt_claims".into(), Json::Object(claims.clone()));
+            let claims = object_to_rego(claims).map_err(InputError::Claims)?;
+            doc.put("jwt_claims", claims);
         }
-        Ok(Self {
-            json: Json::Object(json),
-        })
+        Ok(Self { doc: doc.into() })
     }
 
     /// OPA-Envoy's `attributes`: source principal and the request with its headers.
-    fn attributes(view: &RequestView<'_>) -> Json {
+    fn attributes(view: &RequestView<'_>) -> Object {
         let full_path = match view.query {
             Some(q) => format!("{}?{}", view.path, q),
             None => view.path.to_string(),
         };
-        let mut headers = Map::new();
-        headers.insert(":authority".into(), view.host.into());
-        headers.insert(":method".into(), view.method.into());
-        headers.insert(":path".into(), full_path.clone().into());
+        // Repeated headers joined with `,` first, then made values once.
+        let mut joined: std::collections::BTreeMap<&str, String> = Default::default();
+        joined.insert(":authority", view.host.to_string());
+        joined.insert(":method", view.method.to_string());
+        joined.insert(":path", full_path.clone());
         for (name, value) in view.headers {
             let value = String::from_utf8_lossy(value.as_bytes());
-            match headers.get_mut(name.as_str()) {
-                Some(Json::String(existing)) => {
+            match joined.get_mut(name.as_str()) {
+                Some(existing) => {
                     existing.push(',');
                     existing.push_str(&value);
                 }
-                _ => {
-                    headers.insert(name.as_str().to_string(), value.into_owned().into());
+                None => {
+                    joined.insert(name.as_str(), value.into_owned());
                 }
             }
         }
-        let mut source = Map::new();
-        if let Some(caller) = view.caller {
-            source.insert("principal".into(), caller.into());
+        let mut headers = Object::new();
+        for (name, value) in joined {
+            headers.put(name, value);
         }
-        json!({
-            "source": source,
-            "request": {"http": {
-                "method": view.method,
-                "path": full_path,
-                "host": view.host,
-                "headers": headers,
-            }},
-        })
+        let mut source = Object::new();
+        if let Some(caller) = view.caller {
+            source.put("principal", caller);
+        }
+        let mut http = Object::new();
+        http.put("method", view.method);
+        http.put("path", full_path);
+        http.put("host", view.host);
+        http.put("headers", headers);
+        let mut request = Object::new();
+        request.put("http", http);
+        let mut attributes = Object::new();
+        attributes.put("source", source);
+        attributes.put("request", request);
+        attributes
     }
 
-    /// The input document, for logs, tests and a reference engine.
-    pub fn json(&self) -> &Json {
-        &self.json
+    /// The input document as the engine evaluates it.
+    pub fn document(&self) -> &regorus::Value {
+        &self.doc
     }
 
-    /// The input as compact JSON text, for the decision cache: the text `to_string`
-    /// gives, written straight to a buffer instead of through `fmt::Display` (which
-    /// costs more than the rest of a cache lookup).
-    fn cache_key(&self) -> String {
-        serde_json::to_string(&self.json).unwrap_or_else(|_| self.json.to_string())
+    /// The input document as JSON, for a reference engine and tests (OPA gets the
+    /// document serialized directly).
+    pub fn to_json(&self) -> Json {
+        serde_json::to_value(&self.doc).unwrap_or(Json::Null)
+    }
+}
+
+/// An object of the input being built: string keys, in the order the engine keeps them.
+struct Object(std::collections::BTreeMap<regorus::Value, regorus::Value>);
+
+impl Object {
+    fn new() -> Self {
+        Self(Default::default())
+    }
+
+    fn put(&mut self, key: &str, value: impl Into<regorus::Value>) {
+        self.0.insert(key.into(), value.into());
+    }
+}
+
+impl From<Object> for regorus::Value {
+    fn from(object: Object) -> Self {
+        regorus::Value::from(object.0)
     }
 }
 
@@ -637,8 +678,10 @@ fn check_path(path: &str) -> Result<(), InputError> {
 }
 
 /// Go's `url.ParseQuery`, which OPA-Envoy uses for `parsed_query`.
-fn parse_query(query: &str) -> Result<Map<String, Json>, InputError> {
-    let mut out = Map::new();
+fn parse_query(
+    query: &str,
+) -> Result<std::collections::BTreeMap<String, Vec<regorus::Value>>, InputError> {
+    let mut out = std::collections::BTreeMap::new();
     for piece in query.split('&') {
         if piece.contains(';') {
             return Err(InputError::Query("`;` is not a separator"));
@@ -650,10 +693,9 @@ fn parse_query(query: &str) -> Result<Map<String, Json>, InputError> {
         let name = percent_decode(name, true).ok_or(InputError::Query("bad escape in a name"))?;
         let value =
             percent_decode(value, true).ok_or(InputError::Query("bad escape in a value"))?;
-        match out.entry(name).or_insert_with(|| Json::Array(Vec::new())) {
-            Json::Array(values) => values.push(value.into()),
-            _ => return Err(InputError::Query("internal: not a list")),
-        }
+        out.entry(name)
+            .or_insert_with(Vec::new)
+            .push(regorus::Value::from(value));
     }
     Ok(out)
 }
@@ -1052,6 +1094,7 @@ async fn watch(shared: Weak<Shared>, mut files: FileWatch, shutdown: Cancellatio
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const V0: &str = r#"package authz
 default allow = false
@@ -1373,8 +1416,8 @@ allow := {"allowed": true, "headers": {"x-policy": ["a", "b"]}} if input.method 
         let id = "spiffe://example.org/ns/default/sa/payment";
         let path = "/v1/users/a%20b?verbose=1&tag=x&tag=y+z&flag&&e=%41";
         assert_eq!(
-            got.json(),
-            &json!({
+            got.to_json(),
+            json!({
                 "client_spiffe_id": id,
                 "method": "GET",
                 "path": "/v1/users/a%20b",
@@ -1402,10 +1445,11 @@ allow := {"allowed": true, "headers": {"x-policy": ["a", "b"]}} if input.method 
         );
         // Root path and no caller.
         let root = input(None, "GET", "/", None);
-        assert_eq!(root.json()["parsed_path"], json!([""]));
-        assert_eq!(root.json()["parsed_query"], json!({}));
-        assert_eq!(root.json()["attributes"]["source"], json!({}));
-        assert!(root.json().get("client_spiffe_id").is_none());
+        let root = root.to_json();
+        assert_eq!(root["parsed_path"], json!([""]));
+        assert_eq!(root["parsed_query"], json!({}));
+        assert_eq!(root["attributes"]["source"], json!({}));
+        assert!(root.get("client_spiffe_id").is_none());
     }
 
     #[test]
@@ -1452,8 +1496,10 @@ allow := {"allowed": true, "headers": {"x-policy": ["a", "b"]}} if input.method 
         }
     }
 
+    /// The document built for the engine is what its JSON (what OPA and the reference
+    /// engine get) makes in the engine.
     #[test]
-    fn cache_key_is_the_input_json_text() {
+    fn document_is_its_json_for_the_engine() {
         for keys in [
             InputKeys::All,
             InputKeys::of_sources([V0]),
@@ -1475,7 +1521,11 @@ allow := {"allowed": true, "headers": {"x-policy": ["a", "b"]}} if input.method 
                 &keys,
             )
             .unwrap();
-            assert_eq!(input.cache_key(), input.json().to_string());
+            assert_eq!(
+                &to_rego_value(&input.to_json()).unwrap(),
+                input.document(),
+                "{keys:?}"
+            );
         }
     }
 
@@ -1695,26 +1745,17 @@ allow {
             paths.iter().collect(),
             |p| Input::build_for(&view(p, &headers), &keys).unwrap(),
         );
-        step(
-            "cache key, before: input.json.to_string()",
-            inputs.iter().collect(),
-            |i| i.json.to_string(),
-        );
-        step(
-            "cache key, now: Input::cache_key",
-            inputs.iter().collect(),
-            |i| i.cache_key(),
-        );
         let before = step(
-            "Json -> Value, before: serde Deserialize",
-            inputs.iter().collect(),
-            |i| serde_via_deserialize(&i.json).unwrap(),
+            "Json -> Value, before: build JSON + serde Deserialize",
+            paths.iter().collect(),
+            |p| {
+                let json = Input::build_for(&view(p, &headers), &keys)
+                    .unwrap()
+                    .to_json();
+                serde_via_deserialize(&json).unwrap()
+            },
         );
-        let now = step(
-            "Json -> Value, now: to_rego_value",
-            inputs.iter().collect(),
-            |i| to_rego_value(&i.json).unwrap(),
-        );
+        let now: Vec<regorus::Value> = inputs.iter().map(|i| i.doc.clone()).collect();
         let outs = step(
             "eval, before: CompiledPolicy::eval_with_input",
             before,

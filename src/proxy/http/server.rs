@@ -456,9 +456,9 @@ impl HttpForwarder {
             Err(_) => return self.answer(StatusCode::BAD_REQUEST, "bad request target\n"),
         }
         if let (Some(kind), Some(on_upgrade)) = (upgrade, on_upgrade) {
-            return self
-                .send_upgrade(req, kind, &authority, on_upgrade, conn)
-                .await;
+            // Boxed: its state (4 KiB) would otherwise be in every request's task, and
+            // be copied with it at each spawn, for the rare upgrade.
+            return Box::pin(self.send_upgrade(req, kind, &authority, on_upgrade, conn)).await;
         }
         // gRPC needs h2 to the app; other requests go as HTTP/1.1, which every app speaks.
         let grpc = req
