@@ -25,7 +25,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::eviction::{PeerRole, Registration};
-use crate::identity::IdentityState;
+use crate::identity::{IdentityState, Snapshot};
 use crate::proxy::{established, reject, Connector, MtlsOriginator};
 
 /// The body of a request svidcar sends upstream (the caller's, trailers cleaned).
@@ -215,6 +215,9 @@ const POOL_IDLE: Duration = Duration::from_secs(90);
 /// names from piling up idle connections.
 const POOL_MAX_IDLE_PER_HOST: usize = 32;
 
+/// A pooled client of one listener's upstream.
+pub type UpstreamClient = Client<UpstreamConnector, ReqBody>;
+
 /// The client for one listener's upstream: a hyper client whose pool belongs to one
 /// SVID. When `state` shows another default SVID, the next request gets a new client
 /// (new connections, new certificate); the old one's connections finish the requests
@@ -224,7 +227,9 @@ pub struct Pool {
     h2_only: bool,
     pool: bool,
     state: Option<Arc<IdentityState>>,
-    current: std::sync::Mutex<(Option<String>, Client<UpstreamConnector, ReqBody>)>,
+    /// The serial of the SVID the client's connections use, and the client (shared: a
+    /// request takes a count, not a copy of the client's 300-odd bytes).
+    current: std::sync::Mutex<(Option<String>, Arc<UpstreamClient>)>,
 }
 
 impl Pool {
@@ -235,8 +240,10 @@ impl Pool {
         pool: bool,
         state: Option<Arc<IdentityState>>,
     ) -> Self {
-        let serial = state.as_deref().and_then(default_serial);
-        let client = build(connector.clone(), h2_only, pool);
+        let serial = state
+            .as_deref()
+            .and_then(|s| default_serial(&s.load()).map(str::to_owned));
+        let client = Arc::new(build(connector.clone(), h2_only, pool));
         Self {
             connector,
             h2_only,
@@ -247,14 +254,15 @@ impl Pool {
     }
 
     /// The client to use now.
-    pub fn get(&self) -> Client<UpstreamConnector, ReqBody> {
-        let serial = self.state.as_deref().and_then(default_serial);
+    pub fn get(&self) -> Arc<UpstreamClient> {
+        let snapshot = self.state.as_deref().map(IdentityState::load);
+        let serial = snapshot.as_deref().and_then(default_serial);
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        if self.state.is_some() && cur.0 != serial {
+        if self.state.is_some() && cur.0.as_deref() != serial {
             tracing::debug!(listener = %self.connector.listener, "SVID rotated: new upstream connections from now on");
             *cur = (
-                serial,
-                build(self.connector.clone(), self.h2_only, self.pool),
+                serial.map(str::to_owned),
+                Arc::new(build(self.connector.clone(), self.h2_only, self.pool)),
             );
         }
         cur.1.clone()
@@ -266,8 +274,8 @@ impl Pool {
     }
 }
 
-fn default_serial(state: &IdentityState) -> Option<String> {
-    state.load().default_svid().map(|s| s.serial.clone())
+fn default_serial(snapshot: &Snapshot) -> Option<&str> {
+    snapshot.default_svid().map(|s| s.serial.as_str())
 }
 
 /// A pooled client over `connector`; `h2_only` for h2c to the app.

@@ -436,41 +436,40 @@ impl HttpForwarder {
 
     /// Sends `req` upstream with `path_and_query` and `authority`: pooled, or on a
     /// connection of its own for an upgrade.
+    ///
+    /// Only what the pooled request awaits is held here: this future is part of every
+    /// request's task, which is copied when it is spawned, so the request is rewritten
+    /// in [`Self::outgoing`] and the rare upgrade's state is boxed.
     async fn send(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         path_and_query: Option<http::uri::PathAndQuery>,
         authority: http::uri::Authority,
         downstream_h2: bool,
         conn: &ConnCtx,
         upgrade: Option<upgrade::Kind>,
     ) -> Response<ProxyBody> {
-        let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-        let mut req = req.map(|b| self.clean_trailers(b));
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(self.scheme.clone());
-        parts.authority = Some(authority.clone());
-        parts.path_and_query = path_and_query.or_else(|| Some("/".parse().expect("static")));
-        match Uri::from_parts(parts) {
-            Ok(u) => *req.uri_mut() = u,
-            Err(_) => return self.answer(StatusCode::BAD_REQUEST, "bad request target\n"),
+        if let Some(kind) = upgrade {
+            return Box::pin(self.upgrade(req, path_and_query, authority, kind, conn)).await;
         }
-        if let (Some(kind), Some(on_upgrade)) = (upgrade, on_upgrade) {
-            // Boxed: its state (4 KiB) would otherwise be in every request's task, and
-            // be copied with it at each spawn, for the rare upgrade.
-            return Box::pin(self.send_upgrade(req, kind, &authority, on_upgrade, conn)).await;
-        }
-        // gRPC needs h2 to the app; other requests go as HTTP/1.1, which every app speaks.
-        let grpc = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        let client = match (&self.h2c, downstream_h2 && grpc) {
-            (Some(h2c), true) => h2c.get(),
-            _ => {
-                *req.version_mut() = Version::HTTP_11;
-                self.client.get()
+        let (req, client) = match self.outgoing(req, path_and_query, &authority) {
+            Some(mut req) => {
+                // gRPC needs h2 to the app; other requests go as HTTP/1.1, which every
+                // app speaks.
+                let grpc = req
+                    .headers()
+                    .get(header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                let client = match (&self.h2c, downstream_h2 && grpc) {
+                    (Some(h2c), true) => h2c.get(),
+                    _ => {
+                        *req.version_mut() = Version::HTTP_11;
+                        self.client.get()
+                    }
+                };
+                (req, client)
             }
+            None => return self.bad_target(),
         };
         let limit = self.limits.request_timeout;
         let res = match tokio::time::timeout(limit, client.request(req)).await {
@@ -487,6 +486,46 @@ impl HttpForwarder {
                 tracing::warn!(listener = %self.metrics.name, error = %e, "upstream request failed");
                 self.answer(StatusCode::SERVICE_UNAVAILABLE, "upstream unavailable\n")
             }
+        }
+    }
+
+    /// The request as it goes upstream: trailers cleaned, the target rewritten; `None`
+    /// for a target that cannot be written (answered 400).
+    fn outgoing(
+        &self,
+        req: Request<Incoming>,
+        path_and_query: Option<http::uri::PathAndQuery>,
+        authority: &http::uri::Authority,
+    ) -> Option<Request<ReqBody>> {
+        let mut req = req.map(|b| self.clean_trailers(b));
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.scheme.clone());
+        parts.authority = Some(authority.clone());
+        parts.path_and_query = path_and_query.or_else(|| Some("/".parse().expect("static")));
+        *req.uri_mut() = Uri::from_parts(parts).ok()?;
+        Some(req)
+    }
+
+    fn bad_target(&self) -> Response<ProxyBody> {
+        self.answer(StatusCode::BAD_REQUEST, "bad request target\n")
+    }
+
+    /// [`Self::send`] for an upgrade or `CONNECT`.
+    async fn upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        path_and_query: Option<http::uri::PathAndQuery>,
+        authority: http::uri::Authority,
+        kind: upgrade::Kind,
+        conn: &ConnCtx,
+    ) -> Response<ProxyBody> {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        match self.outgoing(req, path_and_query, &authority) {
+            Some(req) => {
+                self.send_upgrade(req, kind, &authority, on_upgrade, conn)
+                    .await
+            }
+            None => self.bad_target(),
         }
     }
 
