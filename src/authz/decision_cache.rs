@@ -23,10 +23,14 @@ use super::input_refs::InputKeys;
 /// more distinct inputs than this gains little from any policy of eviction).
 pub const CAPACITY: usize = 4096;
 
-/// Inputs with more text than this (long paths, big claims) are decided but not
-/// remembered: with [`CAPACITY`] the cache holds at most about 4 MiB of inputs, whatever
-/// callers send.
-pub const MAX_INPUT_BYTES: usize = 1024;
+/// Inputs that take more memory than this (see [`feed`]: long paths, many query
+/// parameters, big claims) are decided but not remembered.
+pub const MAX_INPUT_BYTES: usize = 4096;
+
+/// Memory all remembered inputs may take together, as [`feed`] counts it; past it the
+/// cache starts over. Whatever callers send, the inputs kept take about this at most (a
+/// seed-style input of three keys counts about 450 bytes, so [`CAPACITY`] of them fit).
+pub const MAX_KEPT_BYTES: usize = 4 * 1024 * 1024;
 
 /// Builtins (and prefixes) whose result is not a function of their arguments.
 const NOT_DETERMINISTIC: &[&str] = &[
@@ -51,18 +55,20 @@ const NOT_DETERMINISTIC: &[&str] = &[
 /// hash is noted. Traffic where every request is new (an ID in every path) then costs a
 /// hash noted per request, not a document kept and later freed, and a repeated input
 /// costs one evaluation more before it hits.
-pub struct DecisionCache<D> {
-    hasher: RandomState,
+pub struct DecisionCache<D, S = RandomState> {
+    hasher: S,
     inner: Mutex<Inner<D>>,
 }
 
 struct Inner<D> {
     decisions: HashMap<u64, (Value, D)>,
+    /// What the remembered inputs take, as [`feed`] counts it.
+    kept_bytes: usize,
     /// Hashes of inputs decided once and not remembered yet.
     seen_once: HashSet<u64>,
 }
 
-impl<D> std::fmt::Debug for DecisionCache<D> {
+impl<D, S> std::fmt::Debug for DecisionCache<D, S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DecisionCache").finish_non_exhaustive()
     }
@@ -82,13 +88,20 @@ impl<D: Clone> DecisionCache<D> {
         let deterministic = texts
             .into_iter()
             .all(|t| NOT_DETERMINISTIC.iter().all(|b| !t.contains(b)));
-        deterministic.then(|| Self {
-            hasher: RandomState::new(),
+        deterministic.then(|| Self::with_hasher(RandomState::new()))
+    }
+}
+
+impl<D: Clone, S: BuildHasher> DecisionCache<D, S> {
+    fn with_hasher(hasher: S) -> Self {
+        Self {
+            hasher,
             inner: Mutex::new(Inner {
                 decisions: HashMap::new(),
+                kept_bytes: 0,
                 seen_once: HashSet::new(),
             }),
-        })
+        }
     }
 
     /// The decision for `input`: remembered, or made by `decide` now (and remembered if
@@ -101,22 +114,34 @@ impl<D: Clone> DecisionCache<D> {
     ) -> D {
         let mut state = self.hasher.build_hasher();
         let bytes = feed(input, &mut state);
+        if bytes > MAX_INPUT_BYTES {
+            // Never remembered, so never found.
+            return decide();
+        }
         let key = state.finish();
-        if let Some((seen, d)) = self.lock().decisions.get(&key) {
-            if same(seen, input) {
-                return d.clone();
+        // Compared outside the lock (taken out by reference count).
+        let found = self.lock().decisions.get(&key).cloned();
+        if let Some((seen, d)) = found {
+            if same(&seen, input) {
+                return d;
             }
         }
         let decision = decide();
-        if bytes <= MAX_INPUT_BYTES && keep(&decision) {
+        if keep(&decision) {
             let mut inner = self.lock();
             if inner.seen_once.remove(&key) {
-                if inner.decisions.len() >= CAPACITY {
+                if inner.decisions.len() >= CAPACITY || inner.kept_bytes + bytes > MAX_KEPT_BYTES {
                     inner.decisions.clear();
+                    inner.kept_bytes = 0;
                 }
-                inner
+                let old = inner
                     .decisions
                     .insert(key, (input.clone(), decision.clone()));
+                inner.kept_bytes += bytes;
+                if let Some((old, _)) = old {
+                    // Two inputs met at one hash: the newer one stays.
+                    inner.kept_bytes -= feed(&old, &mut NoHash).min(inner.kept_bytes);
+                }
             } else {
                 if inner.seen_once.len() >= CAPACITY {
                     inner.seen_once.clear();
@@ -132,46 +157,70 @@ impl<D: Clone> DecisionCache<D> {
         self.lock().decisions.len()
     }
 
+    #[cfg(test)]
+    fn kept_bytes(&self) -> usize {
+        self.lock().kept_bytes
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner<D>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// Hashes `v` into `state`; returns about how many bytes of text `v` holds (strings and
-/// numbers as written, a byte per other node).
+/// What one value of a document takes beyond its text: the value itself where its
+/// parent holds it, and the reference counts and allocation header of what it points to.
+const NODE_BYTES: usize = std::mem::size_of::<Value>() + 32;
+
+/// Hashes `v` into `state`; returns about how much memory `v` takes: [`NODE_BYTES`] per
+/// value, plus the text of strings and numbers. An empty string or list still costs its
+/// node, so a query of thousands of empty parameters counts as what it takes.
 fn feed(v: &Value, state: &mut impl Hasher) -> usize {
     std::mem::discriminant(v).hash(state);
-    match v {
-        Value::Null | Value::Undefined => 1,
-        Value::Bool(b) => {
-            b.hash(state);
-            1
+    NODE_BYTES
+        + match v {
+            Value::Null | Value::Undefined => 0,
+            Value::Bool(b) => {
+                b.hash(state);
+                0
+            }
+            Value::Number(n) => {
+                let text = number_text(n);
+                text.hash(state);
+                text.len()
+            }
+            Value::String(s) => {
+                s.hash(state);
+                s.len()
+            }
+            Value::Array(items) => {
+                items.len().hash(state);
+                items.iter().map(|i| feed(i, state)).sum::<usize>()
+            }
+            Value::Set(items) => {
+                items.len().hash(state);
+                items.iter().map(|i| feed(i, state)).sum::<usize>()
+            }
+            Value::Object(fields) => {
+                fields.len().hash(state);
+                fields
+                    .iter()
+                    .map(|(k, v)| feed(k, state) + feed(v, state))
+                    .sum::<usize>()
+            }
         }
-        Value::Number(n) => {
-            let text = number_text(n);
-            text.hash(state);
-            text.len()
-        }
-        Value::String(s) => {
-            s.hash(state);
-            s.len()
-        }
-        Value::Array(items) => {
-            items.len().hash(state);
-            1 + items.iter().map(|i| feed(i, state)).sum::<usize>()
-        }
-        Value::Set(items) => {
-            items.len().hash(state);
-            1 + items.iter().map(|i| feed(i, state)).sum::<usize>()
-        }
-        Value::Object(fields) => {
-            fields.len().hash(state);
-            1 + fields
-                .iter()
-                .map(|(k, v)| feed(k, state) + feed(v, state))
-                .sum::<usize>()
-        }
+}
+
+/// A hasher that keeps nothing: [`feed`] for the size alone (and, in tests, every
+/// input at one hash).
+#[derive(Default)]
+struct NoHash;
+
+impl Hasher for NoHash {
+    fn finish(&self) -> u64 {
+        0
     }
+
+    fn write(&mut self, _: &[u8]) {}
 }
 
 /// Whether two documents are the same input: as `Value`'s equality, except that numbers
@@ -210,6 +259,7 @@ mod tests {
     #[derive(Clone, Debug, PartialEq)]
     enum Decision {
         Allow,
+        Deny,
         Failed,
     }
     use Decision::*;
@@ -268,46 +318,41 @@ mod tests {
 
     #[test]
     fn inputs_are_told_apart_exactly() {
-        let c =
-            DecisionCache::<Decision>::for_policy(["package a"], &keys(&["jwt_claims"])).unwrap();
-        let mut calls = 0;
-        let mut decide = |input: serde_json::Value| {
-            c.decide(
-                &Value::from(input),
-                || {
-                    calls += 1;
-                    Allow
-                },
-                keep,
-            );
-        };
-        let known = serde_json::json!({"c": {"exp": 1, "aud": ["a", "b"]}});
-        for _ in 0..3 {
-            decide(known.clone());
+        // Every input at one hash: only the comparison tells them apart.
+        let c = DecisionCache::<Decision, std::hash::BuildHasherDefault<NoHash>>::with_hasher(
+            Default::default(),
+        );
+        let known = Value::from(serde_json::json!({"c": {"exp": 1, "aud": ["a", "b"]}}));
+        for _ in 0..2 {
+            c.decide(&known, || Allow, keep);
         }
+        assert_eq!(c.decide(&known, || Deny, keep), Allow, "remembered");
         for other in [
             serde_json::json!({"c": {"exp": 1, "aud": ["b", "a"]}}),
             serde_json::json!({"c": {"exp": 1.5, "aud": ["a", "b"]}}),
+            serde_json::json!({"c": {"exp": 2, "aud": ["a", "b"]}}),
             serde_json::json!({"c": {"exp": "1", "aud": ["a", "b"]}}),
             serde_json::json!({"c": {"exp": 1, "aud": ["a", "b"], "x": null}}),
             serde_json::json!({"c": {"exp": 1, "aud": ["a", "b", ""]}}),
             serde_json::json!({"c": {"exp": 1, "aud": "a"}}),
+            serde_json::json!({"c": {"exp": 1, "aud": {"a": "b"}}}),
+            serde_json::json!({"c": {"exp": 1}}),
+            serde_json::json!({"c": null}),
         ] {
-            decide(other);
+            let other = Value::from(other);
+            assert_eq!(c.decide(&other, || Deny, keep), Deny, "{other}");
         }
-        assert_eq!(calls, 2 + 6, "only the known input hit");
-        let (one, one_float) = (serde_json::json!(1), serde_json::json!(1.0));
-        assert_eq!(
-            same(&Value::from(one.clone()), &Value::from(one_float.clone())),
-            serde_json::to_string(&Value::from(one)).unwrap()
-                == serde_json::to_string(&Value::from(one_float)).unwrap(),
-            "numbers are one input only when written the same"
-        );
+        assert!(!same(&Value::Null, &Value::Undefined));
+        assert!(same(&known, &known.clone()));
     }
 
     #[test]
     fn the_cache_stays_bounded() {
         let c = DecisionCache::<Decision>::for_policy(["package a"], &keys(&["path"])).unwrap();
+        assert!(
+            feed(&doc("/v1/users/42"), &mut NoHash) * CAPACITY <= MAX_KEPT_BYTES,
+            "a small input fits CAPACITY times"
+        );
         for i in 0..(CAPACITY * 2 + 7) {
             for _ in 0..2 {
                 c.decide(&doc(&format!("/{i}")), || Allow, keep);
@@ -315,11 +360,37 @@ mod tests {
         }
         assert!(c.len() <= CAPACITY);
         assert!(c.lock().seen_once.len() <= CAPACITY);
-        let long = doc(&format!("/{}", "a".repeat(MAX_INPUT_BYTES)));
+        assert!(c.kept_bytes() <= MAX_KEPT_BYTES);
         let before = c.len();
-        for _ in 0..3 {
-            c.decide(&long, || Allow, keep);
+        // A long path, and a thousand empty query values (little text, many values).
+        let long = doc(&format!("/{}", "a".repeat(MAX_INPUT_BYTES)));
+        let mut empties = std::collections::BTreeMap::new();
+        empties.insert(
+            Value::from("parsed_query"),
+            Value::from(vec![Value::from(""); 1_000]),
+        );
+        for input in [long, Value::from(empties)] {
+            for _ in 0..3 {
+                c.decide(&input, || Allow, keep);
+            }
+            assert_eq!(c.len(), before, "a large input is decided, not remembered");
         }
-        assert_eq!(c.len(), before, "a long input is decided, not remembered");
+    }
+
+    /// Inputs that differ in size or content all the way up to the limit keep the
+    /// total under its bound.
+    #[test]
+    fn the_memory_budget_holds_for_inputs_at_the_limit() {
+        let c = DecisionCache::<Decision>::for_policy(["package a"], &keys(&["path"])).unwrap();
+        let pad = MAX_INPUT_BYTES - feed(&doc(""), &mut NoHash) - 8;
+        for i in 0..(CAPACITY + 3) {
+            let input = doc(&format!("{i:08}{}", "x".repeat(pad)));
+            for _ in 0..2 {
+                c.decide(&input, || Allow, keep);
+            }
+            assert!(c.kept_bytes() <= MAX_KEPT_BYTES);
+        }
+        assert!(c.len() * MAX_INPUT_BYTES <= MAX_KEPT_BYTES);
+        assert!(c.len() > 0);
     }
 }
