@@ -373,8 +373,8 @@ fn to_rego_value(json: &Json) -> Result<regorus::Value, String> {
                 .map(to_rego_value)
                 .collect::<Result<Vec<_>, _>>()?,
         ),
-        Json::Object(map) if !map.contains_key(SERDE_JSON_NUMBER) => object_to_rego(map)?,
-        Json::Number(_) | Json::Object(_) => serde_via_deserialize(json)?,
+        Json::Object(map) => object_to_rego(map)?,
+        Json::Number(_) => serde_via_deserialize(json)?,
     })
 }
 
@@ -385,8 +385,7 @@ fn object_to_rego(map: &Map<String, Json>) -> Result<regorus::Value, String> {
         return Ok(Value::new_object());
     }
     if map.contains_key(SERDE_JSON_NUMBER) {
-        return serde::Deserialize::deserialize(&Json::Object(map.clone()))
-            .map_err(|e: serde_json::Error| e.to_string());
+        return serde_via_deserialize(&Json::Object(map.clone()));
     }
     let mut object = std::collections::BTreeMap::new();
     for (key, value) in map {
