@@ -10,15 +10,20 @@
 //! transfer, which then doubles its buffer up to 32 KiB per read). A heap buffer is
 //! given back after [`TRIM_AFTER`] without traffic. Ten thousand idle connections thus
 //! cost no copy buffers, and request/response traffic of a few KiB allocates none.
+//!
+//! Wake-ups: traffic wakes the task far more often than the stop signal or the idle
+//! timer, so those two get their own waker and are polled only when it fired, and
+//! idleness is read off the byte counts ([`IdleCheck`]) instead of a clock read per read.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use atomic_waker::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
@@ -248,28 +253,22 @@ pub struct Transferred {
     pub tx: u64,
 }
 
-/// Last activity, in milliseconds since `start`, shared by both sides of one connection.
-struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-    fn last(&self) -> Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-}
-
-/// Wraps a stream to note activity and count bytes.
+/// Wraps a stream to count bytes. Activity is read off the counts by the idle check, so a
+/// read costs no clock read.
 struct Tracked<S> {
     inner: S,
-    activity: Arc<Activity>,
     read: u64,
     written: u64,
+}
+
+impl<S> Tracked<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            read: 0,
+            written: 0,
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
@@ -280,11 +279,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            self.read += n;
-            self.activity.touch();
-        }
+        self.read += (buf.filled().len() - before) as u64;
         res
     }
 }
@@ -309,6 +304,113 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     }
 }
 
+/// The waker handed to the stop signal and the idle timer. It notes that one of them
+/// fired before waking the connection's task, so the far more frequent wake-ups for
+/// traffic poll only the copy: the stop signal's poll takes two locks, the timer's reads
+/// its state, and neither can be ready then.
+#[derive(Default)]
+struct SideWake {
+    fired: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for SideWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+/// When a connection counts as idle, and when its quiet buffers go back, from byte
+/// counts checked by a timer rather than a clock read per read.
+///
+/// While traffic flows the timer checks every `period` (a quarter of the idle timeout,
+/// at most [`TRIM_AFTER`]), and a check that finds new bytes takes its own time as the
+/// last activity: late by at most `period`, never early, so a connection is closed
+/// between `idle` and `idle + period` after its last read. A check that finds none
+/// marks the connection quiet and sleeps until the trim or idle deadline; the first
+/// read after that re-arms the timer at once ([`IdleCheck::woke_up`]).
+struct IdleCheck {
+    idle: Duration,
+    period: Duration,
+    /// Bytes read both ways at the last check.
+    seen: u64,
+    last_active: Instant,
+    quiet: bool,
+    trimmed: bool,
+}
+
+/// What a timer check decided.
+enum Check {
+    Idle,
+    /// Check again then; trim the buffers first if `trim`.
+    Next {
+        at: Instant,
+        trim: bool,
+    },
+}
+
+impl IdleCheck {
+    fn new(idle: Duration, now: Instant) -> Self {
+        Self {
+            idle,
+            period: (idle / 4).clamp(Duration::from_millis(1), TRIM_AFTER),
+            seen: 0,
+            last_active: now,
+            quiet: false,
+            trimmed: false,
+        }
+    }
+
+    fn first_deadline(&self) -> Instant {
+        self.last_active + self.period
+    }
+
+    /// Called on every wake-up with the bytes read so far: `Some(deadline)` when a quiet
+    /// connection saw traffic again and the timer must come back sooner. The clock is
+    /// read (`now`) only then.
+    fn woke_up(&mut self, total: u64, now: impl FnOnce() -> Instant) -> Option<Instant> {
+        if !self.quiet || total == self.seen {
+            return None;
+        }
+        self.quiet = false;
+        self.trimmed = false;
+        self.seen = total;
+        self.last_active = now();
+        Some(self.last_active + self.period)
+    }
+
+    /// The timer fired at `now`, with `total` bytes read so far.
+    fn check(&mut self, total: u64, now: Instant) -> Check {
+        if total != self.seen {
+            self.seen = total;
+            self.last_active = now;
+            self.quiet = false;
+            self.trimmed = false;
+            return Check::Next {
+                at: now + self.period,
+                trim: false,
+            };
+        }
+        let idle_at = self.last_active + self.idle;
+        if idle_at <= now {
+            return Check::Idle;
+        }
+        self.quiet = true;
+        let trim = !self.trimmed && self.last_active + TRIM_AFTER <= now;
+        self.trimmed |= trim;
+        let at = if self.trimmed {
+            idle_at
+        } else {
+            idle_at.min(self.last_active + TRIM_AFTER)
+        };
+        Check::Next { at, trim }
+    }
+}
+
 /// Copies both ways between `downstream` and `upstream` until both are closed, an
 /// error occurs, nothing has been read for `idle`, or `stop` resolves.
 pub async fn bidirectional<D, U>(
@@ -321,64 +423,56 @@ where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let activity = Arc::new(Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-    });
-    let mut down = Tracked {
-        inner: downstream,
-        activity: activity.clone(),
-        read: 0,
-        written: 0,
-    };
-    let mut up = Tracked {
-        inner: upstream,
-        activity: activity.clone(),
-        read: 0,
-        written: 0,
-    };
+    let mut down = Tracked::new(downstream);
+    let mut up = Tracked::new(upstream);
+    let mut check = IdleCheck::new(idle, Instant::now());
     let end = {
-        let copy = Bidirectional {
+        let mut copy = Bidirectional {
             a: &mut down,
             b: &mut up,
             a_to_b: Pipe::new(),
             b_to_a: Pipe::new(),
         };
-        tokio::pin!(copy);
-        tokio::pin!(stop);
-        // The next wake-up: the idle deadline, or earlier the time to give quiet
-        // buffers back (once per quiet spell: `trimmed` is the activity it was for).
-        let mut trimmed: Option<Instant> = None;
-        let wake = |last: Instant, trimmed: Option<Instant>| {
-            if trimmed == Some(last) {
-                last + idle
-            } else {
-                (last + idle).min(last + TRIM_AFTER)
+        let timer = tokio::time::sleep_until(check.first_deadline());
+        tokio::pin!(stop, timer);
+        let side = Arc::new(SideWake::default());
+        let side_waker = Waker::from(side.clone());
+        // The first poll registers the stop signal and the timer.
+        side.fired.store(true, Ordering::Relaxed);
+        std::future::poll_fn(|cx| {
+            side.task.register(cx.waker());
+            match Pin::new(&mut copy).poll(cx) {
+                Poll::Ready(Ok(())) => return Poll::Ready(CopyEnd::Done),
+                Poll::Ready(Err(e)) => return Poll::Ready(CopyEnd::Error(e)),
+                Poll::Pending => {}
             }
-        };
-        let mut deadline = wake(activity.last(), trimmed);
-        loop {
-            tokio::select! {
-                res = &mut copy => break match res {
-                    Ok(()) => CopyEnd::Done,
-                    Err(e) => CopyEnd::Error(e),
-                },
-                () = &mut stop => break CopyEnd::Stopped,
-                _ = tokio::time::sleep_until(deadline) => {
-                    let (last, now) = (activity.last(), Instant::now());
-                    if last + idle <= now {
-                        break CopyEnd::Idle;
+            let mut fired = side.fired.swap(false, Ordering::Acquire);
+            if let Some(at) = check.woke_up(copy.a.read + copy.b.read, Instant::now) {
+                timer.as_mut().reset(at);
+                fired = true;
+            }
+            if !fired {
+                return Poll::Pending;
+            }
+            let mut side_cx = Context::from_waker(&side_waker);
+            if stop.as_mut().poll(&mut side_cx).is_ready() {
+                return Poll::Ready(CopyEnd::Stopped);
+            }
+            while timer.as_mut().poll(&mut side_cx).is_ready() {
+                match check.check(copy.a.read + copy.b.read, Instant::now()) {
+                    Check::Idle => return Poll::Ready(CopyEnd::Idle),
+                    Check::Next { at, trim } => {
+                        if trim {
+                            copy.a_to_b.trim();
+                            copy.b_to_a.trim();
+                        }
+                        timer.as_mut().reset(at);
                     }
-                    if last + TRIM_AFTER <= now && trimmed != Some(last) {
-                        let pipes = copy.as_mut().get_mut();
-                        pipes.a_to_b.trim();
-                        pipes.b_to_a.trim();
-                        trimmed = Some(last);
-                    }
-                    deadline = wake(last, trimmed);
                 }
             }
-        }
+            Poll::Pending
+        })
+        .await
     };
     (
         end,
@@ -393,6 +487,79 @@ where
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Reads at the given offsets (ms), the timer firing at the deadlines `IdleCheck`
+    /// asks for: when (ms) it trimmed and when it declared the connection idle.
+    fn drive_idle_check(idle_ms: u64, reads: &[u64]) -> (Vec<u64>, Option<u64>) {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let ms = |t: Instant| (t - t0).as_millis() as u64;
+        let mut check = IdleCheck::new(Duration::from_millis(idle_ms), t0);
+        let mut deadline = check.first_deadline();
+        let (mut total, mut trims) = (0, Vec::new());
+        let mut reads = reads.iter().peekable();
+        loop {
+            match reads.peek() {
+                Some(&&r) if at(r) < deadline => {
+                    reads.next();
+                    total += 1;
+                    if let Some(d) = check.woke_up(total, || at(r)) {
+                        deadline = d;
+                    }
+                }
+                _ => match check.check(total, deadline) {
+                    Check::Idle => return (trims, Some(ms(deadline))),
+                    Check::Next { at: next, trim } => {
+                        if trim {
+                            trims.push(ms(deadline));
+                        }
+                        assert!(next > deadline, "the timer must move on");
+                        deadline = next;
+                    }
+                },
+            }
+        }
+    }
+
+    #[test]
+    fn idle_is_declared_after_the_timeout_and_at_most_a_quarter_later() {
+        let trim = TRIM_AFTER.as_millis() as u64;
+        // No traffic at all: idle at the timeout, buffers trimmed first when it is longer.
+        assert_eq!(drive_idle_check(1000, &[]), (vec![], Some(1000)));
+        assert_eq!(drive_idle_check(60_000, &[]), (vec![trim], Some(60_000)));
+        // Busy for 3 s (a read every 10 ms), then quiet: never early, at most 250 ms late.
+        let busy: Vec<u64> = (0..300).map(|i| i * 10).collect();
+        let (_, idle) = drive_idle_check(1000, &busy);
+        let idle = idle.unwrap();
+        assert!(
+            (2990 + 1000..=2990 + 1250).contains(&idle),
+            "idle at {idle}"
+        );
+        // Quiet, then one read just after a check and one just before the deadline: each
+        // restarts the count in full.
+        for reads in [vec![251], vec![999], vec![240, 1230]] {
+            let last = *reads.last().unwrap();
+            let idle = drive_idle_check(1000, &reads).1.unwrap();
+            assert!(
+                (last + 1000..=last + 1250).contains(&idle),
+                "reads {reads:?}: idle at {idle}"
+            );
+        }
+        // A long timeout: quiet buffers go back 5 s after the last read (at most 5 s
+        // late while traffic flowed), again after a later read, and idle comes after.
+        let (trims, idle) = drive_idle_check(60_000, &[100, 200, 12_000]);
+        assert_eq!(trims.len(), 2, "{trims:?}");
+        assert!(
+            (200 + trim..=200 + 2 * trim).contains(&trims[0]),
+            "{trims:?}"
+        );
+        assert!(
+            (12_000 + trim..=12_000 + 2 * trim).contains(&trims[1]),
+            "{trims:?}"
+        );
+        let idle = idle.unwrap();
+        assert!((72_000..=72_000 + trim).contains(&idle), "idle at {idle}");
+    }
 
     #[tokio::test]
     async fn half_close_both_ways_and_counts() {
@@ -530,10 +697,12 @@ mod tests {
         assert_eq!((t.rx, t.tx), (total, total));
     }
 
+    /// The stop signal is heard while the connection carries traffic, after the task
+    /// has been woken for bytes many times (those wake-ups do not poll it).
     #[tokio::test]
     async fn the_stop_signal_ends_a_live_connection() {
-        let (_client, proxy_down) = tokio::io::duplex(64);
-        let (proxy_up, _server) = tokio::io::duplex(64);
+        let (mut client, proxy_down) = tokio::io::duplex(64);
+        let (proxy_up, mut server) = tokio::io::duplex(64);
         let stop = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(bidirectional(
             proxy_down,
@@ -541,8 +710,17 @@ mod tests {
             Duration::from_secs(60),
             stop.clone().cancelled_owned(),
         ));
+        let mut buf = [0u8; 5];
+        for _ in 0..20 {
+            client.write_all(b"hello").await.unwrap();
+            server.read_exact(&mut buf).await.unwrap();
+        }
+        assert!(!task.is_finished());
         stop.cancel();
-        let (end, _) = task.await.unwrap();
+        let (end, _) = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the stop signal was not heard")
+            .unwrap();
         assert!(matches!(end, CopyEnd::Stopped), "{end:?}");
     }
 }
