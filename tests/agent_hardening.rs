@@ -243,11 +243,7 @@ fn sigterm_with_an_open_stream_exits_within_the_drain_time() {
         lines.lock().unwrap()
     );
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &agent.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    signal(agent.id(), "-TERM");
     // The drain time is 5 s; a stuck agent stays up for minutes.
     let status = wait_until(
         "dev-agent exit after SIGTERM",

@@ -90,12 +90,7 @@ fn sigterm_under_load_fails_no_request_in_flight() {
         (n == N).then_some(())
     });
     let started = std::time::Instant::now();
-    let ok = Command::new("kill")
-        .args(["-TERM", &server.pid().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    signal(server.pid(), "-TERM");
     server.wait_log(&["shutting down"]);
     wait_until("no longer accepting", Duration::from_secs(5), || {
         std::net::TcpStream::connect(("127.0.0.1", in_port))

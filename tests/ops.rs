@@ -102,11 +102,7 @@ fn sighup_with_an_unchanged_config_changes_nothing() {
     let mut s = Svidcar::start(dir.path(), "hup", &cfg);
     let mut conn = connect(out_port);
     assert_eq!(echo_roundtrip(&mut conn, b"before").unwrap(), b"before");
-    let rc = std::process::Command::new("kill")
-        .args(["-HUP", &s.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(rc.success());
+    signal(s.pid(), "-HUP");
     s.wait_log(&["config reload: no change", "SIGHUP"]);
     assert!(s.try_exit().is_none(), "still running after SIGHUP");
     assert_eq!(echo_roundtrip(&mut conn, b"after").unwrap(), b"after");

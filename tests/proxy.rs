@@ -588,11 +588,7 @@ fn sigterm_drains_open_connections() {
     assert_eq!(echo_roundtrip(&mut open, b"before").unwrap(), b"before");
 
     // SIGTERM the backend: it stops accepting but the open connection keeps working.
-    let status = Command::new("kill")
-        .args(["-TERM", &back.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    signal(back.pid(), "-TERM");
     back.wait_log(&["shutting down", "draining"]);
     back.wait_log(&["stopped accepting"]);
     assert_eq!(

@@ -36,15 +36,6 @@ fn admin_header(s: &Svidcar) -> String {
     format!("admin: {{listen: 127.0.0.1:{}}}\n", s.admin)
 }
 
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
-
 /// The acceptance test of the allowlist: two peers on long-lived connections, one
 /// dropped from the allowlist by editing the file. Its connection is closed, logged and
 /// counted; the other keeps flowing, byte-exact; the dropped peer cannot come back.

@@ -710,11 +710,7 @@ fn sds_socket_is_removed_after_sigterm() {
     .unwrap();
     assert_eq!(line.trim(), "held");
     assert_eq!(s.metric("svidcar_sds_streams_active"), 1.0);
-    assert!(Command::new("kill")
-        .args(["-TERM", &s.pid().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    signal(s.pid(), "-TERM");
     let code = wait_until("svidcar exit", Duration::from_secs(15), || s.try_exit());
     let _ = holder.kill();
     let _ = holder.wait();

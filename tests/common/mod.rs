@@ -1024,3 +1024,14 @@ pub fn replace_file(path: &Path, text: &str) {
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
+
+/// Sends `sig` (as `kill` names it: `-TERM`, `-HUP`) to `pid`, and fails the test if it
+/// could not be sent.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
