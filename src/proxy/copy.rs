@@ -376,22 +376,24 @@ impl IdleCheck {
         if !self.quiet || total == self.seen {
             return None;
         }
+        Some(self.saw_traffic(total, now()))
+    }
+
+    /// New bytes (`total` read so far) seen at `now`: the last activity as far as the
+    /// count can tell, and the next check one period on.
+    fn saw_traffic(&mut self, total: u64, now: Instant) -> Instant {
+        self.seen = total;
+        self.last_active = now;
         self.quiet = false;
         self.trimmed = false;
-        self.seen = total;
-        self.last_active = now();
-        Some(self.last_active + self.period)
+        now + self.period
     }
 
     /// The timer fired at `now`, with `total` bytes read so far.
     fn check(&mut self, total: u64, now: Instant) -> Check {
         if total != self.seen {
-            self.seen = total;
-            self.last_active = now;
-            self.quiet = false;
-            self.trimmed = false;
             return Check::Next {
-                at: now + self.period,
+                at: self.saw_traffic(total, now),
                 trim: false,
             };
         }
