@@ -511,6 +511,71 @@ print(json.dumps({{"ws": ws, "connect": connect, "denied": denied}}))
     assert_eq!(requests_total(&p.inbound, "403"), 1.0);
 }
 
+/// An upgraded connection is a byte stream like a TCP listener's: traffic keeps it open
+/// past `idle_timeout`, and once nothing moves for `idle_timeout` it is closed (never
+/// earlier), counted as an idle close; its bytes are counted in `svidcar_bytes_total`.
+#[test]
+fn an_upgraded_connection_closes_when_idle_and_its_bytes_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(dir.path());
+    let idle = "    idle_timeout: 1s\n";
+    let p = pair(dir.path(), app.port, idle, idle, "1h");
+    let script = format!(
+        r#"
+import socket, json, time
+s = socket.create_connection(("127.0.0.1", {port}), 5); s.settimeout(10)
+s.sendall(b"GET /chat HTTP/1.1\r\nHost: users\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+buf = b""
+while b"\r\n\r\n" not in buf:
+    d = s.recv(65536)
+    assert d, buf
+    buf += d
+head, _, rest = buf.partition(b"\r\n\r\n")
+assert head.startswith(b"HTTP/1.1 101"), head
+# A message every 0.4 s for 2 s: twice the idle timeout, each one echoed.
+for i in range(5):
+    time.sleep(0.4)
+    m = b"message %d" % i
+    s.sendall(m)
+    want = b"echo:" + m
+    while len(rest) < len(want):
+        d = s.recv(65536)
+        assert d, ("closed while in use", i)
+        rest += d
+    assert rest[:len(want)] == want, rest
+    rest = rest[len(want):]
+quiet = time.monotonic()
+while s.recv(65536):
+    pass
+print(json.dumps({{"quiet": time.monotonic() - quiet}}))
+"#,
+        port = p.out_port
+    );
+    let (ok, out) = python(dir.path(), &script);
+    assert!(ok, "{out}\n{}\n{}", p.outbound.logs(), p.inbound.logs());
+    let res: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let quiet = res["quiet"].as_f64().unwrap();
+    // Closed between the timeout and a quarter of it later; slack for a loaded machine.
+    assert!((1.0..5.0).contains(&quiet), "closed after {quiet} s quiet");
+    let sent = (0..5).map(|i| format!("message {i}").len()).sum::<usize>() as f64;
+    let echoed = sent + 5.0 * "echo:".len() as f64;
+    for s in [&p.outbound, &p.inbound] {
+        let bytes = |dir: &str| {
+            s.metric(&format!(
+                "svidcar_bytes_total{{direction=\"{dir}\",listener=\"users\"}}"
+            ))
+        };
+        assert_eq!((bytes("rx"), bytes("tx")), (sent, echoed));
+    }
+    let idle_closes: f64 = [&p.outbound, &p.inbound]
+        .iter()
+        .map(|s| {
+            s.metric("svidcar_connection_errors_total{listener=\"users\",reason=\"idle_timeout\"}")
+        })
+        .sum();
+    assert!(idle_closes >= 1.0, "no idle close counted");
+}
+
 /// After the caller's SVID rotates, new requests travel on a new mTLS connection made
 /// with the new certificate (the XFCC `Hash` the app sees changes); no request fails.
 #[test]

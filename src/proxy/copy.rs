@@ -40,6 +40,8 @@ thread_local! {
 
 /// A direction with no traffic for this long gives its heap buffer back.
 const TRIM_AFTER: Duration = Duration::from_secs(5);
+/// The longest idle timeout the config accepts (3650 days).
+const LONGEST_IDLE: Duration = Duration::from_secs(3650 * 24 * 3600);
 /// Largest buffer per direction; one TLS record is at most 16 KiB.
 const MAX_BUF: usize = 32 * 1024;
 
@@ -48,6 +50,7 @@ const MAX_BUF: usize = 32 * 1024;
 pub enum CopyEnd {
     /// Both sides closed cleanly.
     Done,
+    /// No byte moved either way for the idle timeout.
     Idle,
     /// The stop signal came first (the drain time is over).
     Stopped,
@@ -223,6 +226,15 @@ struct Bidirectional<'a, A: ?Sized, B: ?Sized> {
     b_to_a: Pipe,
 }
 
+impl<A, B> Bidirectional<'_, Tracked<A>, Tracked<B>> {
+    /// Bytes moved so far, read or written, either way: what the idle check watches. A
+    /// write counts too, so a peer that drains a full buffer slowly keeps the connection
+    /// alive while it makes progress (Envoy's `idle_timeout`: no bytes sent or received).
+    fn moved(&self) -> u64 {
+        self.a.read + self.a.written + self.b.read + self.b.written
+    }
+}
+
 impl<A, B> Future for Bidirectional<'_, A, B>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -330,13 +342,13 @@ impl Wake for SideWake {
 /// While traffic flows the timer checks every `period` (a quarter of the idle timeout,
 /// at most [`TRIM_AFTER`]), and a check that finds new bytes takes its own time as the
 /// last activity: late by at most `period`, never early, so a connection is closed
-/// between `idle` and `idle + period` after its last read. A check that finds none
+/// between `idle` and `idle + period` after the last byte moved. A check that finds none
 /// marks the connection quiet and sleeps until the trim or idle deadline; the first
-/// read after that re-arms the timer at once ([`IdleCheck::woke_up`]).
+/// byte moved after that re-arms the timer at once ([`IdleCheck::woke_up`]).
 struct IdleCheck {
     idle: Duration,
     period: Duration,
-    /// Bytes read both ways at the last check.
+    /// Bytes moved (read or written, both ways) at the last check.
     seen: u64,
     last_active: Instant,
     quiet: bool,
@@ -355,6 +367,9 @@ enum Check {
 
 impl IdleCheck {
     fn new(idle: Duration, now: Instant) -> Self {
+        // Deadlines are `Instant` sums, which panic on overflow: no timeout is longer
+        // than the longest the config accepts.
+        let idle = idle.min(LONGEST_IDLE);
         Self {
             idle,
             period: (idle / 4).clamp(Duration::from_millis(1), TRIM_AFTER),
@@ -369,7 +384,7 @@ impl IdleCheck {
         self.last_active + self.period
     }
 
-    /// Called on every wake-up with the bytes read so far: `Some(deadline)` when a quiet
+    /// Called on every wake-up with the bytes moved so far: `Some(deadline)` when a quiet
     /// connection saw traffic again and the timer must come back sooner. The clock is
     /// read (`now`) only then.
     fn woke_up(&mut self, total: u64, now: impl FnOnce() -> Instant) -> Option<Instant> {
@@ -379,7 +394,7 @@ impl IdleCheck {
         Some(self.saw_traffic(total, now()))
     }
 
-    /// New bytes (`total` read so far) seen at `now`: the last activity as far as the
+    /// New bytes (`total` moved so far) seen at `now`: the last activity as far as the
     /// count can tell, and the next check one period on.
     fn saw_traffic(&mut self, total: u64, now: Instant) -> Instant {
         self.seen = total;
@@ -389,7 +404,7 @@ impl IdleCheck {
         now + self.period
     }
 
-    /// The timer fired at `now`, with `total` bytes read so far.
+    /// The timer fired at `now`, with `total` bytes moved so far.
     fn check(&mut self, total: u64, now: Instant) -> Check {
         if total != self.seen {
             return Check::Next {
@@ -414,7 +429,7 @@ impl IdleCheck {
 }
 
 /// Copies both ways between `downstream` and `upstream` until both are closed, an
-/// error occurs, nothing has been read for `idle`, or `stop` resolves.
+/// error occurs, no byte has moved either way for `idle`, or `stop` resolves.
 pub async fn bidirectional<D, U>(
     downstream: D,
     upstream: U,
@@ -449,7 +464,7 @@ where
                 Poll::Pending => {}
             }
             let mut fired = side.fired.swap(false, Ordering::Acquire);
-            if let Some(at) = check.woke_up(copy.a.read + copy.b.read, Instant::now) {
+            if let Some(at) = check.woke_up(copy.moved(), Instant::now) {
                 timer.as_mut().reset(at);
                 fired = true;
             }
@@ -461,7 +476,7 @@ where
                 return Poll::Ready(CopyEnd::Stopped);
             }
             while timer.as_mut().poll(&mut side_cx).is_ready() {
-                match check.check(copy.a.read + copy.b.read, Instant::now()) {
+                match check.check(copy.moved(), Instant::now()) {
                     Check::Idle => return Poll::Ready(CopyEnd::Idle),
                     Check::Next { at, trim } => {
                         if trim {
@@ -489,6 +504,41 @@ where
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A copy between two in-memory pipes (`down` and `up` bytes of buffer) with no stop
+    /// signal: the client's end, the server's end, and the copy's task.
+    fn spawn_copy(
+        down: usize,
+        up: usize,
+        idle: Duration,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<(CopyEnd, Transferred)>,
+    ) {
+        let (client, proxy_down) = tokio::io::duplex(down);
+        let (proxy_up, server) = tokio::io::duplex(up);
+        let task = tokio::spawn(bidirectional(
+            proxy_down,
+            proxy_up,
+            idle,
+            std::future::pending(),
+        ));
+        (client, server, task)
+    }
+
+    /// How the copy ended, failing the test if it has not within `secs` (a hang would
+    /// otherwise stall the suite instead of failing it).
+    async fn ended(
+        task: tokio::task::JoinHandle<(CopyEnd, Transferred)>,
+        secs: u64,
+        why: &str,
+    ) -> (CopyEnd, Transferred) {
+        tokio::time::timeout(Duration::from_secs(secs), task)
+            .await
+            .expect(why)
+            .unwrap()
+    }
 
     /// Reads at the given offsets (ms), the timer firing at the deadlines `IdleCheck`
     /// asks for: when (ms) it trimmed and when it declared the connection idle.
@@ -565,14 +615,7 @@ mod tests {
 
     #[tokio::test]
     async fn half_close_both_ways_and_counts() {
-        let (client, proxy_down) = tokio::io::duplex(1024);
-        let (proxy_up, server) = tokio::io::duplex(1024);
-        let task = tokio::spawn(bidirectional(
-            proxy_down,
-            proxy_up,
-            Duration::from_secs(5),
-            std::future::pending(),
-        ));
+        let (client, server, task) = spawn_copy(1024, 1024, Duration::from_secs(5));
         let (mut cr, mut cw) = tokio::io::split(client);
         let (mut sr, mut sw) = tokio::io::split(server);
         cw.write_all(b"request").await.unwrap();
@@ -586,22 +629,16 @@ mod tests {
         let mut back = Vec::new();
         cr.read_to_end(&mut back).await.unwrap();
         assert_eq!(back, b"response");
-        let (end, t) = task.await.unwrap();
+        let (end, t) = ended(task, 5, "the copy did not end after both sides closed").await;
         assert!(matches!(end, CopyEnd::Done), "{end:?}");
         assert_eq!((t.rx, t.tx), (7, 8));
     }
 
-    #[tokio::test]
+    /// Paused time: sleeps advance the clock at once, so the bounds are exact.
+    #[tokio::test(start_paused = true)]
     async fn idle_connections_are_closed_and_activity_keeps_them() {
-        let (mut client, proxy_down) = tokio::io::duplex(64);
-        let (proxy_up, mut server) = tokio::io::duplex(64);
         let idle = Duration::from_millis(300);
-        let task = tokio::spawn(bidirectional(
-            proxy_down,
-            proxy_up,
-            idle,
-            std::future::pending(),
-        ));
+        let (mut client, mut server, task) = spawn_copy(64, 64, idle);
         // Traffic every 100 ms for 600 ms: twice the idle timeout, and still open.
         let mut buf = [0u8; 1];
         for _ in 0..6 {
@@ -609,22 +646,56 @@ mod tests {
             client.write_all(b"x").await.unwrap();
             server.read_exact(&mut buf).await.unwrap();
         }
+        let last = tokio::time::Instant::now();
         assert!(!task.is_finished());
-        let (end, t) = task.await.unwrap();
+        let (end, t) = ended(task, 5, "an idle connection was never closed").await;
+        let quiet = last.elapsed();
         assert!(matches!(end, CopyEnd::Idle), "{end:?}");
+        assert!(
+            (idle..=idle + idle / 4).contains(&quiet),
+            "closed after {quiet:?} without traffic"
+        );
         assert_eq!(t.rx, 6);
+    }
+
+    /// A peer that drains a full buffer slowly: the proxy reads nothing for several idle
+    /// timeouts, but every write makes progress, so the connection stays open until the
+    /// last byte is through (and is closed an idle timeout after that).
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_making_progress_is_not_idle() {
+        let idle = Duration::from_millis(300);
+        let (mut client, mut server, task) = spawn_copy(64 * 1024, 64, idle);
+        // 2 KiB in one go; the server takes 64 bytes every 100 ms: 3.2 s in all.
+        let msg: Vec<u8> = (0..2048u32).map(|i| (i % 249) as u8).collect();
+        client.write_all(&msg).await.unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 64];
+        while got.len() < msg.len() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(!task.is_finished(), "closed after {} bytes", got.len());
+            server.read_exact(&mut chunk).await.unwrap();
+            got.extend_from_slice(&chunk);
+        }
+        assert!(got == msg);
+        let (end, t) = ended(task, 5, "an idle connection was never closed").await;
+        assert!(matches!(end, CopyEnd::Idle), "{end:?}");
+        assert_eq!(t.rx, 2048);
+    }
+
+    /// Timeouts longer than any `Instant` sum can hold (the config stops at 3650 days,
+    /// the API does not) neither panic nor close the connection.
+    #[test]
+    fn the_longest_idle_timeouts_do_not_overflow() {
+        let t0 = Instant::now();
+        let mut check = IdleCheck::new(Duration::MAX, t0);
+        let later = t0 + Duration::from_secs(365 * 24 * 3600);
+        assert!(matches!(check.check(0, later), Check::Next { .. }));
+        assert!(matches!(check.check(5, later), Check::Next { .. }));
     }
 
     #[tokio::test]
     async fn large_transfers_arrive_whole_while_buffers_grow() {
-        let (client, proxy_down) = tokio::io::duplex(100_000);
-        let (proxy_up, server) = tokio::io::duplex(100_000);
-        let task = tokio::spawn(bidirectional(
-            proxy_down,
-            proxy_up,
-            Duration::from_secs(5),
-            std::future::pending(),
-        ));
+        let (client, server, task) = spawn_copy(100_000, 100_000, Duration::from_secs(5));
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
         let (mut cr, mut cw) = tokio::io::split(client);
         let (mut sr, mut sw) = tokio::io::split(server);
@@ -646,7 +717,7 @@ mod tests {
         writer.await.unwrap();
         assert!(echo.await.unwrap() == data);
         assert!(back == data);
-        let (end, t) = task.await.unwrap();
+        let (end, t) = ended(task, 10, "the copy did not end after both sides closed").await;
         assert!(matches!(end, CopyEnd::Done), "{end:?}");
         assert_eq!((t.rx, t.tx), (1_000_000, 1_000_000));
     }
@@ -656,14 +727,7 @@ mod tests {
     /// buffers to be given back between them: every byte arrives, in order.
     #[tokio::test(start_paused = true)]
     async fn bytes_survive_narrow_writers_and_buffer_trims() {
-        let (client, proxy_down) = tokio::io::duplex(1000);
-        let (proxy_up, mut server) = tokio::io::duplex(700);
-        let task = tokio::spawn(bidirectional(
-            proxy_down,
-            proxy_up,
-            Duration::from_secs(3600),
-            std::future::pending(),
-        ));
+        let (client, mut server, task) = spawn_copy(1000, 700, Duration::from_secs(3600));
         let (mut cr, mut cw) = tokio::io::split(client);
         for (round, size) in [10usize, 4096, 4095, 5000, 70_000, 1]
             .into_iter()
@@ -693,15 +757,17 @@ mod tests {
         }
         cw.shutdown().await.unwrap();
         server.shutdown().await.unwrap();
-        let (end, t) = task.await.unwrap();
+        let (end, t) = ended(task, 5, "the copy did not end after both sides closed").await;
         assert!(matches!(end, CopyEnd::Done), "{end:?}");
         let total: u64 = [10u64, 4096, 4095, 5000, 70_000, 1].iter().sum();
         assert_eq!((t.rx, t.tx), (total, total));
     }
 
     /// The stop signal is heard while the connection carries traffic, after the task
-    /// has been woken for bytes many times (those wake-ups do not poll it).
-    #[tokio::test]
+    /// has been woken for bytes many times (those wake-ups do not poll it). Paused time
+    /// and a 1 s limit: the first timer check is 5 s away, so a stop heard only when the
+    /// timer fires fails the test.
+    #[tokio::test(start_paused = true)]
     async fn the_stop_signal_ends_a_live_connection() {
         let (mut client, proxy_down) = tokio::io::duplex(64);
         let (proxy_up, mut server) = tokio::io::duplex(64);
@@ -719,10 +785,7 @@ mod tests {
         }
         assert!(!task.is_finished());
         stop.cancel();
-        let (end, _) = tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .expect("the stop signal was not heard")
-            .unwrap();
+        let (end, _) = ended(task, 1, "the stop signal was not heard").await;
         assert!(matches!(end, CopyEnd::Stopped), "{end:?}");
     }
 }

@@ -101,7 +101,7 @@ impl InboundListener {
             tls,
             upstream,
             self.timeouts.idle,
-            &watch.drain,
+            watch.drain.closed(),
         )
         .await;
     }

@@ -157,15 +157,21 @@ async fn handshake<T>(
     }
 }
 
-/// Runs the copy until it ends or the drain time is over, and records how it ended.
-async fn relay<D, U>(m: &ListenerMetrics, downstream: D, upstream: U, idle: Duration, drain: &Drain)
-where
+/// Runs the copy until it ends, goes idle or `stop` resolves (the drain time is over),
+/// and records how it ended: every proxied byte stream, TCP listeners' connections and
+/// upgraded HTTP connections alike.
+pub(crate) async fn relay<D, U>(
+    m: &ListenerMetrics,
+    downstream: D,
+    upstream: U,
+    idle: Duration,
+    stop: impl Future<Output = ()>,
+) where
     D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let listener = &m.name;
-    let (end, Transferred { rx, tx }) =
-        copy::bidirectional(downstream, upstream, idle, drain.closed()).await;
+    let (end, Transferred { rx, tx }) = copy::bidirectional(downstream, upstream, idle, stop).await;
     m.rx.inc_by(rx);
     m.tx.inc_by(tx);
     match end {

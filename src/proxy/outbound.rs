@@ -56,7 +56,7 @@ impl OutboundListener {
             conn.stream,
             tls,
             self.timeouts.idle,
-            &watch.drain,
+            watch.drain.closed(),
         )
         .await;
     }

@@ -272,7 +272,7 @@ impl TransparentInbound {
                 conn.stream,
                 app,
                 self.timeouts.idle,
-                &conn.drain,
+                conn.drain.closed(),
             )
             .await;
         }
@@ -321,7 +321,14 @@ impl TransparentInbound {
             return;
         };
         self.counters.carried_mtls.inc();
-        relay(&self.metrics, tls, app, self.timeouts.idle, &watch.drain).await;
+        relay(
+            &self.metrics,
+            tls,
+            app,
+            self.timeouts.idle,
+            watch.drain.closed(),
+        )
+        .await;
     }
 }
 
@@ -379,7 +386,7 @@ impl TransparentOutbound {
                 conn.stream,
                 tcp,
                 self.timeouts.idle,
-                &conn.drain,
+                conn.drain.closed(),
             )
             .await;
         };
@@ -407,7 +414,7 @@ impl TransparentOutbound {
             conn.stream,
             tls,
             self.timeouts.idle,
-            &watch.drain,
+            watch.drain.closed(),
         )
         .await;
     }

@@ -544,9 +544,12 @@ impl HttpForwarder {
             req,
             &kind,
             on_upgrade,
-            &conn.tunnels,
-            conn.closing.clone(),
-            self.metrics.name.clone(),
+            upgrade::Tunnel {
+                tunnels: &conn.tunnels,
+                closing: conn.closing.clone(),
+                idle: self.idle,
+                metrics: self.metrics.clone(),
+            },
         );
         let limit = self.limits.request_timeout;
         let res = match tokio::time::timeout(limit, sent).await {

@@ -4,6 +4,8 @@
 //! after the switch that connection carries one byte stream. When the upstream agrees
 //! (101, or 2xx to `CONNECT`), both sides become byte streams copied until either ends.
 
+use std::time::Duration;
+
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
@@ -13,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::client::{Pool, ReqBody};
+use crate::proxy::{relay, ListenerMetrics};
 
 /// What a request asks to become.
 #[derive(Debug, Clone)]
@@ -100,24 +103,31 @@ pub fn switched(kind: &Kind, status: StatusCode) -> bool {
     }
 }
 
+/// Where a switched connection's bytes go: a task `tunnels` tracks, ended by `closing`,
+/// by no byte moving for `idle` (the listener's `idle_timeout`), or by either side
+/// closing, and counted in the listener's `metrics` as a TCP connection's are.
+pub struct Tunnel<'a> {
+    pub tunnels: &'a TaskTracker,
+    pub closing: CancellationToken,
+    pub idle: Duration,
+    pub metrics: ListenerMetrics,
+}
+
 /// Sends `req` on a new HTTP/1.1 connection from `pool`; when the upstream switches,
-/// joins `downstream` (the caller's connection, once hyper hands it over) to it on a task
-/// `tunnels` tracks, ended by `closing`.
+/// joins `downstream` (the caller's connection, once hyper hands it over) to it.
 pub async fn forward(
     pool: &Pool,
     req: Request<ReqBody>,
     kind: &Kind,
     downstream: OnUpgrade,
-    tunnels: &TaskTracker,
-    closing: CancellationToken,
-    listener: std::sync::Arc<str>,
+    to: Tunnel<'_>,
 ) -> Result<Response<Incoming>, UpgradeError> {
     let io = pool.open_h1().await.map_err(UpgradeError::Connect)?;
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(io)
         .await
         .map_err(UpgradeError::Exchange)?;
-    let conn_listener = listener.clone();
+    let conn_listener = to.metrics.name.clone();
     tokio::spawn(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!(listener = %conn_listener, error = %e, "upgrade connection ended with error");
@@ -129,7 +139,9 @@ pub async fn forward(
         .map_err(UpgradeError::Exchange)?;
     if switched(kind, res.status()) {
         let upstream = hyper::upgrade::on(&mut res);
-        tunnels.spawn(tunnel(downstream, upstream, closing, listener));
+        to.tunnels.spawn(tunnel(
+            downstream, upstream, to.closing, to.idle, to.metrics,
+        ));
     }
     Ok(res)
 }
@@ -139,22 +151,16 @@ async fn tunnel(
     downstream: OnUpgrade,
     upstream: OnUpgrade,
     closing: CancellationToken,
-    listener: std::sync::Arc<str>,
+    idle: Duration,
+    metrics: ListenerMetrics,
 ) {
     let (down, up) = match tokio::try_join!(downstream, upstream) {
         Ok(both) => both,
         Err(e) => {
-            tracing::debug!(listener = %listener, error = %e, "upgrade did not complete");
+            tracing::debug!(listener = %metrics.name, error = %e, "upgrade did not complete");
             return;
         }
     };
-    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-    tokio::select! {
-        res = tokio::io::copy_bidirectional(&mut down, &mut up) => {
-            if let Err(e) = res {
-                tracing::debug!(listener = %listener, error = %e, "upgraded stream ended with error");
-            }
-        }
-        _ = closing.cancelled() => {}
-    }
+    let (down, up) = (TokioIo::new(down), TokioIo::new(up));
+    relay(&metrics, down, up, idle, closing.cancelled()).await;
 }
