@@ -128,6 +128,9 @@ pub struct FixAuthority<S> {
     budget: DecodeBudget,
     /// An authority was replaced on this connection already (logged once).
     replaced: bool,
+    /// An error met after bytes were handed over in the same read: those bytes go
+    /// first (a read that fails fills nothing), the error with the next read.
+    deferred: Option<io::Error>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,6 +194,7 @@ impl<S> FixAuthority<S> {
             hpack,
             replaced: false,
             budget: DecodeBudget::new(HUFFMAN_BURST, HUFFMAN_PER_SECOND),
+            deferred: None,
         }
     }
 
@@ -709,6 +713,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for FixAuthority<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(e) = this.deferred.take() {
+            return Poll::Ready(Err(e));
+        }
         let before = buf.filled().len();
         loop {
             if this.out_pos < this.out.len() {
@@ -732,6 +739,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for FixAuthority<S> {
                 Ok(Step::Pending) if buf.filled().len() > before => return Poll::Ready(Ok(())),
                 Ok(Step::Pending) => return Poll::Pending,
                 Ok(Step::Eof) => return Poll::Ready(Ok(())),
+                Err(e) if buf.filled().len() > before => {
+                    this.deferred = Some(e);
+                    return Poll::Ready(Ok(()));
+                }
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }

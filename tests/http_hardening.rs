@@ -232,7 +232,7 @@ fn bad_requests_are_refused_counted_and_never_forwarded() {
         "GET /v1/users/1 HTTP/1.1\r\nHost: users\r\nX-Big: {}\r\n\r\n",
         "a".repeat(70 * 1024)
     );
-    let cases: [(&str, &str, &str); 7] = [
+    let cases: [(&str, &str, &str); 8] = [
         ("oversized head", &big, "431"),
         (
             "malformed header line",
@@ -242,6 +242,13 @@ fn bad_requests_are_refused_counted_and_never_forwarded() {
         (
             "Content-Length and Transfer-Encoding",
             "POST /v1/users HTTP/1.1\r\nHost: users\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "400",
+        ),
+        (
+            // Lines ended by a bare LF, as hyper's parser also takes them; the head
+            // alone, so that no CRLF CRLF of a body can end it.
+            "Content-Length and Transfer-Encoding, LF line ends",
+            "POST /v1/users HTTP/1.1\nHost: users\nContent-Length: 4\nTransfer-Encoding: chunked\n\n",
             "400",
         ),
         (
@@ -278,7 +285,7 @@ fn bad_requests_are_refused_counted_and_never_forwarded() {
             );
         }
         assert_eq!(requests_total(svidcar, "431"), 1.0, "{side}");
-        assert_eq!(requests_total(svidcar, "400"), 6.0, "{side}");
+        assert_eq!(requests_total(svidcar, "400"), 7.0, "{side}");
         svidcar.wait_log(&[
             "HTTP request refused: malformed or too large",
             "status=\"431\"",
@@ -509,6 +516,106 @@ print(json.dumps({{"ws": ws, "connect": connect, "denied": denied}}))
     assert_eq!(header(&seen[1], "x-workload-id"), vec![PAYMENT]);
     assert_eq!(requests_total(&p.inbound, "101"), 1.0);
     assert_eq!(requests_total(&p.inbound, "403"), 1.0);
+}
+
+/// hyper's pool is keyed by the authority the caller names: a caller making up names
+/// gets a connection per name only up to `max_upstream_connections`, then 503, counted;
+/// a name that has its connection keeps working.
+#[test]
+fn made_up_authorities_open_no_more_than_max_upstream_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(dir.path());
+    let p = pair(
+        dir.path(),
+        app.port,
+        "",
+        "    max_upstream_connections: 2\n",
+        "1h",
+    );
+    let script = format!(
+        r#"
+import http.client, json
+c = http.client.HTTPConnection("127.0.0.1", {port}, timeout=10)
+codes = []
+for host in ["a1.example", "a2.example", "a3.example", "a1.example"]:
+    c.request("GET", "/v1/users/1", headers={{"Host": host}})
+    r = c.getresponse(); r.read(); codes.append(r.status)
+print(json.dumps(codes))
+"#,
+        port = p.out_port
+    );
+    let (ok, out) = python(dir.path(), &script);
+    assert!(ok, "{out}\n{}", p.outbound.logs());
+    let codes: Vec<u16> = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(codes, [200, 200, 503, 200], "{}", p.outbound.logs());
+    p.outbound
+        .wait_log(&["no new upstream connection", "max_upstream_connections"]);
+    assert_eq!(
+        p.outbound.metric(
+            "svidcar_connection_errors_total{listener=\"users\",reason=\"upstream_connection_limit\"}"
+        ),
+        1.0
+    );
+}
+
+/// A peer that stops answering without closing (here: its process stopped) leaves a
+/// pooled h2 connection that looks open. The outbound pings it; with no answer the
+/// connection leaves the pool, and the next request, once the peer is back, goes on a
+/// new connection instead of waiting on the dead one.
+#[test]
+fn a_silent_peer_connection_leaves_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = App::start(dir.path());
+    let p = pair(dir.path(), app.port, "", "", "1h");
+    let get = || {
+        let script = format!(
+            "import urllib.request\nprint(urllib.request.urlopen('http://127.0.0.1:{}/v1/users/1', timeout=20).status)",
+            p.out_port
+        );
+        python(dir.path(), &script)
+    };
+    let handshakes = || {
+        ["full", "resumed"]
+            .iter()
+            .map(|k| {
+                p.inbound.metric(&format!(
+                    "svidcar_tls_handshakes_total{{kind=\"{k}\",listener=\"users\"}}"
+                ))
+            })
+            .sum::<f64>()
+    };
+    assert_eq!(get().1.trim(), "200");
+    assert_eq!(handshakes(), 1.0);
+    // A ping every 30 s, 10 s for the answer: the outbound closes it within 40 s.
+    let open_to_peer = || {
+        let out = std::process::Command::new("ss")
+            .args([
+                "-Htn",
+                "state",
+                "established",
+                "dport",
+                "=",
+                &format!(":{}", p.in_port),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    assert_eq!(open_to_peer(), 1);
+    signal(p.inbound.pid(), "-STOP");
+    wait_until(
+        "the outbound closed the silent connection",
+        Duration::from_secs(60),
+        || (open_to_peer() == 0).then_some(()),
+    );
+    signal(p.inbound.pid(), "-CONT");
+    let (ok, out) = get();
+    assert!(ok && out.trim() == "200", "{out}\n{}", p.outbound.logs());
+    assert_eq!(
+        handshakes(),
+        2.0,
+        "the request went on the silent connection"
+    );
 }
 
 /// An upgraded connection is a byte stream like a TCP listener's: traffic keeps it open

@@ -134,3 +134,97 @@ fn expired_identity_refuses_handshakes_and_is_not_ready() {
         1.0
     );
 }
+
+/// Our SVID expires with no successor while an app keeps its connection to an HTTP
+/// outbound open: the next upstream connection the outbound needs is refused on our side
+/// (`identity_expired`), not attempted by resuming a stored session, which would show the
+/// server no certificate at all.
+#[test]
+fn an_expired_identity_originates_nothing_not_even_a_resumed_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = TestCa::new("example.org");
+    let (ca_cert, ca_key) = ca.write(d, "ca");
+    let now = SystemTime::now();
+    let (c, k) = ca.leaf(
+        d,
+        "svid",
+        &[WEB],
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(4),
+    );
+    let app = http_server("ok\n");
+    let (in_port, out_port) = (free_port(), free_port());
+    let inbound = Svidcar::start(
+        d,
+        "backend",
+        &format!(
+            "identity:\n  dev: {{spiffe_id: \"{BACKEND}\", ca_cert: {}, ca_key: {}}}\ninbound:\n  - name: backend\n    listen: 127.0.0.1:{in_port}\n    forward: 127.0.0.1:{app}\n    protocol: http\n    allow: [{{exact: \"{WEB}\"}}]\n",
+            ca_cert.display(),
+            ca_key.display()
+        ),
+    );
+    let outbound = Svidcar::start(
+        d,
+        "web",
+        &format!(
+            "identity:\n  files: {{cert: {}, key: {}, bundle: {}}}\noutbound:\n  - name: backend\n    listen: 127.0.0.1:{out_port}\n    connect: 127.0.0.1:{in_port}\n    protocol: http\n    expect: [{{exact: \"{BACKEND}\"}}]\n",
+            c.display(),
+            k.display(),
+            ca_cert.display()
+        ),
+    );
+    // One keep-alive connection from the app: a request while the SVID is valid, then,
+    // once /ready says it expired and a whole second later (certificates count whole
+    // seconds, so no verifier anywhere still takes it), an upgrade, which needs a new
+    // upstream connection.
+    let past = (now + Duration::from_secs(5))
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let script = format!(
+        r#"
+import http.client, json, time, urllib.request, urllib.error
+c = http.client.HTTPConnection("127.0.0.1", {out_port}, timeout=10)
+c.request("GET", "/")
+r = c.getresponse(); first = r.status; r.read()
+deadline = time.monotonic() + 15
+while time.monotonic() < deadline:
+    try:
+        urllib.request.urlopen("http://127.0.0.1:{admin}/ready", timeout=2)
+    except urllib.error.HTTPError as e:
+        if e.code == 503:
+            break
+    time.sleep(0.1)
+while time.time() < {past}:
+    time.sleep(0.1)
+c.request("GET", "/ws", headers={{"Upgrade": "websocket", "Connection": "Upgrade"}})
+r = c.getresponse()
+print(json.dumps({{"first": first, "after": r.status}}))
+"#,
+        admin = outbound.admin
+    );
+    let (ok, out) = python(d, &script);
+    assert!(ok, "{out}\n{}", outbound.logs());
+    let res: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(res["first"], 200, "{out}");
+    assert_eq!(
+        res["after"],
+        503,
+        "{out}\n{}\n{}",
+        outbound.logs(),
+        inbound.logs()
+    );
+    outbound.wait_log(&["handshake rejected", "identity_expired"]);
+    assert_eq!(
+        outbound.metric(
+            "svidcar_handshake_failures_total{listener=\"backend\",reason=\"identity_expired\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        inbound.metric("svidcar_tls_handshakes_total{kind=\"resumed\",listener=\"backend\"}"),
+        0.0,
+        "a resumed session reached the server"
+    );
+}

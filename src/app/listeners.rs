@@ -102,7 +102,12 @@ fn app_forwarder(
             metrics.upstream_connect_failed.clone(),
         );
         Pool::new(
-            UpstreamConnector::new(spec.name.clone(), c, None),
+            UpstreamConnector::new(
+                spec.name.clone(),
+                c,
+                None,
+                h.limits.max_upstream_connections,
+            ),
             h2c,
             true,
             None,
@@ -158,7 +163,12 @@ fn peer_forwarder(
         handshake_timeout: mtls.handshake_timeout,
         verifier: mtls.verifier.clone(),
     };
-    let up = UpstreamConnector::new(spec.name.clone(), c, Some(mtls));
+    let up = UpstreamConnector::new(
+        spec.name.clone(),
+        c,
+        Some(mtls),
+        h.limits.max_upstream_connections,
+    );
     let mut f = HttpForwarder::new(
         metrics.clone(),
         Pool::new(up, false, h.pool, Some(state.clone())),
@@ -355,7 +365,12 @@ impl BoundListener {
                         let c = b.connector(Target::Fixed(o.connect.clone()), &metrics);
                         let mtls =
                             b.mtls("expect", &o.expect, &spec.tls, Some(o.server_name.clone()))?;
-                        let up = UpstreamConnector::new(spec.name.clone(), c, Some(mtls));
+                        let up = UpstreamConnector::new(
+                            spec.name.clone(),
+                            c,
+                            Some(mtls),
+                            h.limits.max_upstream_connections,
+                        );
                         let mut f = HttpForwarder::new(
                             metrics.clone(),
                             Pool::new(up, false, h.pool, Some(state.clone())),

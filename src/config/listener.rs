@@ -180,7 +180,14 @@ pub struct HttpLimits {
     pub request_header_timeout: Duration,
     /// Time for the upstream's response head (a streamed body may take longer).
     pub request_timeout: Duration,
+    /// Connections open to the upstream at once, at most: the pool is keyed by the
+    /// authority the caller names, so made-up names must not open connections without
+    /// end.
+    pub max_upstream_connections: usize,
 }
+
+/// Envoy's default circuit breaker: `max_connections` 1024 per cluster.
+pub const DEFAULT_MAX_UPSTREAM_CONNECTIONS: u32 = 1024;
 
 /// Envoy's default `max_request_headers_kb`.
 pub const DEFAULT_MAX_REQUEST_HEADERS_KB: u32 = 60;
@@ -401,6 +408,7 @@ impl ListenerConfig {
             max_request_headers_kb: self.max_request_headers_kb,
             request_header_timeout: self.request_header_timeout,
             request_timeout: self.request_timeout,
+            max_upstream_connections: self.max_upstream_connections,
         }
         .spec(at, matches!(kind, ListenerKind::Inbound(_)))
     }
@@ -419,6 +427,7 @@ pub(super) struct HttpKeys<'a> {
     pub max_request_headers_kb: Option<u32>,
     pub request_header_timeout: Option<Duration>,
     pub request_timeout: Option<Duration>,
+    pub max_upstream_connections: Option<u32>,
 }
 
 impl HttpKeys<'_> {
@@ -437,6 +446,7 @@ impl HttpKeys<'_> {
             max_request_headers_kb: None,
             request_header_timeout: None,
             request_timeout: None,
+            max_upstream_connections: None,
         }
     }
 
@@ -459,6 +469,10 @@ impl HttpKeys<'_> {
                 self.request_header_timeout.is_some(),
             ),
             ("request_timeout", self.request_timeout.is_some()),
+            (
+                "max_upstream_connections",
+                self.max_upstream_connections.is_some(),
+            ),
             ("opa", self.opa.is_some()),
         ];
         if self.protocol == Protocol::Tcp {
@@ -548,10 +562,20 @@ impl HttpKeys<'_> {
         let request_header_timeout = self
             .request_header_timeout
             .unwrap_or(Duration::from_secs(10));
+        let upstream = self
+            .max_upstream_connections
+            .unwrap_or(DEFAULT_MAX_UPSTREAM_CONNECTIONS);
+        if upstream == 0 {
+            return Err(ConfigError::new(
+                format!("{at}.max_upstream_connections"),
+                "must be at least 1",
+            ));
+        }
         let limits = HttpLimits {
             max_request_headers: kb as usize * 1024,
             request_header_timeout,
             request_timeout: self.request_timeout.unwrap_or(Duration::from_secs(15)),
+            max_upstream_connections: upstream as usize,
         };
         let rules = super::authorization::authorization_rules(
             &format!("{at}.authorization"),
@@ -772,12 +796,20 @@ inbound:
         assert_eq!(l.max_request_headers, 60 * 1024);
         assert_eq!(l.request_header_timeout, Duration::from_secs(10));
         assert_eq!(l.request_timeout, Duration::from_secs(15));
-        let c =
-            http("    protocol: http\n    request_timeout: 2m\n    max_request_headers_kb: 96\n")
-                .unwrap();
+        assert_eq!(l.max_upstream_connections, 1024);
+        let c = http(
+            "    protocol: http\n    request_timeout: 2m\n    max_request_headers_kb: 96\n    max_upstream_connections: 8\n",
+        )
+        .unwrap();
         let l = c.listeners[0].http.as_ref().unwrap().limits;
         assert_eq!(l.request_timeout, Duration::from_secs(120));
         assert_eq!(l.max_request_headers, 96 * 1024);
+        assert_eq!(l.max_upstream_connections, 8);
+        let e = http("    protocol: http\n    max_upstream_connections: 0\n").unwrap_err();
+        assert!(
+            e.starts_with("inbound[0].max_upstream_connections: must be at least 1"),
+            "{e}"
+        );
         let e = http("    protocol: http\n    max_request_headers_kb: 9000\n").unwrap_err();
         assert!(
             e.starts_with("inbound[0].max_request_headers_kb: 9000 is out of range"),

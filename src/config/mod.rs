@@ -19,7 +19,7 @@ pub use identity::{DevConfig, IdentityConfig, WorkloadApiConfig};
 pub use listener::{
     canonical_ip, HttpLimits, HttpSpec, InboundSpec, ListenerKind, ListenerSpec, OutboundSpec,
     PortPolicy, Route, Timeouts, TlsSpec, TransparentInboundSpec, TransparentOutboundSpec,
-    DEFAULT_MAX_REQUEST_HEADERS_KB,
+    DEFAULT_MAX_REQUEST_HEADERS_KB, DEFAULT_MAX_UPSTREAM_CONNECTIONS,
 };
 pub use matchers::allow_list;
 pub use raw::{

@@ -318,6 +318,10 @@ pub struct ListenerConfig {
     /// then 504. Default 15s, as Envoy's route timeout.
     #[serde(default, deserialize_with = "opt_duration")]
     pub request_timeout: Option<Duration>,
+    /// HTTP: the most connections open to the upstream at once (pooled and busy);
+    /// a request that needs one more gets 503. Default 1024, as Envoy's circuit breaker.
+    #[serde(default)]
+    pub max_upstream_connections: Option<u32>,
     /// HTTP inbound: an external OPA asked for each request over its REST Data API.
     #[serde(default)]
     pub opa: Option<OpaConfig>,

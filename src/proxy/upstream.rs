@@ -222,6 +222,9 @@ pub struct MtlsOriginator {
 
 impl MtlsOriginator {
     pub async fn originate(&self, tcp: TcpStream) -> Result<TlsStream<TcpStream>, Rejection> {
+        if self.verifier.own_identity_expired() {
+            return Err(Rejection::IdentityExpired);
+        }
         let name = match &self.server_name {
             Some(n) => n.clone(),
             None => {

@@ -7,12 +7,15 @@
 //! costs a full handshake; (2) caps a ticket's lifetime at our SVID's remaining validity;
 //! and (3) checks every resumed connection's peer chain again against the current
 //! bundle and rules at the current time ([`check_resumed`]), which catches what time
-//! alone changes (the peer's SVID expiring). The outcome of (3) is cached per (verifier,
-//! leaf, epoch), so a resumed connection costs a lookup, not a chain verification.
+//! alone changes (the peer's SVID, or a CA in its chain, expiring). (3) is the full
+//! handshake's own check: the verifier's chain cache (keyed by the whole chain and the
+//! bundle's version, good until the first certificate of the chain or the bundle
+//! expires) makes it a hash and a lookup, and the rules are asked as for a handshake.
+//! It reads the current snapshot and rules itself, so it does not wait for
+//! [`invalidate`], which runs just after a change.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use rustls::client::ClientSessionMemoryCache;
@@ -27,9 +30,6 @@ const MAX_TICKET_LIFETIME: u32 = 3600;
 
 /// Sessions a client config remembers (across servers).
 const CLIENT_SESSIONS: usize = 256;
-
-/// Resumption checks remembered; the cache starts over when full.
-const CHECKS: usize = 8192;
 
 /// Bumped by everything that could make a resumed session wrong.
 static EPOCH: AtomicU64 = AtomicU64::new(0);
@@ -175,15 +175,6 @@ impl rustls::client::ClientSessionStore for EpochSessionStore {
     }
 }
 
-/// (verifier, leaf SHA-256, epoch).
-type CheckKey = (usize, [u8; 32], u64);
-
-/// Checks of resumed peers: the leaf's `not_after` when the chain verified in that epoch.
-fn checks() -> &'static Mutex<HashMap<CheckKey, SystemTime>> {
-    static CHECKS_DONE: OnceLock<Mutex<HashMap<CheckKey, SystemTime>>> = OnceLock::new();
-    CHECKS_DONE.get_or_init(Default::default)
-}
-
 /// Whether the peer of a resumed session would pass a full handshake's check now: its
 /// chain against the current bundle, its ID against `verifier`'s current rules, its
 /// SVID not expired. `client`: the peer is a client (we accepted).
@@ -197,32 +188,12 @@ pub fn check_resumed(
             "resumed session without a peer certificate".into(),
         ));
     };
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, leaf.as_ref());
-    let mut sha = [0u8; 32];
-    sha.copy_from_slice(digest.as_ref());
-    let key = (Arc::as_ptr(verifier) as usize, sha, epoch());
-    let now = SystemTime::now();
-    let known = checks()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&key)
-        .copied();
-    if let Some(not_after) = known {
-        if now < not_after {
-            return Ok(());
-        }
-    }
     let usage = if client {
         webpki::KeyUsage::client_auth()
     } else {
         webpki::KeyUsage::server_auth()
     };
-    let peer = verifier.verify(leaf, intermediates, UnixTime::now(), usage)?;
-    let mut map = checks().lock().unwrap_or_else(|p| p.into_inner());
-    if map.len() >= CHECKS {
-        map.clear();
-    }
-    map.insert(key, peer.not_after);
+    verifier.verify(leaf, intermediates, UnixTime::now(), usage)?;
     Ok(())
 }
 

@@ -34,6 +34,13 @@ pub struct SpiffeVerifier {
 }
 
 impl SpiffeVerifier {
+    /// Whether our own SVID has expired with no successor. A connection we originate
+    /// must then not be made at all: a resumed session shows the server no certificate,
+    /// so a server that does not check resumed peers again would take it.
+    pub fn own_identity_expired(&self) -> bool {
+        self.state.identity_expired()
+    }
+
     pub fn new(state: Arc<IdentityState>, policy: PeerPolicy) -> Self {
         Self {
             state,

@@ -482,6 +482,33 @@ impl TestCa {
         }
     }
 
+    /// An intermediate CA signed by this one, valid from two hours ago until
+    /// `not_after`, that signs leaves of its own. Its `cert_pem` is the intermediate
+    /// alone: a peer sends it after its leaf ([`TestCa::append_to`]).
+    pub fn intermediate(&self, not_after: SystemTime) -> Self {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "test intermediate");
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p.not_before = (SystemTime::now() - Duration::from_secs(7200)).into();
+        p.not_after = not_after.into();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        Self {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(p, key),
+        }
+    }
+
+    /// Appends this CA's certificate to a PEM file (a leaf's, to send the chain).
+    pub fn append_to(&self, file: &Path) {
+        let mut pem = std::fs::read_to_string(file).unwrap();
+        pem.push_str(&self.cert_pem);
+        std::fs::write(file, pem).unwrap();
+    }
+
     /// Loads a CA written by `svidcar dev-ca`, to sign test peers in its trust domain.
     pub fn load(cert: &Path, key: &Path) -> Self {
         let cert_pem = std::fs::read_to_string(cert).unwrap();

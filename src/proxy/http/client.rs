@@ -20,6 +20,7 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::client::TlsStream;
 
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -33,7 +34,8 @@ pub type ReqBody = BoxBody<Bytes, hyper::Error>;
 
 /// One upstream connection: plaintext to the app, or mTLS to a peer.
 pub enum UpstreamConn {
-    Plain(TokioIo<TcpStream>),
+    /// The permit is the connection's place under `max_upstream_connections`.
+    Plain(TokioIo<TcpStream>, OwnedSemaphorePermit),
     Tls(Box<PeerConn>),
 }
 
@@ -44,6 +46,7 @@ pub struct PeerConn {
     h2: bool,
     revoked: Pin<Box<WaitForCancellationFutureOwned>>,
     _registration: Registration,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl PeerConn {
@@ -74,7 +77,7 @@ impl Read for UpstreamConn {
         buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Plain(s, _) => Pin::new(s).poll_read(cx, buf),
             Self::Tls(c) => {
                 c.check(cx)?;
                 Pin::new(&mut c.io).poll_read(cx, buf)
@@ -90,7 +93,7 @@ impl Write for UpstreamConn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
             Self::Tls(c) => {
                 c.check(cx)?;
                 Pin::new(&mut c.io).poll_write(cx, buf)
@@ -99,13 +102,13 @@ impl Write for UpstreamConn {
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Plain(s, _) => Pin::new(s).poll_flush(cx),
             Self::Tls(c) => Pin::new(&mut c.io).poll_flush(cx),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Plain(s, _) => Pin::new(s).poll_shutdown(cx),
             Self::Tls(c) => Pin::new(&mut c.io).poll_shutdown(cx),
         }
     }
@@ -121,10 +124,21 @@ pub struct UpstreamConnector {
     /// The same, offering only `http/1.1` by ALPN: an upgrade (websocket, CONNECT) is an
     /// HTTP/1.1 exchange, which an h2 connection could not carry.
     mtls_h1: Option<Arc<MtlsOriginator>>,
+    /// One permit per open connection (`max_upstream_connections`). hyper's pool is
+    /// keyed by the authority the caller names, so without a bound a caller making up
+    /// names would have a connection opened, and kept idle, for each.
+    slots: Arc<Semaphore>,
+    max: usize,
 }
 
 impl UpstreamConnector {
-    pub fn new(listener: Arc<str>, connector: Connector, mtls: Option<MtlsOriginator>) -> Self {
+    /// At most `max` connections open at once (pooled, busy and upgraded).
+    pub fn new(
+        listener: Arc<str>,
+        connector: Connector,
+        mtls: Option<MtlsOriginator>,
+        max: usize,
+    ) -> Self {
         let mtls_h1 = mtls.as_ref().map(|m| {
             let mut config = (**m.connector.config()).clone();
             config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -140,17 +154,34 @@ impl UpstreamConnector {
             connector: Arc::new(connector),
             mtls: mtls.map(Arc::new),
             mtls_h1,
+            slots: Arc::new(Semaphore::new(max)),
+            max,
         }
     }
 
     /// A new connection, not from any pool; `h1_only`: HTTP/1.1 by ALPN.
     pub async fn open(&self, h1_only: bool) -> io::Result<UpstreamConn> {
+        let slot = self.slots.clone().try_acquire_owned().map_err(|_| {
+            crate::metrics::get()
+                .connection_errors
+                .with_label_values(&[&*self.listener, "upstream_connection_limit"])
+                .inc();
+            let e = io::Error::other(format!(
+                "{} connections to {} are open already (max_upstream_connections)",
+                self.max,
+                self.connector.describe()
+            ));
+            if LIMIT_LOG.allow("upstream") {
+                tracing::warn!(listener = %self.listener, error = %e, "no new upstream connection");
+            }
+            e
+        })?;
         let tcp = self.connector.connect(None).await.ok_or_else(|| {
             io::Error::other(format!("cannot connect to {}", self.connector.describe()))
         })?;
         let mtls = if h1_only { &self.mtls_h1 } else { &self.mtls };
         let Some(mtls) = mtls else {
-            return Ok(UpstreamConn::Plain(TokioIo::new(tcp)));
+            return Ok(UpstreamConn::Plain(TokioIo::new(tcp), slot));
         };
         let peer = tcp.peer_addr()?;
         let tls = match mtls.originate(tcp).await {
@@ -186,9 +217,15 @@ impl UpstreamConnector {
             h2,
             revoked: Box::pin(registration.closing.clone().cancelled_owned()),
             _registration: registration,
+            _slot: slot,
         })))
     }
 }
+
+/// Requests refused for `max_upstream_connections`: callers cause them, so the log is
+/// rate-limited; the metric counts all.
+static LIMIT_LOG: crate::log_limit::LogLimiter =
+    crate::log_limit::LogLimiter::new("no new upstream connection", 20, Duration::from_secs(10));
 
 type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<UpstreamConn>> + Send>>;
 
@@ -207,12 +244,16 @@ impl tower::Service<Uri> for UpstreamConnector {
     }
 }
 
+/// Pings on h2 upstream connections, busy or idle, and how long an answer may take.
+const H2_PING: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long an unused pooled connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(90);
 
 /// Idle connections kept per pool key. The key is the authority the caller named (hyper's
-/// pool is keyed so), which the app chooses: a bound keeps a stream of made-up `Host`
-/// names from piling up idle connections.
+/// pool is keyed so), which the caller chooses: this bounds each name, and
+/// `max_upstream_connections` all of them together.
 const POOL_MAX_IDLE_PER_HOST: usize = 32;
 
 /// A pooled client of one listener's upstream.
@@ -289,6 +330,12 @@ fn build(
         .pool_max_idle_per_host(if pool { POOL_MAX_IDLE_PER_HOST } else { 0 })
         .pool_timer(hyper_util::rt::TokioTimer::new())
         .http2_only(h2_only)
+        // A peer gone without a FIN or RST leaves an h2 connection that looks open: a
+        // ping every 30 s, answered within 10 s, takes it out of the pool instead of
+        // letting requests wait on it for request_timeout each.
+        .http2_keep_alive_interval(H2_PING)
+        .http2_keep_alive_timeout(H2_PING_TIMEOUT)
+        .http2_keep_alive_while_idle(true)
         .timer(hyper_util::rt::TokioTimer::new());
     b.build(connector)
 }

@@ -162,6 +162,16 @@ fn both_lengths(head: &[u8]) -> bool {
     cl && te
 }
 
+/// Where the blank line that ends a head starts in `buf`: `\n\r\n` or `\n\n`, since
+/// hyper's parser (httparse) takes lines ended by a bare LF as well as CRLF.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).enumerate().find_map(|(i, w)| match w {
+        [b'\n', b'\n'] => Some(i),
+        [b'\n', b'\r'] if buf.get(i + 2) == Some(&b'\n') => Some(i),
+        _ => None,
+    })
+}
+
 /// The client preface of h2 (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -220,9 +230,9 @@ impl Activity {
         if scan.done {
             return;
         }
-        let from = scan.buf.len().saturating_sub(3);
+        let from = scan.buf.len().saturating_sub(2);
         scan.buf.extend_from_slice(bytes);
-        if let Some(end) = scan.buf[from..].windows(4).position(|w| w == b"\r\n\r\n") {
+        if let Some(end) = head_end(&scan.buf[from..]) {
             let end = from + end;
             if both_lengths(&scan.buf[..end]) {
                 self.conflicting_lengths.store(true, Ordering::Relaxed);
@@ -358,6 +368,16 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A head ends at its blank line, however its lines end (CRLF or a bare LF).
+    #[test]
+    fn heads_end_at_the_blank_line_with_crlf_or_lf() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: a\n\nbody"), Some(22));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: a\n\r\n"), Some(22));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r"), None);
+    }
 
     /// Which deadline closes a connection, by what arrived.
     #[tokio::test]

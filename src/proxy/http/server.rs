@@ -148,6 +148,7 @@ impl HttpForwarder {
                 max_request_headers: crate::config::DEFAULT_MAX_REQUEST_HEADERS_KB as usize * 1024,
                 request_header_timeout: std::time::Duration::from_secs(10),
                 request_timeout: std::time::Duration::from_secs(15),
+                max_upstream_connections: crate::config::DEFAULT_MAX_UPSTREAM_CONNECTIONS as usize,
             },
             idle: std::time::Duration::from_secs(3600),
         }
