@@ -232,7 +232,7 @@ fn bad_requests_are_refused_counted_and_never_forwarded() {
         "GET /v1/users/1 HTTP/1.1\r\nHost: users\r\nX-Big: {}\r\n\r\n",
         "a".repeat(70 * 1024)
     );
-    let cases: [(&str, &str, &str); 8] = [
+    let cases: [(&str, &str, &str); 9] = [
         ("oversized head", &big, "431"),
         (
             "malformed header line",
@@ -267,6 +267,12 @@ fn bad_requests_are_refused_counted_and_never_forwarded() {
             "400",
         ),
         (
+            // http's Authority takes userinfo; policies compare hosts, which have none.
+            "userinfo in Host",
+            "GET /v1/users/1 HTTP/1.1\r\nHost: x@internal.example\r\n\r\n",
+            "400",
+        ),
+        (
             "obs-fold",
             "GET /v1/users/1 HTTP/1.1\r\nHost: users\r\nX-Folded: a\r\n b\r\n\r\n",
             "400",
@@ -285,7 +291,7 @@ fn bad_requests_are_refused_counted_and_never_forwarded() {
             );
         }
         assert_eq!(requests_total(svidcar, "431"), 1.0, "{side}");
-        assert_eq!(requests_total(svidcar, "400"), 7.0, "{side}");
+        assert_eq!(requests_total(svidcar, "400"), 8.0, "{side}");
         svidcar.wait_log(&[
             "HTTP request refused: malformed or too large",
             "status=\"431\"",

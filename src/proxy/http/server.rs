@@ -278,6 +278,12 @@ impl HttpForwarder {
             },
             (None, None) => self.authority.clone(),
         };
+        // A host the rules' and policies' spelling cannot be made of (userinfo, `/`,
+        // `%`...) is refused here rather than shown to a policy as no host at all, where a
+        // rule denying a host would not match it.
+        if normalize_host(authority.as_str()).is_err() {
+            return self.answer(StatusCode::BAD_REQUEST, "bad host\n");
+        }
         if caller.is_some() || self.xfcc.is_some() || self.identity_header.is_some() {
             // Inbound: spellings an app may read as ours (`x_workload_id` for
             // `x-workload-id`, as CGI-style servers do) never reach it.
