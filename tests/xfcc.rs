@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime};
 use common::*;
 use http::{HeaderMap, HeaderValue};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    CertificateParams, DistinguishedName, DnType, DnValue, ExtendedKeyUsagePurpose, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use svidcar::proxy::http::xfcc::{Xfcc, XfccDetails, XfccField, XfccMode, XFCC};
 
@@ -79,24 +79,11 @@ impl Drop for App {
     }
 }
 
-/// An intermediate CA under `root`: (issuer, cert PEM).
-fn intermediate(root: &TestCa) -> (Issuer<'static, KeyPair>, String) {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "test intermediate");
-    p.distinguished_name = dn;
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let cert = p.signed_by(&key, &root.issuer).unwrap();
-    (Issuer::new(p, key), cert.pem())
-}
-
 /// A client leaf with an awkward subject (every RFC 2253 escape, non-ASCII, a control
 /// character, an attribute without a short name), two URI and two DNS SANs, signed by
 /// an intermediate; the cert file holds leaf then intermediate, as curl sends them.
 fn rich_client(dir: &Path, root: &TestCa) -> (PathBuf, PathBuf) {
-    let (int, int_pem) = intermediate(root);
+    let int = root.intermediate(SystemTime::now() + Duration::from_secs(2 * 86400));
     let key = KeyPair::generate().unwrap();
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -120,10 +107,10 @@ fn rich_client(dir: &Path, root: &TestCa) -> (PathBuf, PathBuf) {
     let now = SystemTime::now();
     p.not_before = (now - Duration::from_secs(3600)).into();
     p.not_after = (now + Duration::from_secs(86400)).into();
-    let cert = p.signed_by(&key, &int).unwrap();
+    let cert = p.signed_by(&key, &int.issuer).unwrap();
     let c = dir.join("rich.pem");
     let k = dir.join("rich.key");
-    std::fs::write(&c, cert.pem() + &int_pem).unwrap();
+    std::fs::write(&c, cert.pem() + &int.cert_pem).unwrap();
     std::fs::write(&k, key.serialize_pem()).unwrap();
     (c, k)
 }
