@@ -281,9 +281,15 @@ impl HttpForwarder {
         // A host the rules' and policies' spelling cannot be made of (userinfo, `/`,
         // `%`...) is refused here rather than shown to a policy as no host at all, where a
         // rule denying a host would not match it.
-        if normalize_host(authority.as_str()).is_err() {
+        let Ok(normalized_host) = normalize_host(authority.as_str()) else {
             return self.answer(StatusCode::BAD_REQUEST, "bad host\n");
-        }
+        };
+        // The host policies see: none when the request named none.
+        let policy_host = if req.uri().authority().is_some() || host.is_some() {
+            normalized_host
+        } else {
+            std::borrow::Cow::Borrowed("")
+        };
         if caller.is_some() || self.xfcc.is_some() || self.identity_header.is_some() {
             // Inbound: spellings an app may read as ours (`x_workload_id` for
             // `x-workload-id`, as CGI-style servers do) never reach it.
@@ -363,23 +369,12 @@ impl HttpForwarder {
                 return self.answer(StatusCode::FORBIDDEN, "forbidden\n");
             }
             if self.rego.is_some() || self.opa.is_some() {
-                let host = req
-                    .uri()
-                    .authority()
-                    .map(|a| a.as_str())
-                    .or_else(|| {
-                        req.headers()
-                            .get(header::HOST)
-                            .and_then(|h| h.to_str().ok())
-                    })
-                    .and_then(|h| normalize_host(h).ok())
-                    .unwrap_or_default();
                 let view = RegoView {
                     caller: peer.map(|p| p.uri.as_str()),
                     method: req.method().as_str(),
                     path: &normalized.path,
                     query: normalized.query,
-                    host: &host,
+                    host: &policy_host,
                     headers: req.headers(),
                     jwt_claims: jwt.as_ref().map(|j| &j.claims),
                 };
